@@ -38,6 +38,10 @@ import numpy as np
 import tiktoken
 import torch
 
+# The original study's artifacts (format fixture, released config and tokenizer), copied into the repo
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference')
+FIXTURE_PATH = os.path.join(REFERENCE_DIR, 'official_generator_samples.jsonl')
+
 # -----------------------------------------------------------------------------
 # 1. The task world: templates (spellings checked against the official samples)
 
@@ -795,14 +799,15 @@ def _map(fn, args, workers, exclude, desc):
     if workers <= 1 or len(args) < 200:
         old, _EXCLUDE = _EXCLUDE, frozenset(exclude)
         try:
-            return [fn(a) for a in tqdm(args, desc=desc, disable=len(args) < 5000, mininterval=1)]
+            return [fn(a) for a in tqdm(args, desc=desc, disable=desc is None or len(args) < 5000, mininterval=1)]
         finally:
             _EXCLUDE = old
     import multiprocessing as mp
     with mp.get_context('spawn' if sys.platform == 'darwin' else 'fork').Pool(
             workers, _init_worker, (frozenset(exclude),)) as pool:
         chunk = max(16, min(2000, len(args) // (workers * 8)))
-        return list(tqdm(pool.imap(fn, args, chunksize=chunk), total=len(args), desc=desc, mininterval=1))
+        return list(tqdm(pool.imap(fn, args, chunksize=chunk), total=len(args), desc=desc, mininterval=1,
+                         disable=desc is None))
 
 
 def generate_problems(n, ops, templates=None, modes=None, seed=0, workers=1, exclude_ids=()) -> list:
@@ -1695,10 +1700,7 @@ def train_tokenizer(texts, vocab_size: int = DEFAULT_VOCAB_SIZE, name: str = 'gs
 # then GPT-2-split and BPE-merged by tiktoken. The HF BPE merges pairs in merge-list order; its
 # vocab ids follow that order, so the ids serve as tiktoken ranks (checked on load).
 # ---------------------------------------------------------------------------------------------
-ORIGINAL_TOKENIZER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference', 'paper_release',
-                                       'tokenizer.json')
-if not os.path.exists(ORIGINAL_TOKENIZER_PATH):  # the shared copy on the dev machines
-    ORIGINAL_TOKENIZER_PATH = '/work/shared/reference/paper_release/tokenizer.json'
+ORIGINAL_TOKENIZER_PATH = os.path.join(REFERENCE_DIR, 'paper_release', 'tokenizer.json')
 _ORIG_MATH = '±≈≅≃≡∼∝∞√∑∏∫∮∇∂∆∈∉⊂⊆⊄⊇⊃∩∪∧∨¬⇒⇔←→↦⟶⟨⟩⋯…'
 # the Split regex exactly as the original's tokenizer.json holds it (after JSON unescaping)
 _ORIG_HF_REGEX = '|'.join([
@@ -2066,12 +2068,13 @@ def resolve_tokenizer(tok=None) -> 'Tokenizer':
     return Tokenizer.load(path)
 
 
-def _text_stream(mix, seed, workers, exclude, chunk=4096):
+def _text_stream(mix, seed, workers, exclude, bar, chunk=4096):
     """Training texts of problems 0, 1, 2, ... of the (mixture, seed) stream, without the held-out ids."""
     k = 0
     while True:
         args = [(mix, seed, i) for i in range(k * chunk, (k + 1) * chunk)]
         for p in _map(_row_at, args, workers, exclude, None):
+            bar.update(1)
             yield training_text(p.to_row())
         k += 1
 
@@ -2092,7 +2095,7 @@ def build_dataset(out_dir, mixture, token_budget, seed=0, tokenizer=None, eval_o
     val = [training_text(p.to_row()) for p in _map(_row_at, [(mix, f'{seed}-val', i) for i in range(val_n)],
                                                    workers, exclude, None)]
     bar = tqdm(desc=f'build {os.path.basename(os.path.normpath(out_dir))}', unit='doc', mininterval=1)
-    docs = (bar.update(1) or t for t in _text_stream(mix, seed, workers, exclude))
+    docs = _text_stream(mix, seed, workers, exclude, bar)
     meta = {'mixture': mix.to_dict(), 'seed': seed, 'eval_ops': list(eval_ops), 'eval_n': eval_n,
             'eval_seed': eval_seed, 'n_eval': len(held_out)}
     info = write_shards(docs, tok, out_dir, token_budget=int(token_budget), val_docs=val, meta=meta)

@@ -21,9 +21,7 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 
-FIXTURE = '/work/shared/reference/official_generator_samples.jsonl'
-if not os.path.exists(FIXTURE):
-    FIXTURE = os.path.join(ROOT, 'shared', 'reference', 'official_generator_samples.jsonl')
+FIXTURE = os.path.join(ROOT, 'reference', 'official_generator_samples.jsonl')
 FIXTURE_ROWS = [json.loads(line) for line in open(FIXTURE)]
 FWD, REV = 'normalforward', 'forwardreverse'
 ALL_OPS = list(range(2, 21))

@@ -20,8 +20,7 @@ from data import (_TRAIN_SPLIT, N_FIXED_TOKENS, SPECIAL_TOKENS, ShardLoader, Tok
                        check_identity, count_tokens, load_original_tokenizer, load_shard_meta, train_tokenizer,
                        write_shards)
 
-REF = next((p for p in (os.path.join(ROOT, 'reference'), '/work/shared/reference') if os.path.exists(p)),
-           os.path.join(ROOT, 'shared', 'reference'))
+REF = os.path.join(ROOT, 'reference')
 with open(os.path.join(REF, 'official_generator_samples.jsonl'), encoding='utf-8') as f:
     ROWS = [json.loads(line) for line in f]
 ORIGINAL = os.path.join(REF, 'paper_release', 'tokenizer.json')

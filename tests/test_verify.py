@@ -14,9 +14,7 @@ sys.path.insert(0, ROOT)
 from data import (REWARDS, Verdict, _linear_form, _verify, bench_verify, parse_solution, reward,  # noqa: E402
                           verify, verify_main, verify_rows)
 
-FIXTURE = '/work/shared/reference/official_generator_samples.jsonl'
-if not os.path.exists(FIXTURE):
-    FIXTURE = os.path.join(ROOT, 'shared', 'reference', 'official_generator_samples.jsonl')
+FIXTURE = os.path.join(ROOT, 'reference', 'official_generator_samples.jsonl')
 ROWS = [json.loads(line) for line in open(FIXTURE)]
 REV = 'forwardreverse'
 
