@@ -44,9 +44,17 @@ def test_training_stream_never_contains_a_held_out_problem(built):
     held_out = {data.prompt_text(r) for r in data.load_eval_rows(out)}
     prompts = {d[:d.index('<solution>') + len('<solution>')] for d in docs}
     assert len(docs) > 250 and not (prompts & held_out)
-    # op 2-3 problems collide often: without the exclusion some of them would be in training
-    unfiltered = [data.prompt_text(r) for r in data.generate_rows('2-3', len(docs), seed=0)]
-    assert set(unfiltered) & held_out
+
+
+def test_excluded_ids_are_skipped_and_the_rest_of_the_stream_is_unchanged():
+    from tqdm import tqdm
+    first = data.generate_rows('2-3', 20, seed=0)
+    exclude = frozenset(r['id'] for r in first[:20:2])
+    stream = data._text_stream(data.parse_mixture('2-3'), 0, 1, exclude, tqdm(disable=True), chunk=32)
+    texts = [next(stream) for _ in range(20)]
+    kept = [data.training_text(r) for r in first[1:20:2]]
+    assert not {data.training_text(r) for r in first[:20:2]} & set(texts)
+    assert [t for t in texts if t in kept] == kept       # the other problems keep their place in the stream
 
 
 def test_standard_tokenizer_is_deterministic():
