@@ -1,0 +1,8 @@
+# Headroom ablation (SPEC §5.1): pre-training op mix easy 40% / medium 40% / hard 20%
+# (easy = op 2-4, medium = 5-7, hard = 8-10, uniform inside a band); everything else as paper_pretrain.
+#   python pretrain.py paper_pretrain_headroom_40_40_20 --prepare_only=True --data_workers=16
+#   torchrun --standalone --nproc_per_node=8 pretrain.py paper_pretrain_headroom_40_40_20
+from config.paper_pretrain import *  # noqa: F401,F403  (the repo root is on sys.path when running pretrain.py)
+out_dir = 'out/base_headroom_40_40_20'
+data_dir = 'data_cache/headroom_40_40_20'
+mixture = 'headroom_.4/.4/.2'

@@ -1,0 +1,762 @@
+"""
+Evaluate checkpoints on held-out problems (SPEC §4): n samples per problem, each checked for the
+right answer (outcome) and for a fully correct reasoning graph (process-verified, SPEC §2), then
+pass@k for k = 1, 2, 4, ..., n with the unbiased estimator, per op / band / template / mode, for
+one or several checkpoints side by side.
+
+Commands (run from the repository root):
+
+    # CPU, a few minutes: the tiny base run against its own data dir's held-out set
+    python evaluate.py tiny_eval --ckpts=out/tiny_base
+
+    # compare checkpoints (same problems, same seeds); labels name the curves and the files
+    python evaluate.py tiny_eval --ckpts=out/base,out/rl_outcome --labels=base,rl
+
+    # one GPU, the paper protocol: 200 problems per op 2..20, 128 samples at temperature 0.7
+    python evaluate.py paper_eval --ckpts=out/base,out/rl_op11-14 --labels=base,rl
+
+    # 8 GPUs on one node: problems are sharded across ranks, rank 0 gathers and writes the reports
+    # (every rank writes its generations next to out_dir's, so out_dir must be visible to all ranks)
+    torchrun --standalone --nproc_per_node=8 evaluate.py paper_eval --ckpts=out/base,out/rl_op11-14
+
+    # greedy decoding (temperature 0, one sample); the original study's released JSONL as the eval set
+    python evaluate.py paper_eval --ckpts=out/base --greedy=True --eval_file=path/to/released_test.jsonl
+
+    # re-score saved generations (e.g. after a verifier fix) without sampling again
+    python evaluate.py paper_eval --labels=base,rl --out_dir=out/eval --rescore=True
+
+The held-out set (`eval_file`): '' = {data_dir}/eval.jsonl when it exists (written by
+data.build_dataset, disjoint from training), else generated with data.make_eval_set(eval_ops,
+eval_per_op_template, eval_seed); 'generate' = always generate; a path = any JSONL of ours or the
+original study's (rows without a gold graph get one from data.read_jsonl parsing the gold solution).
+data_dir '' means the data dir recorded in the first checkpoint's run config.
+
+What ends up in out_dir:
+  results.json             config, checkpoints, every aggregate and per-problem counts, per label
+  results.csv              one row per (label, grouping, key): counts, ProcessAcc, hacking, pass@k
+  summary.md               the tables a reader wants first (bands x modes, ops, hacking, templates)
+  passk_by_band.png        pass@k curves per band (columns) and mode (rows), checkpoints overlaid
+  acc_vs_op.png            pass@1 and pass@n versus op, checkpoints overlaid, bands shaded
+  generations_{label}.jsonl   {id, op, template, mode, sample, text, verdict} per sample
+  eval_set.jsonl           the problems (with gold graphs) the generations belong to; --rescore reads it
+
+Library use (rl.py): quick_eval(model, tok, rows, n, temperature) -> flat dict of metrics; the
+pieces are sample_solutions -> score -> aggregate -> write_reports.
+"""
+import csv
+import json
+import math
+import os
+import re
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+import data
+from model import autocast_ctx, cleanup_distributed, configure, load_checkpoint, setup_distributed, unwrap
+
+try:  # TODO(lead): merge -- drop this fallback once _verify_part.py is pasted into data.py
+    from data import verify
+except ImportError:
+    from _verify_part import verify
+try:  # TODO(lead): merge -- drop this fallback once _tok_part.py is pasted into data.py
+    from data import Tokenizer
+except ImportError:
+    from _tok_part import Tokenizer
+
+# -----------------------------------------------------------------------------------------------
+# default config (paper values in config/paper_eval.py, CPU-sized ones in config/tiny_eval.py)
+defaults = dict(
+    # what to evaluate
+    ckpts='out/base',                    # comma-separated checkpoints: ckpt.pt files or run dirs holding one
+    labels='',                           # comma-separated names, one per checkpoint ('' = the run dir names)
+    out_dir='out/eval',                  # reports, plots, generations
+    rescore=False,                       # re-score out_dir/generations_{label}.jsonl instead of sampling
+    # held-out problems
+    data_dir='',                         # tokenizer.json (+ eval.jsonl); '' = the first checkpoint's data_dir
+    eval_file='',                        # '' = {data_dir}/eval.jsonl if present else generate; 'generate'; a path
+    eval_ops=list(range(2, 21)),         # ops to evaluate (generated, or kept from a file)
+    eval_per_op_template=67,             # problems per op and template (x3 templates ~ 200 per op); caps a file (0 = all)
+    eval_templates='',                   # comma-separated template filter ('' = all)
+    eval_modes='',                       # comma-separated mode filter: normalforward, forwardreverse ('' = both)
+    eval_seed=1234,                      # generator seed of an on-the-fly eval set
+    # sampling
+    n_samples=128,                       # samples per problem; pass@k is reported for k = 1, 2, 4, ..., n
+    temperature=0.7,                     # sampling temperature (SPEC §4)
+    greedy=False,                        # greedy decoding: temperature 0 and one sample
+    top_k=0,                             # 0 = off
+    max_new_tokens=1024,                 # generation budget per sample (also capped by the model's context)
+    batch_size=256,                      # sequences per generate() call (prompts x samples); lower it on OOM
+    seed=0,                              # sampling seed (every checkpoint gets the same one)
+    # scoring and reports
+    bands={'ID': (2, 10), 'OOD-edge': (11, 14), 'OOD-hard': (15, 20)},  # band name -> inclusive op range
+    workers=1,                           # processes for verification (per rank)
+    device='auto',                       # 'auto' (cuda if available, cuda:LOCAL_RANK under torchrun), 'cpu', 'cuda'
+    progress=True,                       # tqdm progress bars on rank 0
+)
+
+BANDS = defaults['bands']
+# the groupings every aggregate reports; a key joins the row's values with '/' ("ID/forwardreverse")
+GROUPS = (('all',), ('op',), ('band',), ('template',), ('mode',),
+          ('op', 'mode'), ('band', 'mode'), ('band', 'template'), ('op', 'template'))
+MODE_NOTE = "reverse-mode answers are always 1..4, so outcome pass@k is flattered there"
+
+
+class EvalError(Exception):
+    """Bad input; main() turns it into one line naming the fix."""
+
+
+# -----------------------------------------------------------------------------------------------
+# held-out problems
+
+def split_list(s):
+    return [x.strip() for x in s.split(',') if x.strip()] if s else []
+
+
+def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_template=67, templates=(),
+                   modes=(), seed=1234):
+    """The held-out problems as rows with gold graphs (see module docstring for eval_file), filtered to
+    `ops` / `templates` / `modes` and capped at per_op_template per (op, template). Returns (rows, source)."""
+    in_data_dir = os.path.join(data_dir, 'eval.jsonl') if data_dir else ''
+    if eval_file and eval_file != 'generate':
+        if not os.path.exists(eval_file):
+            raise EvalError(f"eval_file {eval_file} does not exist; pass an existing JSONL or --eval_file=generate")
+        rows, source = data.read_jsonl(eval_file), eval_file
+    elif eval_file != 'generate' and in_data_dir and os.path.exists(in_data_dir):
+        rows, source = data.read_jsonl(in_data_dir), in_data_dir
+    else:
+        rows = [p.to_row() for p in data.make_eval_set(list(ops), per_op_template, seed, modes=modes or data.MODES,
+                                                         templates=templates or None)]
+        source = f"generated: data.make_eval_set(ops={list(ops)}, {per_op_template}, seed={seed})"
+    ops, n_read = set(ops), len(rows)
+    kept, per = [], defaultdict(int)
+    for r in rows:
+        if r['op'] not in ops or (templates and r['template'] not in templates) or (modes and r['mode'] not in modes):
+            continue
+        if per_op_template and per[r['op'], r['template']] >= per_op_template:
+            continue
+        per[r['op'], r['template']] += 1
+        kept.append(r)
+    if not kept:
+        raise EvalError(f"the eval set is empty: {n_read} rows in {source}, none with op in {sorted(ops)}, "
+                        f"templates {list(templates) or 'any'}, modes {list(modes) or 'any'}; fix --eval_ops/"
+                        f"--eval_templates/--eval_modes or point --eval_file at another set")
+    return ensure_unique_ids(kept), source
+
+
+def ensure_unique_ids(rows):
+    """Ids key the generations. The original release's ids are hash(text) % 23 and collide, so rows with a
+    missing or repeated id get the content hash (sha1 of problem + question, as data.Problem.id)."""
+    seen = defaultdict(int)
+    for r in rows:
+        seen[r.get('id')] += 1
+    out = []
+    for r in rows:
+        if r.get('id') is None or seen[r['id']] > 1:
+            r = dict(r, id=data.problem_id(r['problem'], r['question']))
+        out.append(r)
+    if len({r['id'] for r in out}) != len(out):
+        raise EvalError("the eval set holds the same problem twice (same problem and question text); deduplicate it")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# sampling
+
+def completion_text(tok, tokens):
+    """What the model wrote after '<solution>': the stop token '</answer>' is kept, EOS is dropped."""
+    if tokens and tokens[-1] == tok.eos_id:
+        tokens = tokens[:-1]
+    return tok.decode(tokens)
+
+
+@torch.no_grad()
+def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, batch_size=256, top_k=None,
+                     seed=0, progress=True, desc='sampling'):
+    """n completions per row, returned as texts[row][sample] in the order of `rows`.
+
+    Prompts are tok.encode(data.prompt_text(row)); generation stops at '</answer>' or EOS. Problems are
+    processed longest prompt first, so a batch holds prompts of similar length (little padding) and
+    an out-of-memory batch size shows up on the first call. A generate() call holds about batch_size
+    sequences: several prompts x n samples, or, when n > batch_size, one prompt in several chunks.
+    Each prompt is prefilled once and its KV cache shared by its samples (generate's num_samples).
+    temperature 0 is greedy. The model's train/eval mode is left as it was."""
+    if not rows:
+        return []
+    m = unwrap(model)
+    device = next(m.parameters()).device
+    prompts = [tok.encode(data.prompt_text(r)) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
+    calls = []  # (row indices, samples per row)
+    if n >= batch_size:
+        for i in order:
+            calls += [([i], min(batch_size, n - s)) for s in range(0, n, batch_size)]
+    else:
+        per_call = batch_size // n
+        calls = [(order[j:j + per_call], n) for j in range(0, len(order), per_call)]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    stop_ids = (tok.id_of('</answer>'), tok.eos_id)
+    out = [[] for _ in rows]
+    with tqdm(total=len(rows) * n, desc=desc, unit='sample', disable=not progress, dynamic_ncols=True) as bar:
+        for idx, g in calls:
+            with autocast_ctx(device):
+                res = m.generate([prompts[i] for i in idx], max_new_tokens, temperature=temperature,
+                                 top_k=top_k or None, stop_ids=stop_ids, generator=gen, num_samples=g,
+                                 pad_id=tok.pad_id)
+            for j, tokens in enumerate(res.tokens):  # rows come back [p0 s0, p0 s1, ..., p1 s0, ...]
+                out[idx[j // g]].append(completion_text(tok, tokens))
+            bar.update(len(res.tokens))
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# scoring
+
+def _verify_pair(args):
+    return verify(*args)
+
+
+def verify_all(rows, samples, workers=1, progress=False):
+    """data.verify for every sample: verdicts[row][sample]."""
+    pairs = [(s, r['graph']) for r, ss in zip(rows, samples) for s in ss]
+    if workers > 1 and len(pairs) > 1000:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        # fork is fastest, but a forked child of a process that has initialised CUDA is unsafe
+        ctx = multiprocessing.get_context('spawn' if torch.cuda.is_initialized() else 'fork')
+        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+            flat = list(tqdm(ex.map(_verify_pair, pairs, chunksize=256), total=len(pairs), desc='verifying',
+                             disable=not progress, dynamic_ncols=True))
+    else:
+        flat = [verify(s, g) for s, g in tqdm(pairs, desc='verifying', disable=not progress, dynamic_ncols=True)]
+    out, pos = [], 0
+    for ss in samples:
+        out.append(flat[pos:pos + len(ss)])
+        pos += len(ss)
+    return out
+
+
+def problem_record(row, verdicts):
+    """Counts for one problem: n samples, c_outcome right answers, c_process process-verified correct,
+    c_hacked right answer with a wrong process, no_answer without a parsable answer, mean ProcessAcc."""
+    n = len(verdicts)
+    return {'id': row['id'], 'op': row['op'], 'template': row['template'], 'mode': row['mode'], 'n': n,
+            'c_outcome': sum(v.outcome for v in verdicts),
+            'c_process': sum(v.perfect for v in verdicts),
+            'c_hacked': sum(v.outcome and not v.perfect for v in verdicts),
+            'no_answer': sum(v.answer is None for v in verdicts),
+            'process_acc': sum(v.process_acc for v in verdicts) / n if n else 0.0}
+
+
+def score(rows, samples, workers=1, progress=False):
+    """Per-problem records (problem_record) for samples[row][sample] texts."""
+    return [problem_record(r, vs) for r, vs in zip(rows, verify_all(rows, samples, workers, progress))]
+
+
+# -----------------------------------------------------------------------------------------------
+# aggregation
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), computed as
+    1 - prod_{i=n-c+1}^{n} (1 - k / i) (no huge binomials)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def default_ks(n):
+    """1, 2, 4, ... up to n, and n itself."""
+    ks = [2 ** i for i in range(int(math.log2(n)) + 1)] if n >= 1 else []
+    return ks + [n] if ks and ks[-1] != n else ks
+
+
+def band_of(op, bands=BANDS):
+    for name, (lo, hi) in bands.items():
+        if lo <= op <= hi:
+            return name
+    return 'other'
+
+
+def group_stats(records, ks):
+    """Means over problems of pass@k (process-verified and outcome); sample-weighted rates."""
+    n_samples = sum(r['n'] for r in records)
+    c_outcome = sum(r['c_outcome'] for r in records)
+    hacked = sum(r['c_hacked'] for r in records)
+    return {
+        'n_problems': len(records), 'n_samples': n_samples,
+        'process': {f'pass@{k}': float(np.mean([pass_at_k(r['n'], r['c_process'], k) for r in records])) for k in ks},
+        'outcome': {f'pass@{k}': float(np.mean([pass_at_k(r['n'], r['c_outcome'], k) for r in records])) for k in ks},
+        'process_acc': sum(r['process_acc'] * r['n'] for r in records) / n_samples,
+        'hack_rate': hacked / n_samples,                       # right answer, wrong process: share of all samples
+        'hack_share': hacked / c_outcome if c_outcome else 0.0,  # ... share of the right answers
+        'no_answer_rate': sum(r['no_answer'] for r in records) / n_samples,
+    }
+
+
+def aggregate(records, ks=None, bands=BANDS):
+    """{'ks', 'bands', 'all': stats, 'op': {'2': stats, ...}, 'band': {'ID': ...}, 'template': ...,
+    'mode': ..., 'op/mode': {'2/normalforward': ...}, 'band/mode', 'band/template', 'op/template'};
+    stats as group_stats. ks default to 1, 2, 4, ..., n (k > the smallest n is dropped)."""
+    if not records:
+        raise EvalError("nothing to aggregate: no scored problems")
+    n_min = min(r['n'] for r in records)
+    ks = [k for k in (ks or default_ks(n_min)) if k <= n_min]
+    keyed = [dict(r, all='all', band=band_of(r['op'], bands)) for r in records]
+    out = {'ks': ks, 'bands': {b: list(v) for b, v in bands.items()}}
+    for dims in GROUPS:
+        buckets = defaultdict(list)
+        for r in keyed:
+            buckets['/'.join(str(r[d]) for d in dims)].append(r)
+        stats = {key: group_stats(rs, ks) for key, rs in sorted(buckets.items(), key=lambda kv: _sort_key(kv[0], bands))}
+        out['/'.join(dims)] = stats['all'] if dims == ('all',) else stats
+    return out
+
+
+def _sort_key(key, bands):
+    """Numeric parts sort as numbers ('2/x' < '10/x'); bands keep their declared order."""
+    band_rank = {b: i for i, b in enumerate(bands)}
+    return [(0, int(p), '') if p.isdigit() else (1, band_rank.get(p, len(band_rank)), p) for p in key.split('/')]
+
+
+def flat_metrics(agg):
+    """{group/metric: value} for logging: group = 'all', each band and each mode present; metrics
+    pass@k (process-verified), outcome_pass@k, process_acc, hack_rate, no_answer_rate."""
+    out = {}
+    groups = [('all', agg['all'])] + list(agg['band'].items()) + list(agg['mode'].items())
+    for name, st in groups:
+        for k in agg['ks']:
+            out[f'{name}/pass@{k}'] = st['process'][f'pass@{k}']
+            out[f'{name}/outcome_pass@{k}'] = st['outcome'][f'pass@{k}']
+        for metric in ('process_acc', 'hack_rate', 'no_answer_rate'):
+            out[f'{name}/{metric}'] = st[metric]
+    return out
+
+
+def quick_eval(model, tok, rows, n=4, temperature=1.0, *, max_new_tokens=512, batch_size=256, seed=0,
+               bands=BANDS, dist=None, progress=False):
+    """Held-out evaluation for training loops (rl.py calls this every few steps). Stable signature.
+
+    model: a Qwen2 (DDP / torch.compile wrappers are unwrapped); tok: data.Tokenizer; rows: eval rows
+    with gold graphs (e.g. load_eval_rows(...)[0] or data.make_eval_set(...) rows); n samples per row at
+    `temperature` (0 = greedy, then n is 1). With dist (model.Dist) and world_size > 1 every rank must
+    call it: rows are sharded across ranks and every rank returns the same metrics.
+
+    Returns flat_metrics: {'all/pass@1': ..., 'all/outcome_pass@1': ..., ..., 'all/process_acc',
+    'all/hack_rate', 'all/no_answer_rate', and the same under each band name ('ID/pass@1', ...) and
+    each mode ('forwardreverse/pass@1', ...) present}. pass@k is process-verified; k = 1, 2, 4, ..., n.
+    The model's train/eval mode is restored."""
+    n = 1 if temperature == 0 else n
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    world = dist.world_size if dist is not None else 1
+    mine = rows[dist.rank::world] if world > 1 else rows
+    try:
+        samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, seed=seed + (dist.rank if world > 1 else 0),
+                                   progress=progress, desc='quick_eval')
+    finally:
+        m.train(was_training)
+    records = score(mine, samples)
+    if world > 1:
+        parts = [None] * world
+        torch_dist.all_gather_object(parts, records)
+        records = [r for p in parts for r in p]
+    return flat_metrics(aggregate(records, bands=bands))
+
+
+# -----------------------------------------------------------------------------------------------
+# reports
+
+def _pct(x):
+    return f"{100 * x:.1f}"
+
+
+def _modes_present(agg):
+    return [m for m in data.MODES if m in agg['mode']]
+
+
+def _mode_rows(agg):
+    """('all modes', key suffix '') then one row per mode present (reverse reported separately, SPEC §1)."""
+    modes = _modes_present(agg)
+    return [('all modes', '')] + ([(m, '/' + m) for m in modes] if len(modes) > 1 else [])
+
+
+def write_csv(runs, path):
+    """One row per (label, grouping, key)."""
+    ks = next(iter(runs.values()))['aggregate']['ks']
+    head = ['label', 'grouping', 'key', 'n_problems', 'n_samples', 'process_acc', 'hack_rate', 'hack_share',
+            'no_answer_rate'] + [f'process_pass@{k}' for k in ks] + [f'outcome_pass@{k}' for k in ks]
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for label, run in runs.items():
+            agg = run['aggregate']
+            for dims in GROUPS:
+                g = '/'.join(dims)
+                table = {'all': agg['all']} if g == 'all' else agg[g]
+                for key, st in table.items():
+                    w.writerow([label, g, key, st['n_problems'], st['n_samples']]
+                               + [f"{st[m]:.6f}" for m in ('process_acc', 'hack_rate', 'hack_share', 'no_answer_rate')]
+                               + [f"{st['process'][f'pass@{k}']:.6f}" for k in ks]
+                               + [f"{st['outcome'][f'pass@{k}']:.6f}" for k in ks])
+
+
+def write_summary(runs, meta, path):
+    labels = list(runs)
+    first = runs[labels[0]]['aggregate']
+    ks, kmax = first['ks'], first['ks'][-1]
+    L = [f"# Evaluation: {', '.join(labels)}", '',
+         f"{meta['n_problems']} held-out problems (ops {meta['ops']}; source: {meta['source']}); "
+         f"{meta['n_samples']} samples each at temperature {meta['temperature']}.",
+         "Cells are **process-verified / outcome** pass@k in %. Process-verified = every gold step has the right "
+         "parents and value and the answer is right (SPEC §2). Note: " + MODE_NOTE + ".", '',
+         '## Checkpoints', '', '| label | checkpoint | step |', '|---|---|---|']
+    L += [f"| {lb} | {run.get('ckpt', '')} | {run.get('step', '')} |" for lb, run in runs.items()]
+
+    def cell(st, k):
+        return f"{_pct(st['process'][f'pass@{k}'])} / {_pct(st['outcome'][f'pass@{k}'])}"
+
+    L += ['', '## pass@k by band', '']
+    for title, suffix in _mode_rows(first):
+        L += [f"### {title}", '', '| label | band | problems | ' + ' | '.join(f'pass@{k}' for k in ks) + ' |',
+              '|---|---|---|' + '---|' * len(ks)]
+        for lb in labels:
+            agg = runs[lb]['aggregate']
+            for band in agg['band']:
+                st = agg['band/mode'].get(band + suffix) if suffix else agg['band'][band]
+                if st:
+                    L.append(f"| {lb} | {band} | {st['n_problems']} | " + ' | '.join(cell(st, k) for k in ks) + ' |')
+        L.append('')
+    L += [f'## By op: pass@1 and pass@{kmax} (all modes)', '',
+          '| op | ' + ' | '.join(f'{lb} pass@1 | {lb} pass@{kmax}' for lb in labels) + ' |',
+          '|---|' + '---|---|' * len(labels)]
+    for op in first['op']:
+        cells = []
+        for lb in labels:
+            st = runs[lb]['aggregate']['op'].get(op)
+            cells += [cell(st, 1), cell(st, kmax)] if st else ['', '']
+        L.append(f"| {op} | " + ' | '.join(cells) + ' |')
+    L += ['', '## Process accuracy and reward hacking (right answer, wrong process), by band', '',
+          '| label | band | ProcessAcc | hacked, % of samples | hacked, % of right answers | no answer |',
+          '|---|---|---|---|---|---|']
+    for lb in labels:
+        for band, st in runs[lb]['aggregate']['band'].items():
+            L.append(f"| {lb} | {band} | {_pct(st['process_acc'])} | {_pct(st['hack_rate'])} | "
+                     f"{_pct(st['hack_share'])} | {_pct(st['no_answer_rate'])} |")
+    L += ['', f'## By template and band: pass@1 and pass@{kmax}', '',
+          f'| label | template/band | pass@1 | pass@{kmax} |', '|---|---|---|---|']
+    for lb in labels:
+        for key, st in runs[lb]['aggregate']['band/template'].items():
+            L.append(f"| {lb} | {key} | {cell(st, 1)} | {cell(st, kmax)} |")
+    with open(path, 'w') as f:
+        f.write('\n'.join(L) + '\n')
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _style_legend(fig, labels, colors):
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=colors[lb], lw=2, label=lb) for lb in labels]
+    handles += [Line2D([], [], color='k', lw=1.5, ls='-', label='process-verified'),
+                Line2D([], [], color='k', lw=1.5, ls='--', label='outcome')]
+    fig.legend(handles=handles, loc='lower center', ncol=len(handles), frameon=False, fontsize=8)
+
+
+def plot_passk(runs, path):
+    """pass@k versus k: one column per band, one row per mode group (all, forward, reverse);
+    colour = checkpoint, solid = process-verified, dashed = outcome."""
+    plt = _pyplot()
+    labels = list(runs)
+    first = runs[labels[0]]['aggregate']
+    bands, rows = list(first['band']), _mode_rows(first)
+    colors = {lb: f'C{i}' for i, lb in enumerate(labels)}
+    fig, axes = plt.subplots(len(rows), len(bands), figsize=(3.4 * len(bands), 2.8 * len(rows) + 0.6),
+                             squeeze=False, sharey=True)
+    for (title, suffix), axrow in zip(rows, axes):
+        for band, ax in zip(bands, axrow):
+            for lb in labels:
+                agg = runs[lb]['aggregate']
+                st = agg['band/mode'].get(band + suffix) if suffix else agg['band'].get(band)
+                if not st:
+                    continue
+                ks = agg['ks']
+                for kind, ls in (('process', '-'), ('outcome', '--')):
+                    ax.plot(ks, [st[kind][f'pass@{k}'] for k in ks], ls, color=colors[lb], marker='o', ms=3)
+            ax.set_xscale('log', base=2)
+            ax.set_xticks(first['ks'], [str(k) for k in first['ks']])
+            ax.minorticks_off()
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{band} ({title})", fontsize=9)
+            ax.set_xlabel('k')
+            ax.grid(alpha=0.3)
+        axrow[0].set_ylabel('pass@k')
+    _style_legend(fig, labels, colors)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_acc_vs_op(runs, path, bands=BANDS):
+    """pass@1 and pass@n versus op (columns), one row per mode group; band ranges shaded."""
+    plt = _pyplot()
+    labels = list(runs)
+    first = runs[labels[0]]['aggregate']
+    kmax = first['ks'][-1]
+    rows = _mode_rows(first)
+    colors = {lb: f'C{i}' for i, lb in enumerate(labels)}
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.8 * len(rows) + 0.6), squeeze=False, sharey=True)
+    for (title, suffix), axrow in zip(rows, axes):
+        for k, ax in zip((1, kmax), axrow):
+            for i, (band, (lo, hi)) in enumerate(bands.items()):
+                ax.axvspan(lo - 0.5, hi + 0.5, color=f'C{i}', alpha=0.06)
+                ax.text((lo + hi) / 2, 1.04, band, ha='center', va='bottom', fontsize=7, alpha=0.7)
+            for lb in labels:
+                agg = runs[lb]['aggregate']
+                table = agg['op/mode'] if suffix else agg['op']
+                ops = sorted(int(key.split('/')[0]) for key in table if key.endswith(suffix))
+                for kind, ls in (('process', '-'), ('outcome', '--')):
+                    ax.plot(ops, [table[f'{op}{suffix}'][kind][f'pass@{k}'] for op in ops], ls, color=colors[lb],
+                            marker='o', ms=3)
+            ax.set_ylim(-0.02, 1.12)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.set_title(f"pass@{k} ({title})", fontsize=9)
+            ax.set_xlabel('op')
+            ax.grid(alpha=0.3)
+        axrow[0].set_ylabel('accuracy')
+    _style_legend(fig, labels, colors)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(out_dir, runs, meta, bands=BANDS):
+    """results.json, results.csv, summary.md, passk_by_band.png, acc_vs_op.png from
+    runs = {label: {'aggregate': aggregate(...), 'records': [...], 'ckpt': path, 'step': int}}."""
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json({'meta': meta, 'runs': runs}, os.path.join(out_dir, 'results.json'))
+    write_csv(runs, os.path.join(out_dir, 'results.csv'))
+    write_summary(runs, meta, os.path.join(out_dir, 'summary.md'))
+    plot_passk(runs, os.path.join(out_dir, 'passk_by_band.png'))
+    plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op.png'), bands)
+
+
+def _write_json(obj, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _write_jsonl(rows, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        for r in rows:
+            f.write(json.dumps(r) + '\n')
+    os.replace(tmp, path)
+
+
+def generation_lines(rows, samples, verdicts):
+    for r, ss, vs in zip(rows, samples, verdicts):
+        for j, (text, v) in enumerate(zip(ss, vs)):
+            yield {'id': r['id'], 'op': r['op'], 'template': r['template'], 'mode': r['mode'], 'sample': j,
+                   'text': text, 'verdict': v.to_dict()}
+
+
+def read_generations(path, rows):
+    """samples[row][sample] from a generations file, in the order of `rows`."""
+    if not os.path.exists(path):
+        raise EvalError(f"{path} not found; run without --rescore first (or fix --labels/--out_dir)")
+    by_id = defaultdict(dict)
+    with open(path) as f:
+        for line in f:
+            g = json.loads(line)
+            by_id[g['id']][g['sample']] = g['text']
+    known = {r['id'] for r in rows}
+    if set(by_id) != known:
+        raise EvalError(f"{path} covers {len(by_id)} problems, eval_set.jsonl has {len(known)} "
+                        f"({len(set(by_id) - known)} unknown ids); the two files must come from the same run")
+    return [[by_id[r['id']][j] for j in sorted(by_id[r['id']])] for r in rows]
+
+
+# -----------------------------------------------------------------------------------------------
+# the command
+
+def resolve_ckpt(path):
+    """A checkpoint file, or a run directory holding ckpt.pt."""
+    p = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise EvalError(f"no checkpoint at {path} (looked for {p}); train it first or fix --ckpts")
+    return p
+
+
+def default_label(path):
+    p = os.path.normpath(path)
+    if os.path.basename(p) == 'ckpt.pt':
+        p = os.path.dirname(p)
+    return os.path.splitext(os.path.basename(p))[0] or 'model'
+
+
+def run_labels(cfg):
+    ckpts = split_list(cfg['ckpts'])
+    labels = split_list(cfg['labels'])
+    if cfg['rescore'] and labels:
+        return labels, ckpts if len(ckpts) == len(labels) else [''] * len(labels)
+    if not ckpts:
+        raise EvalError("no checkpoints given; pass --ckpts=out/base[,out/rl...]")
+    labels = labels or [default_label(c) for c in ckpts]
+    if len(labels) != len(ckpts):
+        raise EvalError(f"{len(ckpts)} checkpoints but {len(labels)} labels; give one label per checkpoint")
+    bad = [lb for lb in labels if not re.fullmatch(r'[A-Za-z0-9._+-]+', lb)]
+    if bad or len(set(labels)) != len(labels):
+        raise EvalError(f"labels must be unique and filename-safe (letters, digits, . _ + -), got {labels}; "
+                        f"set --labels")
+    return labels, ckpts
+
+
+def load_tokenizer(ckpt_path, ck, data_dir):
+    """The tokenizer a checkpoint was trained with: data_dir's if given, else the run dir's copy, else
+    the one in the data dir of the checkpoint's run config; its identity must match the checkpoint's."""
+    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    cands = [os.path.join(data_dir, 'tokenizer.json')] if data_dir else \
+        [os.path.join(run_dir, 'tokenizer.json'), os.path.join(ck['config'].get('data_dir', ''), 'tokenizer.json')]
+    path = next((c for c in cands if os.path.isfile(c)), None)
+    if path is None:
+        raise EvalError(f"no tokenizer for {ckpt_path} (looked for {', '.join(cands)}); pass --data_dir=<the data "
+                        f"dir the checkpoint was trained on>")
+    tok = Tokenizer.load(path)
+    if tok.identity != ck['tokenizer_identity']:
+        raise EvalError(f"tokenizer mismatch: {ckpt_path} was trained with tokenizer {ck['tokenizer_identity']} but "
+                        f"{path} is {tok.identity}; pass --data_dir=<the data dir the checkpoint was trained on>")
+    return tok
+
+
+def evaluate(cfg):
+    """Run the evaluation described by cfg (a resolved config dict); returns the runs dict on rank 0."""
+    dist = setup_distributed()
+    master, world = dist.is_master, dist.world_size
+    device = dist.device if cfg['device'] == 'auto' else cfg['device']
+    say = print if master else (lambda *a, **k: None)
+    n, temperature = (1, 0.0) if cfg['greedy'] else (cfg['n_samples'], cfg['temperature'])
+    if n < 1:
+        raise EvalError(f"n_samples={n}; it must be >= 1")
+    labels, ckpts = run_labels(cfg)
+    out_dir = cfg['out_dir']
+    eval_set_path = os.path.join(out_dir, 'eval_set.jsonl')
+    os.makedirs(out_dir, exist_ok=True)
+    prev = {}
+    if os.path.exists(os.path.join(out_dir, 'results.json')):
+        with open(os.path.join(out_dir, 'results.json')) as f:
+            prev = json.load(f).get('runs', {})
+
+    runs, rows, source = {}, None, None
+    if cfg['rescore']:
+        if world > 1:
+            raise EvalError("--rescore runs in one process; drop torchrun")
+        if not os.path.exists(eval_set_path):
+            raise EvalError(f"{eval_set_path} not found; --rescore needs the out_dir of an earlier evaluation")
+        rows, source = data.read_jsonl(eval_set_path), eval_set_path
+        for label, ckpt in zip(labels, ckpts):
+            path = os.path.join(out_dir, f'generations_{label}.jsonl')
+            samples = read_generations(path, rows)
+            verdicts = verify_all(rows, samples, cfg['workers'], cfg['progress'])
+            _write_jsonl(generation_lines(rows, samples, verdicts), path)
+            old = prev.get(label, {})
+            runs[label] = {'ckpt': ckpt or old.get('ckpt', ''), 'step': old.get('step'),
+                           'records': [problem_record(r, vs) for r, vs in zip(rows, verdicts)]}
+            say(f"{label}: re-scored {sum(map(len, samples))} samples from {path}")
+            n = min(len(s) for s in samples)
+    else:
+        for label, ckpt_arg in zip(labels, ckpts):
+            ckpt_path = resolve_ckpt(ckpt_arg)
+            ck = load_checkpoint(ckpt_path, device='cpu')  # the optimizer state, if any, stays on the CPU
+            ck['model'].to(device)
+            tok = load_tokenizer(ckpt_path, ck, cfg['data_dir'])
+            if rows is None:  # one eval set for every checkpoint, fixed by the first one's data dir
+                rows, source = load_eval_rows(cfg['eval_file'], cfg['data_dir'] or ck['config'].get('data_dir', ''),
+                                              cfg['eval_ops'], cfg['eval_per_op_template'],
+                                              split_list(cfg['eval_templates']), split_list(cfg['eval_modes']),
+                                              cfg['eval_seed'])
+                if master:
+                    _write_jsonl(rows, eval_set_path)
+                say(f"eval set: {len(rows)} problems from {source}")
+                # balanced shards: deal problems sorted by prompt length round-robin to the ranks
+                mine = sorted(rows, key=lambda r: -len(data.prompt_text(r)))[dist.rank::world]
+            say(f"{label}: {ckpt_path} (step {ck['step']}), {n} samples x {len(mine)} problems/rank x {world} "
+                f"rank(s), temperature {temperature}, max_new_tokens {cfg['max_new_tokens']}")
+            m, step = ck['model'].eval(), ck['step']
+            samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=cfg['max_new_tokens'],
+                                       batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'] + dist.rank,
+                                       progress=cfg['progress'] and master, desc=f'sampling {label}')
+            del m, ck
+            verdicts = verify_all(mine, samples, cfg['workers'], cfg['progress'] and master)
+            records = [problem_record(r, vs) for r, vs in zip(mine, verdicts)]
+            gen_path = os.path.join(out_dir, f'generations_{label}.jsonl')
+            part = gen_path + (f'.rank{dist.rank}' if world > 1 else '')
+            _write_jsonl(generation_lines(mine, samples, verdicts), part)
+            if world > 1:  # rank 0 collects the records and concatenates the generation parts
+                parts = [None] * world if master else None
+                torch_dist.gather_object(records, parts, dst=0)
+                if master:
+                    records = [r for p in parts for r in p]
+                    with open(gen_path + '.tmp', 'w') as out:
+                        for r in range(world):
+                            with open(f'{gen_path}.rank{r}') as f:
+                                out.write(f.read())
+                            os.remove(f'{gen_path}.rank{r}')
+                    os.replace(gen_path + '.tmp', gen_path)
+            if master:
+                pos = {r['id']: i for i, r in enumerate(rows)}
+                runs[label] = {'ckpt': ckpt_path, 'step': step,
+                               'records': sorted(records, key=lambda r: pos[r['id']])}
+    if world > 1:
+        torch_dist.barrier()
+        cleanup_distributed()
+    if not master:
+        return None
+    for label, run in runs.items():
+        run['aggregate'] = aggregate(run['records'], bands=cfg['bands'])
+    meta = {'config': cfg, 'source': source, 'n_problems': len(rows), 'n_samples': n, 'temperature': temperature,
+            'ops': _ops_text(sorted({r['op'] for r in rows})), 'labels': labels}
+    write_reports(out_dir, runs, meta, cfg['bands'])
+    say(f"wrote {out_dir}/summary.md, results.json, results.csv, passk_by_band.png, acc_vs_op.png")
+    for label, run in runs.items():
+        st = run['aggregate']['all']
+        k = run['aggregate']['ks'][-1]
+        say(f"  {label}: pass@1 {_pct(st['process']['pass@1'])} / {_pct(st['outcome']['pass@1'])}, pass@{k} "
+            f"{_pct(st['process'][f'pass@{k}'])} / {_pct(st['outcome'][f'pass@{k}'])} (process / outcome, %)")
+    return runs
+
+
+def _ops_text(ops):
+    """[2, 3, 4, 7] -> '2-4, 7'."""
+    spans = []
+    for op in ops:
+        if spans and op == spans[-1][1] + 1:
+            spans[-1][1] = op
+        else:
+            spans.append([op, op])
+    return ', '.join(f'{a}-{b}' if a != b else f'{a}' for a, b in spans)
+
+
+def main(argv):
+    cfg = configure(defaults, argv)
+    try:
+        return evaluate(cfg)
+    except EvalError as e:
+        raise SystemExit(f"evaluate.py: error: {e}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,879 @@
+"""
+The model and the small library every stage shares.
+
+  Qwen2 (the architecture of the paper, SPEC §3), written to be read top to bottom:
+    RMSNorm -> RoPE -> grouped-query attention -> SwiGLU MLP -> decoder block -> Qwen2
+  Module and parameter names are exactly those of `transformers.Qwen2ForCausalLM` (minus its
+  `model.` prefix), so importing / exporting Hugging Face checkpoints is a rename, not a remap,
+  and tests/test_model.py checks that the logits match `transformers` to fp32 tolerance.
+
+  Qwen2.generate   batched sampling with a preallocated KV cache; prompts of different lengths
+                   share one batch (left padding + per-row positions + key mask); optional
+                   `num_samples` prefills each prompt once and copies its cache to the G samples
+                   of a GRPO group.
+  save_checkpoint / load_checkpoint   one atomic, torch.load(weights_only=True)-safe format for
+                   every stage (weights, model config, run config, tokenizer identity, step,
+                   optimizer, data-loader/RNG state).
+  configure        nanoGPT-style configurator (preset files + --key=value, type-checked).
+  setup_distributed / cleanup_distributed / autocast_ctx / seed_everything   plumbing.
+  load_hf_qwen2 / export_hf   Hugging Face interop (optional `safetensors` / `transformers`).
+
+Quick check:
+  python -c "import model; m = model.Qwen2(model.MODEL_PRESETS['paper']); print(m.num_params())"
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import os
+import random
+import types
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 2200
+    hidden_size: int = 768
+    n_layer: int = 12
+    n_head: int = 12               # query heads
+    n_kv_head: int = 2             # key/value heads (GQA: each serves n_head // n_kv_head queries)
+    intermediate_size: int = 3072  # SwiGLU hidden width
+    max_seq_len: int = 2048
+    rope_theta: float = 1e6
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        assert self.hidden_size % self.n_head == 0, "hidden_size must be a multiple of n_head"
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert (self.hidden_size // self.n_head) % 2 == 0, "head dim must be even for RoPE"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# Parameter counts (tied embeddings counted once) are printed by `python bench.py --only=params`
+# and asserted in tests/test_model.py.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # 1.27M: meant to learn op 2..6 on 2 CPU cores in minutes. max_seq_len is only a bound (RoPE
+    # has no parameters; training picks its own block length): 2048 so that evaluating on longer,
+    # out-of-distribution problems never runs out of room.
+    'tiny': ModelConfig(hidden_size=128, n_layer=4, n_head=4, n_kv_head=2, intermediate_size=512,
+                        max_seq_len=2048),
+    # 6.47M: a step up for CPU experiments that need more capacity.
+    'mini': ModelConfig(hidden_size=256, n_layer=6, n_head=4, n_kv_head=2, intermediate_size=1024,
+                        max_seq_len=2048),
+    # 18.2M: small-GPU experiments.
+    'small': ModelConfig(hidden_size=384, n_layer=8, n_head=6, n_kv_head=2, intermediate_size=1536,
+                         max_seq_len=2048),
+    # 103.17M: the paper's model (SPEC §3, reference/paper_release/config.json).
+    'paper': ModelConfig(hidden_size=768, n_layer=12, n_head=12, n_kv_head=2, intermediate_size=3072,
+                         max_seq_len=2048),
+}
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in fp32 (as Hugging Face does) and cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # F.rms_norm is one fused kernel; same numbers as HF's pow/mean/rsqrt chain
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, device=None):
+    """cos/sin [max_seq_len, head_dim] in fp32. Hugging Face's layout: the frequencies are
+    repeated (cat(f, f)) and paired with rotate_half, i.e. dimension i rotates with i + d/2."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    t = torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x [B, H, T, D]; cos/sin [B or 1, 1, T, D] fp32 tables, cast so that under bf16 autocast q/k
+    # stay bf16 (fp32 * bf16 would promote and push SDPA off its fast kernels)
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+try:  # enable_gqa lets SDPA read the shared KV heads without materialising copies (torch >= 2.5)
+    F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2),
+                                   enable_gqa=True)
+    _HAS_GQA = True
+except TypeError:
+    _HAS_GQA = False
+
+
+def sdpa(q, k, v, mask=None, is_causal=False):
+    if _HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              enable_gqa=k.size(1) != q.size(1))
+    rep = q.size(1) // k.size(1)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def generation_sdpa_backends(device):
+    """On CUDA, keep SDPA off the cuDNN backend while decoding: cuDNN builds a new plan for every
+    new key length, i.e. at every decode step (measured on an H100 / torch 2.11: 3.4 ms of CPU per
+    attention call, 10x slower decoding). Flash / memory-efficient / math have no such cost."""
+    if torch.device(device).type != 'cuda':
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_head * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:  # training / full forward: plain causal attention
+            y = sdpa(q, k, v, is_causal=True)
+        else:  # generation: append to the cache, attend to everything written so far (masked)
+            k, v = cache.update(layer, k, v)
+            y = sdpa(q, k, v, mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys/values [n_layer, B, n_kv_head, max_len, head_dim]. All rows share one
+    write position `pos` (prompts are left-padded to a common length), so an update is one slice
+    assignment per layer; padded slots are hidden by the attention mask."""
+
+    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, device, dtype):
+        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        if layer == self.k.size(0) - 1:
+            self.pos = end  # the last layer advances the shared position
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows):
+        """Keep only these batch rows (finished rows leave the batch)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+    def repeat_interleave(self, n: int):
+        """Copy each row's cache to n consecutive rows (one prompt -> its group of samples)."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]      # generated tokens per row (stop token included, nothing after it)
+    logprobs: list[list[float]]  # log_softmax(raw logits)[token] per generated token: temperature 1, no top-k/top-p
+    finished: list[bool]         # hit a stop id (False = truncated at max_new_tokens)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Qwen2(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg)
+        # non-persistent: recomputed from the config, never stored in checkpoints
+        self.register_buffer('rope_cos', cos, persistent=False)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # Hugging Face's Qwen2 init: N(0, 0.02) for every matrix, zero biases, unit norms.
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """All parameters, tied embeddings counted once (this is also the N of the 6N FLOP rule:
+        the lookup is free but the tied output projection is a real matmul)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # --- FLOP accounting ----------------------------------------------------------------
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 6N + 12*L*d*T for a training step (forward + backward), or
+        2N + 4*L*d*T for a forward pass (PaLM appendix B). The attention term counts the full T x T
+        score matrix (as nanoGPT/PaLM do), T = seq_len (default max_seq_len)."""
+        cfg = self.config
+        T = seq_len or cfg.max_seq_len
+        n = self.num_params()
+        # per layer and token the forward does QK^T and AV: 2 matmuls x T x d multiply-adds = 4*d*T
+        # FLOPs; the backward costs twice the forward.
+        attn_fwd = 4 * cfg.n_layer * cfg.hidden_size * T
+        return (6 * n + 3 * attn_fwd) if training else (2 * n + attn_fwd)
+
+    def estimate_mfu(self, tokens_per_s: float, device=None, dtype='bfloat16', seq_len=None,
+                     peak_flops: float | None = None) -> float | None:
+        """Model FLOPs utilisation of a training run processing tokens_per_s (all ranks of one
+        device). Peak dense FLOP/s is looked up from the CUDA device name (None when unknown,
+        e.g. on CPU, unless peak_flops is given)."""
+        if peak_flops is None:
+            peak_flops = peak_flops_per_s(device, dtype)
+        if not peak_flops:
+            return None
+        return self.flops_per_token(seq_len, training=True) * tokens_per_s / peak_flops
+
+    # --- forward ------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, loss_reduction: str = 'mean'):
+        """idx [B, T] -> (logits [B, T, V] in fp32, loss). loss is the mean cross-entropy over
+        targets != -100 (None when no targets). loss_reduction='none' returns the per-token loss
+        [B, T] instead (0 where ignored), for RL losses built from the same forward pass."""
+        B, T = idx.shape
+        assert T <= self.config.max_seq_len, f"sequence length {T} > max_seq_len {self.config.max_seq_len}"
+        x = self.embed_tokens(idx)
+        cos, sin = self.rope_cos[:T][None, None], self.rope_sin[:T][None, None]
+        for block in self.layers:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                   reduction=loss_reduction)
+            if loss_reduction == 'none':
+                loss = loss.view(B, T)
+        return logits, loss
+
+    def _forward_cached(self, idx, pos_ids, mask, cache):
+        """One prefill or decode step through the cache. pos_ids [B, T] are the per-row RoPE
+        positions (left padding shifts them); mask [B, 1, T, Tk] says which cached keys each
+        query may see. Returns the logits of the last position, [B, V] fp32."""
+        x = self.embed_tokens(idx)
+        cos, sin = self.rope_cos[pos_ids][:, None], self.rope_sin[pos_ids][:, None]
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        return self.lm_head(self.norm(x[:, -1])).float()
+
+    # --- sampling -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_ids=(),
+                 generator: torch.Generator | None = None, num_samples: int = 1,
+                 pad_id: int = 0) -> Generation:
+        """Sample continuations of a batch of token-id prompts (any lengths).
+
+        temperature 0 = greedy. Otherwise logits / temperature, then top_k, then top_p (nucleus),
+        then one draw per row using `generator` (any device; same seed -> same samples for the
+        same call). A row stops after emitting any token of stop_ids; the loop exits early once
+        every row has stopped, and finished rows are dropped from the batch as they accumulate.
+        num_samples=G returns G samples per prompt, rows ordered [p0 s0, p0 s1, ..., p1 s0, ...];
+        each prompt is prefilled once and its KV cache copied. max_new_tokens is cut to what fits
+        in max_seq_len after the longest prompt. pad_id only fills the (masked) left padding.
+
+        Returned logprobs are log_softmax(raw logits)[sampled token] in fp32 -- the distribution at
+        temperature 1 with no top-k/top-p -- which is exactly what forward() gives for the same
+        tokens, so RL can use them as the behaviour-policy log-probs when sampling at T=1.
+        Under bf16 autocast they match a forward pass only to bf16 precision.
+        Call inside autocast_ctx(device) for bf16 on CUDA; the model's train/eval mode is kept.
+        """
+        with generation_sdpa_backends(self.embed_tokens.weight.device):
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator,
+                                  num_samples, pad_id)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, num_samples,
+                  pad_id):
+        cfg = self.config
+        device = self.embed_tokens.weight.device
+        assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts must be non-empty"
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        B, P, G = len(prompts), int(lens.max()), num_samples
+        max_new_tokens = min(max_new_tokens, cfg.max_seq_len - P)
+        assert max_new_tokens > 0, f"prompt of {P} tokens leaves no room in max_seq_len {cfg.max_seq_len}"
+
+        # Left-pad to a common length P; each row's RoPE positions start at 0 at its first real
+        # token, and pad keys are masked out. A pad query may see itself, so no softmax row is
+        # empty (that would give NaN); its output is never used.
+        idx = torch.full((B, P), pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        idx = idx.to(device)
+        pad = P - lens                                                        # [B]
+        ar = torch.arange(P + max_new_tokens, device=device)
+        key_ok = ar[None, :] >= pad[:, None]                                  # [B, P + new]
+        pos_ids = (ar[None, :P] - pad[:, None]).clamp(min=0)
+        no_pad = bool((pad == 0).all())
+        if no_pad:
+            mask = torch.ones(P, P, dtype=torch.bool, device=device).tril()[None, None]  # plain causal
+        else:
+            causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+            mask = causal[None] & (key_ok[:, None, :P] | torch.eye(P, dtype=torch.bool, device=device)[None])
+            mask = mask[:, None]
+
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else self.embed_tokens.weight.dtype
+        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim, device, dtype)
+        logits = self._forward_cached(idx, pos_ids, mask, cache)             # [B, V]
+        if G > 1:
+            cache.repeat_interleave(G)
+            logits, lens, key_ok = (t.repeat_interleave(G, dim=0) for t in (logits, lens, key_ok))
+        N = B * G
+        stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
+        out_tok = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
+        out_lp = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+        n_out = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
+        done = torch.zeros(N, dtype=torch.bool, device=device)
+        rows = torch.arange(N, device=device)   # output row of each row still in the batch
+        steps = 0
+        for t in range(max_new_tokens):
+            tok = sample_token(logits, temperature, top_k, top_p, generator)
+            out_tok[rows, t] = tok
+            out_lp[rows, t] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None]).squeeze(1)
+            steps = t + 1
+            if stop.numel():
+                hit = ~done[rows] & torch.isin(tok, stop)
+                n_out[rows[hit]] = t + 1
+                done[rows[hit]] = True
+            if t == max_new_tokens - 1:
+                break
+            if stop.numel():
+                live = ~done[rows]
+                n_live = int(live.sum())
+                if n_live == 0:
+                    break
+                if n_live <= 0.75 * len(rows):
+                    # Drop finished rows from the batch (and their caches): RL responses differ a
+                    # lot in length, and decoding dead rows would waste the rest of the loop.
+                    keep = live.nonzero().squeeze(1)
+                    rows, tok, lens, key_ok = rows[keep], tok[keep], lens[keep], key_ok[keep]
+                    cache.select(keep)
+            # decode one token: its position is the row's length so far; it sees all valid keys
+            pos = (lens + t)[:, None]
+            m = None if no_pad else key_ok[:, None, None, :P + t + 1]
+            logits = self._forward_cached(tok[:, None], pos, m, cache)
+
+        n_out = n_out.clamp(max=steps).tolist()
+        toks, lps, dn = out_tok[:, :steps].tolist(), out_lp[:, :steps].tolist(), done.tolist()
+        return Generation(tokens=[toks[i][:n_out[i]] for i in range(N)],
+                          logprobs=[lps[i][:n_out[i]] for i in range(N)],
+                          finished=dn)
+
+
+def sample_token(logits, temperature, top_k=None, top_p=None, generator=None):
+    """logits [N, V] fp32 -> token ids [N]. Greedy at temperature 0. Sampling uses the
+    exponential race argmax(p / E), E ~ Exp(1), which draws exactly from p and lets the uniform
+    noise come from a generator on any device (a CPU generator works for a CUDA model)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        p_sorted = torch.softmax(sorted_logits, dim=-1)
+        drop = (p_sorted.cumsum(dim=-1) - p_sorted) >= top_p  # the tokens before already hold top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float('-inf'))
+        logits = torch.full_like(logits, float('-inf')).scatter(1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    gdev = generator.device if generator is not None else logits.device
+    u = torch.rand(probs.shape, generator=generator, device=gdev).to(probs.device)
+    return (probs / -torch.log(u)).argmax(dim=-1)  # u = 0 -> E = inf -> ratio 0, never NaN
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+
+def peak_flops_per_s(device=None, dtype='bfloat16') -> float | None:
+    """Dense bf16/fp16 peak FLOP/s of the CUDA device from its name (None if unknown, on CPU, or
+    for other dtypes: pass peak_flops to estimate_mfu then)."""
+    if not torch.cuda.is_available() or (device is not None and 'cuda' not in str(device)):
+        return None
+    if str(dtype).replace('torch.', '') not in ('bfloat16', 'float16'):
+        return None
+    name = torch.cuda.get_device_name(device if device is not None and ':' in str(device) else None)
+    table = {'H200': 989e12, 'H100 PCIe': 756e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12,
+             'A10G': 125e12, 'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12}  # first match wins
+    return next((peak for key, peak in table.items() if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+_SAFE_TYPES = (type(None), bool, int, float, str, bytes, torch.Tensor)
+
+
+def _check_safe(obj, where):
+    """Fail at save time (not at load time) when something would not pass weights_only=True."""
+    if isinstance(obj, _SAFE_TYPES) or isinstance(obj, torch.dtype) or isinstance(obj, torch.Size):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise TypeError(f"{where}: dict key {k!r} of type {type(k).__name__} is not checkpoint-safe")
+            _check_safe(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_safe(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} has type {type(obj).__name__}, which torch.load(weights_only=True) refuses; "
+                    f"convert it to tensors/lists/dicts/primitives (see model.rng_state for RNG states)")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain Qwen2 inside DDP(...) and/or torch.compile(...) wrappers."""
+    while True:
+        if hasattr(model, 'module') and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(sd: dict) -> dict:
+    """Strip `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes, in any order."""
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in ('_orig_mod.', 'module.'):
+                if k.startswith(prefix):
+                    k, changed = k[len(prefix):], True
+        out[k] = v
+    return out
+
+
+def rng_state() -> dict:
+    """Python/numpy/torch(/cuda) RNG states as weights_only-safe values."""
+    v, inner, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {'python': [v, list(inner), gauss],
+             'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                       int(np_state[3]), float(np_state[4])],
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    v, inner, gauss = state['python']
+    random.setstate((v, tuple(inner), gauss))
+    n = state['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_checkpoint(path, model, run_config: dict, tokenizer_identity: str, step: int, optimizer=None,
+                    extra: dict | None = None):
+    """Write everything needed to resume or to start the next stage, atomically: the file is
+    written to path + '.tmp', fsynced, then os.replace'd over `path`, so a crash leaves either the
+    old or the new checkpoint, never half of one. Everything inside is torch.load(weights_only=True)
+    safe (checked here, so a bad `extra` fails now rather than at resume time)."""
+    m = unwrap(model)
+    ckpt = {
+        'format': 'qwen2-ckpt-v1',
+        'model': clean_state_dict(m.state_dict()),
+        'model_config': m.config.to_dict(),
+        'config': dict(run_config),
+        'tokenizer_identity': tokenizer_identity,
+        'step': int(step),
+        'optimizer': optimizer.state_dict() if optimizer is not None else None,
+        'extra': extra if extra is not None else {},
+    }
+    for key in ('config', 'extra', 'model_config'):
+        _check_safe(ckpt[key], key)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, device='cpu', expect_tokenizer: str | None = None,
+                    expect_model_config: ModelConfig | dict | None = None) -> dict:
+    """Load a checkpoint written by save_checkpoint. Returns
+    {'model': Qwen2 on device, 'config': run config, 'model_config': ModelConfig,
+     'tokenizer_identity', 'step', 'optimizer': state dict or None, 'extra': dict}.
+    Raises ValueError when the tokenizer identity or the model config differ from the expected."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    mcfg = ModelConfig.from_dict(ckpt['model_config'])
+    if expect_tokenizer is not None and ckpt['tokenizer_identity'] != expect_tokenizer:
+        raise ValueError(f"tokenizer mismatch: checkpoint {path} was trained with tokenizer "
+                         f"{ckpt['tokenizer_identity']!r} but the data/tokenizer in use is {expect_tokenizer!r}; "
+                         f"use the tokenizer (and shards) the checkpoint was trained with, or retrain")
+    if expect_model_config is not None:
+        want = expect_model_config if isinstance(expect_model_config, dict) else expect_model_config.to_dict()
+        have = mcfg.to_dict()
+        diff = {k: (have.get(k), want.get(k)) for k in set(have) | set(want) if have.get(k) != want.get(k)}
+        if diff:
+            desc = ', '.join(f"{k}: checkpoint={a!r} vs expected={b!r}" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"model config mismatch for {path}: {desc}; pick the model preset the "
+                             f"checkpoint was trained with (or drop the expectation to use the checkpoint's)")
+    model = Qwen2(mcfg)
+    model.load_state_dict(clean_state_dict(ckpt['model']))
+    model.to(device)
+    return {'model': model, 'config': ckpt.get('config', {}), 'model_config': mcfg,
+            'tokenizer_identity': ckpt['tokenizer_identity'], 'step': ckpt['step'],
+            'optimizer': ckpt.get('optimizer'), 'extra': ckpt.get('extra') or {}}
+
+
+# -----------------------------------------------------------------------------
+# Configurator (nanoGPT style)
+
+
+def _fail(msg):
+    raise SystemExit(f"config error: {msg}")
+
+
+def _coerce(key, value, default, source):
+    """Type-check `value` against the default's type (int -> float allowed, list <-> tuple)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        _fail(f"{source}: {key} must be True or False, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if type(value) is not type(default):
+        _fail(f"{source}: {key} expects {type(default).__name__} (default {default!r}), "
+              f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown(key, known, source):
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    _fail(f"unknown config key {key!r} in {source}{hint} (--help lists the keys)")
+
+
+def _preset_path(name):
+    if os.path.isfile(name):
+        return name
+    here = os.path.dirname(os.path.abspath(__file__))
+    for base in (os.getcwd(), here):
+        for cand in (os.path.join(base, 'config', name + '.py'), os.path.join(base, 'config', name)):
+            if os.path.isfile(cand):
+                return cand
+    avail = sorted(f[:-3] for f in os.listdir(os.path.join(here, 'config')) if f.endswith('.py')) \
+        if os.path.isdir(os.path.join(here, 'config')) else []
+    close = difflib.get_close_matches(name, avail, n=3, cutoff=0.4)
+    _fail(f"no preset {name!r} (looked for config/{name}.py and a path)"
+          + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def configure(defaults: dict, argv: list[str]) -> dict:
+    """Resolve a run config: start from `defaults`, apply presets (bare args: config/NAME.py or a
+    path, executed with the current config as globals; assigning a name that is not a key is an
+    error), then --key=value overrides (ast.literal_eval'd, str as a fallback; `--flag` alone sets
+    a bool to True). Values are type-checked against the defaults. Errors exit with one line.
+    --help / -h prints the keys and defaults and exits."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if arg in ('--help', '-h'):
+            width = max((len(k) for k in defaults), default=0)
+            print("config keys (default values); use PRESET or --key=value:")
+            for k, v in defaults.items():
+                print(f"  --{k.ljust(width)} = {v!r}")
+            raise SystemExit(0)
+        if not arg.startswith('--'):
+            path = _preset_path(arg)
+            scope = dict(cfg)
+            try:
+                with open(path) as f:
+                    code = compile(f.read(), path, 'exec')
+                exec(code, scope)
+            except SystemExit:
+                raise
+            except Exception as e:
+                _fail(f"preset {path} raised {type(e).__name__}: {e}")
+            for k, v in scope.items():
+                if k.startswith('_') or isinstance(v, types.ModuleType) or callable(v) and not isinstance(v, type):
+                    continue
+                if k not in cfg:
+                    _unknown(k, cfg, path)
+                cfg[k] = _coerce(k, v, defaults[k], path)
+            continue
+        key, eq, raw = arg[2:].partition('=')
+        if key not in cfg:
+            _unknown(key, cfg, 'command line')
+        if not eq:
+            if isinstance(defaults[key], bool):
+                cfg[key] = True
+                continue
+            _fail(f"--{key} needs a value: --{key}=VALUE")
+        if isinstance(defaults[key], str):
+            try:  # a quoted string literal is accepted, anything else is taken verbatim
+                val = ast.literal_eval(raw)
+                val = val if isinstance(val, str) else raw
+            except (ValueError, SyntaxError):
+                val = raw
+        else:
+            try:
+                val = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                val = raw
+        cfg[key] = _coerce(key, val, defaults[key], f'--{key}')
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Distributed, precision, seeding
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    is_master: bool
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed() -> Dist:
+    """Read the torchrun environment (RANK, LOCAL_RANK, WORLD_SIZE). Under torchrun: init the
+    process group (nccl on CUDA, gloo on CPU) and pick cuda:LOCAL_RANK. Otherwise a single
+    process on cuda if available, else cpu."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        import torch.distributed as dist
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local_rank = int(os.environ.get('LOCAL_RANK', rank))
+        if torch.cuda.is_available():
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+            backend = 'nccl'
+        else:
+            device, backend = 'cpu', 'gloo'
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        return Dist(rank, local_rank, world, device, rank == 0)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return Dist(0, 0, 1, device, True)
+
+
+def cleanup_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_ctx(device):
+    """bf16 autocast on CUDA (fp32 master weights stay in the optimizer); plain fp32 on CPU."""
+    if 'cuda' in str(device):
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face interop (optional dependencies)
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """A transformers Qwen2 config.json for this model (fields as in reference/paper_release)."""
+    return {
+        'architectures': ['Qwen2ForCausalLM'], 'model_type': 'qwen2', 'hidden_act': 'silu',
+        'attention_dropout': 0.0, 'initializer_range': 0.02,
+        'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_size, 'intermediate_size': cfg.intermediate_size,
+        'num_hidden_layers': cfg.n_layer, 'num_attention_heads': cfg.n_head,
+        'num_key_value_heads': cfg.n_kv_head, 'max_position_embeddings': cfg.max_seq_len,
+        'rms_norm_eps': cfg.rms_eps, 'rope_theta': cfg.rope_theta, 'tie_word_embeddings': cfg.tie_embeddings,
+        'use_sliding_window': False, 'sliding_window': None, 'max_window_layers': cfg.n_layer,
+        'use_cache': True, 'torch_dtype': 'float32', 'bos_token_id': 2, 'eos_token_id': 3,
+    }
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    if hf.get('model_type', 'qwen2') != 'qwen2':
+        raise ValueError(f"expected a qwen2 config, got model_type={hf.get('model_type')!r}")
+    if hf.get('use_sliding_window'):
+        raise ValueError("sliding-window attention is not implemented (use_sliding_window=true)")
+    rope_theta = hf.get('rope_theta') or (hf.get('rope_parameters') or {}).get('rope_theta', 1e6)
+    return ModelConfig(vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'], n_layer=hf['num_hidden_layers'],
+                       n_head=hf['num_attention_heads'],
+                       n_kv_head=hf.get('num_key_value_heads', hf['num_attention_heads']),
+                       intermediate_size=hf['intermediate_size'], max_seq_len=hf['max_position_embeddings'],
+                       rope_theta=float(rope_theta), rms_eps=float(hf['rms_norm_eps']),
+                       tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
+
+
+def to_hf_state_dict(model: nn.Module) -> dict:
+    """Our names are HF's minus the `model.` prefix (lm_head stays at the top)."""
+    sd = clean_state_dict(unwrap(model).state_dict())
+    return {(k if k.startswith('lm_head.') else 'model.' + k): v for k, v in sd.items()}
+
+
+def from_hf_state_dict(sd: dict, cfg: ModelConfig) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith('rotary_emb.inv_freq'):
+            continue  # a buffer older transformers versions saved; we recompute it
+        out[k[len('model.'):] if k.startswith('model.') else k] = v
+    if cfg.tie_embeddings:
+        out['lm_head.weight'] = out['embed_tokens.weight']
+    return out
+
+
+def load_hf_qwen2(path, device='cpu') -> Qwen2:
+    """Load a Hugging Face Qwen2 directory (config.json + model.safetensors, sharded safetensors,
+    or pytorch_model.bin) into our Qwen2, in fp32."""
+    with open(os.path.join(path, 'config.json')) as f:
+        cfg = config_from_hf(json.load(f))
+    files = sorted(os.listdir(path))
+    st = [f for f in files if f.endswith('.safetensors')]
+    sd = {}
+    if st:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError("load_hf_qwen2 needs `safetensors` to read *.safetensors: pip install safetensors")
+        for f in st:
+            sd.update(load_file(os.path.join(path, f)))
+    elif 'pytorch_model.bin' in files:
+        sd = torch.load(os.path.join(path, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
+    else:
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+    model = Qwen2(cfg)
+    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(sd, cfg).items()})
+    return model.to(device)
+
+
+def export_hf(model: nn.Module, path, dtype=torch.float32, tokenizer_files: dict | None = None):
+    """Write config.json + model.safetensors that transformers.AutoModelForCausalLM (and vLLM) load.
+    Tied lm_head is written once (as HF does). tokenizer_files: optional {name: text} to copy
+    alongside (e.g. tokenizer.json)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("export_hf needs `safetensors`: pip install safetensors")
+    m = unwrap(model)
+    os.makedirs(path, exist_ok=True)
+    sd = to_hf_state_dict(m)
+    if m.config.tie_embeddings:
+        sd.pop('lm_head.weight', None)
+    sd = {k: v.detach().to(dtype).contiguous().cpu() for k, v in sd.items()}
+    save_file(sd, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
+    hf = hf_config_dict(m.config)
+    hf['torch_dtype'] = str(dtype).replace('torch.', '')
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+        json.dump(hf, f, indent=2)
+    for name, text in (tokenizer_files or {}).items():
+        with open(os.path.join(path, name), 'w') as f:
+            f.write(text)

@@ -1,0 +1,398 @@
+"""
+Pre-train a Qwen2 language model from scratch on packed GSM-Infinite training texts (SPEC §4).
+
+Commands (run from the repository root):
+
+    # CPU, a few minutes: builds the tiny dataset on first use, then trains the tiny model
+    python pretrain.py tiny_pretrain
+
+    # one GPU, the paper recipe (10B tokens on op 2..10). Build the data first, once, with many workers:
+    python pretrain.py paper_pretrain --prepare_only=True --data_workers=16
+    python pretrain.py paper_pretrain
+
+    # 8 GPUs on one node (same global batch of 512k tokens; fewer gradient-accumulation steps)
+    torchrun --standalone --nproc_per_node=8 pretrain.py paper_pretrain
+
+    # two nodes of 8 GPUs (run on both; set MASTER to the first node's address)
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 pretrain.py paper_pretrain
+    torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 pretrain.py paper_pretrain
+
+    # any key can be overridden (--help lists them); presets are config/NAME.py
+    python pretrain.py tiny_pretrain --max_tokens=500_000 --out_dir=out/try
+
+The device is CUDA when one is visible (CUDA_VISIBLE_DEVICES= forces the CPU); bf16 autocast on CUDA.
+
+Re-running the same command continues from {out_dir}/ckpt.pt: same data order, same RNG, and the
+same final weights as a run that was never interrupted. A different config on resume is an error
+(naming the keys) unless --resume_override=True.
+
+What ends up in out_dir: ckpt.pt (model + run config + tokenizer identity + optimizer + data-loader and
+RNG state), tokenizer.json (a copy, so the run directory is self-contained for evaluate.py / rl.py),
+log.json (every step's loss/lr/tok/s/MFU and every held-out evaluation), loss.png.
+
+midtrain.py reuses train() below with its own defaults (init_from a base run, fresh optimizer/schedule).
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import model
+from data import ShardLoader, Tokenizer
+
+# -----------------------------------------------------------------------------------------------
+# default config (values for the paper run live in config/paper_pretrain.py; these are CPU-sized)
+defaults = dict(
+    # I/O
+    out_dir='out/base',                  # ckpt.pt, log.json, loss.png, tokenizer.json go here
+    data_dir='data_cache/pretrain_uniform',  # tokenizer.json, train_*.bin, val.bin, meta.json, eval.jsonl
+    mixture='pretrain_uniform',          # data.MIXTURES name or ops ('2-10', '2-4:0.5,5-7:0.5'); builds a missing data_dir
+    data_tokens=0,                       # training tokens to generate when building data_dir (0: max_tokens)
+    data_seed=0,                         # generator seed for building data_dir
+    data_workers=1,                      # generator processes when building data_dir
+    tokenizer='',                        # tokenizer to build data_dir with: a tokenizer.json or a dataset dir
+                                         # ('': data.py's standard tokenizer, shared by every dataset)
+    prepare_only=False,                  # build data_dir (single process) and exit
+    init_from='scratch',                 # 'scratch', or a checkpoint (ckpt.pt or its run dir) to start from
+    # model
+    model='tiny',                        # preset in model.MODEL_PRESETS; the overrides below win when > 0
+    n_layer=0,
+    hidden_size=0,
+    n_head=0,
+    n_kv_head=0,
+    intermediate_size=0,
+    # batch: one optimizer step sees batch_tokens tokens = grad_accum * world_size * micro_batch * seq_len
+    batch_tokens=16 * 512,               # global batch in tokens
+    micro_batch=16,                      # sequences per process per forward/backward
+    seq_len=512,                         # packed block length
+    max_tokens=2_000_000,                # training budget in tokens -> max_steps = max_tokens // batch_tokens
+    max_steps=0,                         # if > 0, overrides the token budget (tests, smoke runs)
+    # AdamW + schedule
+    lr=1e-3,                             # peak learning rate
+    min_lr=1e-4,                         # cosine floor
+    warmup_frac=0.05,                    # linear warmup over this fraction of max_steps, then cosine to min_lr
+    weight_decay=0.1,                    # applied to 2-D weights (matmuls, embeddings) only, not norms/biases
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,                       # max global grad norm (0 disables)
+    # evaluation, logging, checkpoints
+    eval_interval=100,                   # held-out val loss every N steps (and at step 0 and at the end)
+    eval_tokens=64 * 512,                # val tokens per evaluation (all processes together)
+    log_interval=10,                     # one log line every N steps
+    ckpt_interval=200,                   # checkpoint every N steps (and at the end)
+    # system
+    seed=1337,                           # model init and torch RNG
+    compile=False,                       # torch.compile the model (GPU runs)
+    peak_flops=0.0,                      # per-device peak FLOP/s for MFU; 0: look up the GPU name (none on CPU)
+    progress=True,                       # tqdm progress bar on rank 0
+    resume_override=False,               # allow resuming {out_dir}/ckpt.pt with a different config
+)
+
+# keys that may change on resume without changing the trajectory (how often we look, not what we do)
+RESUME_SAFE_KEYS = {'resume_override', 'log_interval', 'progress', 'compile', 'prepare_only', 'eval_interval',
+                    'eval_tokens', 'ckpt_interval', 'data_workers', 'peak_flops'}
+
+
+# -----------------------------------------------------------------------------------------------
+# helpers
+
+def resolve_ckpt(path):
+    """A checkpoint path, or a run directory holding ckpt.pt."""
+    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+
+
+def lr_at(step, cfg, max_steps):
+    """Linear warmup for warmup_frac of the run, then cosine from lr to min_lr at the last step."""
+    warmup = int(cfg['warmup_frac'] * max_steps)
+    if step < warmup:
+        return cfg['lr'] * (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg['lr'] - cfg['min_lr'])
+
+
+def model_config_for(cfg, vocab_size):
+    """The model preset with the config's dimension overrides, sized for the tokenizer and seq_len."""
+    if cfg['model'] not in model.MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {cfg['model']!r}; choose one of {sorted(model.MODEL_PRESETS)}")
+    mc = model.MODEL_PRESETS[cfg['model']]
+    over = {k: cfg[k] for k in ('n_layer', 'hidden_size', 'n_head', 'n_kv_head', 'intermediate_size') if cfg[k] > 0}
+    return dataclasses.replace(mc, vocab_size=vocab_size, max_seq_len=max(mc.max_seq_len, cfg['seq_len']), **over)
+
+
+def grad_accum_steps(cfg, world_size):
+    per_micro = cfg['micro_batch'] * cfg['seq_len'] * world_size
+    if cfg['batch_tokens'] % per_micro:
+        raise ValueError(
+            f"batch_tokens={cfg['batch_tokens']} is not a multiple of micro_batch * seq_len * world_size = "
+            f"{cfg['micro_batch']} * {cfg['seq_len']} * {world_size} = {per_micro}; set --batch_tokens to a multiple "
+            f"of {per_micro} (e.g. {max(1, round(cfg['batch_tokens'] / per_micro)) * per_micro}) or change --micro_batch")
+    return cfg['batch_tokens'] // per_micro
+
+
+def config_diff(old, new):
+    """Keys whose values differ between two run configs, ignoring the ones that cannot change the trajectory."""
+    keys = (set(old) | set(new)) - RESUME_SAFE_KEYS
+    return {k: (old.get(k, '<missing>'), new.get(k, '<missing>')) for k in sorted(keys) if old.get(k) != new.get(k)}
+
+
+def ensure_dataset(cfg, tokenizer=None):
+    """Build data_dir (tokenizer, shards, val, held-out eval set) with data.build_dataset if it is missing."""
+    if os.path.exists(os.path.join(cfg['data_dir'], 'meta.json')):
+        return
+    budget = cfg['data_tokens'] or cfg['max_tokens']
+    print(f"building {cfg['data_dir']}: mixture {cfg['mixture']!r}, {budget:,} training tokens", flush=True)
+    tokenizer = tokenizer or cfg.get('tokenizer') or None
+    data.build_dataset(cfg['data_dir'], cfg['mixture'], budget, seed=cfg['data_seed'], tokenizer=tokenizer,
+                       workers=cfg['data_workers'])
+
+
+def gather(obj, world_size):
+    """Every rank's obj, as a list indexed by rank (just [obj] without torchrun)."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def estimate_val_loss(m, cfg, dist):
+    """Mean next-token loss on the first eval_tokens of val.bin, identical on every call (fixed loader seed)."""
+    loader = ShardLoader(cfg['data_dir'], 'val', cfg['micro_batch'], cfg['seq_len'],
+                         rank=dist.rank, world_size=dist.world_size, seed=0)
+    per_batch = cfg['micro_batch'] * cfg['seq_len'] * dist.world_size
+    n = max(1, min(cfg['eval_tokens'], loader.n_tokens - cfg['seq_len']) // per_batch)  # no window twice
+    m.eval()
+    total = torch.zeros((), device=dist.device)
+    for _, (x, y) in zip(range(n), loader):
+        with model.autocast_ctx(dist.device):
+            _, loss = m(x.to(dist.device), y.to(dist.device))
+        total += loss.float()
+    m.train()
+    if dist.world_size > 1:
+        torch_dist.all_reduce(total)
+    return total.item() / (n * dist.world_size)
+
+
+def save_plot(log, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    tr = log['train']
+    ax.plot([r['step'] for r in tr], [r['loss'] for r in tr], lw=0.8, alpha=0.7, label='train')
+    ax.plot([r['step'] for r in log['val']], [r['loss'] for r in log['val']], 'o-', ms=3, label='held-out val')
+    ax.set_xlabel('step')
+    ax.set_ylabel('loss (nats/token)')
+    ax.set_yscale('log')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(obj, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------------------------
+# the training loop
+
+def train(cfg):
+    """Train per cfg (a resolved config dict); resumes {out_dir}/ckpt.pt if present. Returns the log dict."""
+    dist = model.setup_distributed()
+    device, master = torch.device(dist.device), dist.is_master
+    out_dir, data_dir = cfg['out_dir'], cfg['data_dir']
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    say = print if master else (lambda *a, **k: None)
+
+    # ---- data: one tokenizer identity for the shards, the init checkpoint and a resumed run
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        raise FileNotFoundError(f"{data_dir}/meta.json not found; build the data first (single process): "
+                                f"python {os.path.basename(sys.argv[0])} ... --prepare_only=True")
+    tok = Tokenizer.load(os.path.join(data_dir, 'tokenizer.json'))
+    grad_accum = grad_accum_steps(cfg, dist.world_size)
+    max_steps = cfg['max_steps'] or cfg['max_tokens'] // cfg['batch_tokens']
+    if max_steps < 1:
+        raise ValueError(f"max_tokens={cfg['max_tokens']} is less than one batch of batch_tokens={cfg['batch_tokens']}")
+
+    # ---- model: resume > init_from > scratch
+    resume = os.path.exists(ckpt_path)
+    ck = None
+    if resume:
+        ck = model.load_checkpoint(ckpt_path, device='cpu')
+        diff = config_diff(ck['config'], cfg)
+        if diff and not cfg['resume_override']:
+            lines = '\n'.join(f"  {k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{ckpt_path} was written by a different config:\n{lines}\n"
+                             f"use the checkpoint's values, another --out_dir, or --resume_override=True")
+        if ck['tokenizer_identity'] != tok.identity:
+            raise ValueError(f"{ckpt_path} uses tokenizer {ck['tokenizer_identity']}, {data_dir} uses {tok.identity}")
+        raw = ck['model']
+    elif cfg['init_from'] != 'scratch':
+        # weights only: the optimizer, LR schedule and data order start fresh
+        init = model.load_checkpoint(resolve_ckpt(cfg['init_from']), device='cpu', expect_tokenizer=tok.identity)
+        raw = init['model']
+        if raw.config.max_seq_len < cfg['seq_len']:
+            raise ValueError(f"seq_len={cfg['seq_len']} exceeds the base model's max_seq_len={raw.config.max_seq_len}")
+        del init
+    else:
+        torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts rank 0's weights)
+        raw = model.Qwen2(model_config_for(cfg, tok.vocab_size))
+    raw.to(device)
+    n_params = sum(p.numel() for p in raw.parameters())
+
+    # ---- optimizer: weight decay on 2-D tensors only; fused kernel on CUDA
+    params = [p for p in raw.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
+                                  fused=device.type == 'cuda')
+
+    # ---- data loader (each rank reads its share of every global batch) and resumed state
+    loader = ShardLoader(data_dir, 'train', cfg['micro_batch'], cfg['seq_len'], rank=dist.rank,
+                         world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity)
+    log = {'config': cfg, 'train': [], 'val': []}
+    start_step = 0
+    if resume:
+        optimizer.load_state_dict(ck['optimizer'])
+        # the loader state is global (any rank's resumes every rank, at any world size); RNG states are per rank
+        loader.load_state_dict(ck['extra']['loader'])
+        rngs = ck['extra']['rng']
+        if len(rngs) != dist.world_size:
+            say(f"note: {ckpt_path} was written by {len(rngs)} process(es), resuming with {dist.world_size}: "
+                f"same data order, but bitwise equality with an uninterrupted run is not guaranteed")
+        model.set_rng_state(rngs[dist.rank % len(rngs)])
+        log = ck['extra']['log']
+        log['config'] = cfg
+        start_step = ck['step']
+        say(f"resuming {ckpt_path} at step {start_step}/{max_steps}")
+    del ck
+    batches = iter(loader)
+
+    ctx = model.autocast_ctx(device)  # bf16 on CUDA (fp32 master weights), fp32 on CPU
+    m = torch.compile(raw) if cfg['compile'] else raw
+    if dist.world_size > 1:
+        m = DDP(m, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
+
+    fpt = raw.flops_per_token(cfg['seq_len'])  # 6N + attention, per trained token
+    peak = cfg['peak_flops'] or model.peak_flops_per_s(device) or 0.0
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        shutil.copyfile(os.path.join(data_dir, 'tokenizer.json'), os.path.join(out_dir, 'tokenizer.json'))
+    say(f"model: {n_params / 1e6:.2f}M params, {raw.config}")
+    say(f"{max_steps} steps x {cfg['batch_tokens']:,} tokens = {max_steps * cfg['batch_tokens'] / 1e6:.1f}M tokens; "
+        f"{dist.world_size} process(es) x {grad_accum} micro-steps x {cfg['micro_batch']} x {cfg['seq_len']}; "
+        f"device {device}")
+
+    def checkpoint(step):
+        rngs = gather(model.rng_state(), dist.world_size)
+        if master:
+            model.save_checkpoint(ckpt_path, raw, run_config=cfg, tokenizer_identity=tok.identity, step=step,
+                                  optimizer=optimizer, extra={'loader': loader.state_dict(), 'rng': rngs, 'log': log})
+            write_json(log, os.path.join(out_dir, 'log.json'))
+
+    if start_step == 0:
+        val = estimate_val_loss(m, cfg, dist)
+        log['val'].append({'step': 0, 'loss': val, 'tokens': 0})
+        say(f"step 0: val loss {val:.4f}")
+
+    bar = None
+    if master and cfg['progress']:
+        from tqdm import tqdm
+        bar = tqdm(total=max_steps, initial=start_step, desc='pretrain', dynamic_ncols=True, leave=False)
+    write = bar.write if bar else say
+    m.train()
+    for step in range(start_step, max_steps):
+        t0 = time.time()
+        lr = lr_at(step, cfg, max_steps)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # gradients are all-reduced only on the last micro-step (the context wraps forward AND backward)
+            sync = dist.world_size == 1 or micro == grad_accum - 1
+            with (nullcontext() if sync else m.no_sync()):
+                with ctx:
+                    _, loss = m(x, y)
+                (loss / grad_accum).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg['grad_clip'] or float('inf'))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # mean loss over the whole global batch (a scalar all-reduce per step; negligible next to the step)
+        if dist.world_size > 1:
+            torch_dist.all_reduce(loss_sum)
+        loss_val = loss_sum.item() / (grad_accum * dist.world_size)  # .item() waits for the GPU
+        dt = time.time() - t0  # the step alone: evaluations and checkpoints are not charged to tok/s
+        tok_s = cfg['batch_tokens'] / dt
+        mfu = tok_s * fpt / (peak * dist.world_size) if peak else None  # None: peak unknown (CPU)
+        done = step + 1
+        log['train'].append({'step': done, 'loss': loss_val, 'lr': lr, 'grad_norm': float(grad_norm),
+                             'tok_s': tok_s, 'mfu': mfu, 'dt': dt})
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f'{loss_val:.4f}', refresh=False)
+        if master and (done % cfg['log_interval'] == 0 or done == max_steps or done == start_step + 1):
+            write(f"step {done}/{max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | norm {float(grad_norm):.2f} | "
+                  f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | "
+                  f"{1000 * dt:.0f} ms")
+        if done % cfg['eval_interval'] == 0 or done == max_steps:
+            val = estimate_val_loss(m, cfg, dist)
+            log['val'].append({'step': done, 'loss': val, 'tokens': done * cfg['batch_tokens']})
+            write(f"step {done}: val loss {val:.4f}")
+        if done % cfg['ckpt_interval'] == 0 or done == max_steps:
+            checkpoint(done)
+    if bar:
+        bar.close()
+
+    if master:
+        tr = log['train'][1:] or log['train']  # the first step pays for compilation / warm-up
+        log['summary'] = {
+            'steps': max_steps, 'tokens': max_steps * cfg['batch_tokens'], 'params': n_params,
+            'flops_per_token': fpt, 'train_flops': fpt * max_steps * cfg['batch_tokens'],
+            'train_flops_6n': 6 * n_params * max_steps * cfg['batch_tokens'],  # the SPEC's budget accounting
+            'final_train_loss': log['train'][-1]['loss'] if log['train'] else None,
+            'final_val_loss': log['val'][-1]['loss'], 'initial_val_loss': log['val'][0]['loss'],
+            'tok_s': len(tr) * cfg['batch_tokens'] / max(1e-9, sum(r['dt'] for r in tr)),
+            'mfu': len(tr) * cfg['batch_tokens'] / max(1e-9, sum(r['dt'] for r in tr)) * fpt / (peak * dist.world_size)
+            if peak else None,
+            'train_s': sum(r['dt'] for r in log['train']),  # optimizer steps only (no eval / checkpoint time)
+        }
+        write_json(log, os.path.join(out_dir, 'log.json'))
+        save_plot(log, os.path.join(out_dir, 'loss.png'))
+        say(f"done: val loss {log['val'][0]['loss']:.4f} -> {log['val'][-1]['loss']:.4f}; {out_dir}/ckpt.pt")
+    if dist.world_size > 1:
+        torch_dist.barrier()
+        model.cleanup_distributed()
+    return log
+
+
+def main(argv):
+    cfg = model.configure(defaults, argv)
+    if cfg['prepare_only']:
+        ensure_dataset(cfg)
+        return None
+    if int(os.environ.get('WORLD_SIZE', '1')) == 1:
+        ensure_dataset(cfg)  # under torchrun the data must exist already (one process builds it, see above)
+    return train(cfg)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,425 @@
+"""evaluate.py: the pass@k estimator, scoring with oracle and corrupted samplers on real problems,
+the sampling loop (order, batching), reports and plots, and the command end to end."""
+import csv
+import itertools
+import json
+import os
+import re
+from collections import defaultdict
+
+import pytest
+import torch
+
+import data
+import evaluate as ev
+from model import Generation, ModelConfig, Qwen2, save_checkpoint
+
+
+# -----------------------------------------------------------------------------------------------
+# helpers
+
+def gold_completion(row):
+    """What a perfect model writes after '<solution>'."""
+    full, prompt = data.training_text(row), data.prompt_text(row)
+    assert full.startswith(prompt)
+    return full[len(prompt):]
+
+
+def wrong_step_value(row):
+    """Gold completion with the first step's value off by one; later steps and the answer untouched."""
+    text = gold_completion(row)
+    end = text.index('. Define')  # end of the first step (forward rows have >= 2 steps)
+    nums = list(re.finditer(r'\d+', text[:end]))
+    last = nums[-1]
+    return text[:last.start()] + str(int(last.group()) + 1) + text[last.end():]
+
+
+def wrong_answer(row):
+    text = gold_completion(row)
+    return text.replace(f"<answer> {row['answer']} </answer>", f"<answer> {row['answer'] + 1} </answer>")
+
+
+class CharTokenizer:
+    """Stand-in for data.Tokenizer: one id per character, specials as single ids."""
+    def __init__(self):
+        self.specials = {s: i for i, s in enumerate(['[UNK]', '[PAD]', '[BOS]', '[EOS]', '<question>', '</question>',
+                                                    '<solution>', '</solution>', '<answer>', '</answer>'])}
+        self.inv = {i: s for s, i in self.specials.items()}
+        self.eos_id, self.pad_id = self.specials['[EOS]'], self.specials['[PAD]']
+        self._re = re.compile('(' + '|'.join(re.escape(s) for s in self.specials) + ')')
+
+    def id_of(self, s):
+        return self.specials[s]
+
+    def encode(self, text):
+        out = []
+        for part in self._re.split(text):
+            out += [self.specials[part]] if part in self.specials else [ord(c) + 16 for c in part]
+        return out
+
+    def decode(self, ids):
+        return ''.join(self.inv[i] if i in self.inv else chr(i - 16) for i in ids)
+
+
+class OracleModel(torch.nn.Module):
+    """A 'model' whose generate() answers each prompt with sample_fn(row, j) for its j-th sample."""
+    def __init__(self, tok, rows, sample_fn):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.sample_fn = tok, sample_fn
+        self.by_prompt = {data.prompt_text(r): r for r in rows}
+        self.count = defaultdict(int)
+        self.calls = []  # (prompt lengths, num_samples) per call
+
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+                 generator=None, num_samples=1, pad_id=0):
+        self.calls.append(([len(p) for p in prompts], num_samples))
+        toks = []
+        for p in prompts:
+            row = self.by_prompt[self.tok.decode(p)]
+            for _ in range(num_samples):
+                j = self.count[row['id']]
+                self.count[row['id']] += 1
+                toks.append(self.tok.encode(self.sample_fn(row, j)) + [self.tok.eos_id])
+        return Generation(toks, [[0.0] * len(t) for t in toks], [True] * len(toks))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """The models here are tiny: one thread is faster, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def problems():
+    """Real problems from data.py: every band, template and mode."""
+    ops = [2, 3, 6, 9, 11, 13, 15, 18]
+    return [p.to_row() for p in data.generate_problems(len(ops) * 6, ops, seed=7)]
+
+
+@pytest.fixture(scope='module')
+def forward_problems(problems):
+    return [r for r in problems if r['mode'] == 'normalforward']
+
+
+# -----------------------------------------------------------------------------------------------
+# pass@k
+
+def brute_pass_at_k(n, c, k):
+    """Share of the k-subsets of n samples (c correct) that hold a correct one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
+
+
+def test_pass_at_k_matches_enumeration():
+    for n in range(1, 10):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert ev.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_large_n_and_bad_input():
+    assert ev.pass_at_k(128, 1, 1) == pytest.approx(1 / 128)
+    assert ev.pass_at_k(128, 0, 128) == 0.0 and ev.pass_at_k(128, 1, 128) == 1.0
+    # 1 - C(126, 64) / C(128, 64) = 1 - (64 * 63) / (128 * 127)
+    assert ev.pass_at_k(128, 2, 64) == pytest.approx(1 - 64 * 63 / (128 * 127), rel=1e-12)
+    for n, c, k in ((4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)):
+        with pytest.raises(ValueError):
+            ev.pass_at_k(n, c, k)
+    assert ev.default_ks(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert ev.default_ks(6) == [1, 2, 4, 6] and ev.default_ks(1) == [1]
+
+
+# -----------------------------------------------------------------------------------------------
+# scoring and aggregation
+
+def test_oracle_sampler_scores_one_everywhere(problems):
+    tok = CharTokenizer()
+    oracle = OracleModel(tok, problems, lambda row, j: gold_completion(row))
+    samples = ev.sample_solutions(oracle, tok, problems, 4, 0.7, batch_size=8, progress=False)
+    agg = ev.aggregate(ev.score(problems, samples))
+    assert agg['ks'] == [1, 2, 4]
+    assert set(agg['band']) == {'ID', 'OOD-edge', 'OOD-hard'}
+    assert set(agg['mode']) == set(data.MODES) and len(agg['template']) == 3
+    groups = [agg['all']] + [st for g in ev.GROUPS[1:] for st in agg['/'.join(g)].values()]
+    for st in groups:
+        for kind in ('process', 'outcome'):
+            assert all(v == 1.0 for v in st[kind].values()), st
+        assert st['process_acc'] == 1.0 and st['hack_rate'] == 0.0 and st['no_answer_rate'] == 0.0
+
+
+def test_corrupted_samples_score_exactly(forward_problems):
+    """2 gold + 2 with one wrong step value (right answer) per problem; a second set with 1 gold +
+    3 wrong answers. Every number follows from the counts."""
+    rows = forward_problems
+    assert len(rows) >= 8
+    n_gold = {r['id']: len(r['graph']['order']) for r in rows}
+    assert min(n_gold.values()) >= 2
+    hacked = [[gold_completion(r)] * 2 + [wrong_step_value(r)] * 2 for r in rows]
+    recs = ev.score(rows, hacked)
+    agg = ev.aggregate(recs)
+    st = agg['all']
+    assert st['outcome'] == {'pass@1': 1.0, 'pass@2': 1.0, 'pass@4': 1.0}
+    assert st['process']['pass@1'] == pytest.approx(0.5)
+    assert st['process']['pass@2'] == pytest.approx(5 / 6)  # 1 - C(2,2)/C(4,2)
+    assert st['process']['pass@4'] == 1.0
+    assert st['hack_rate'] == pytest.approx(0.5) and st['hack_share'] == pytest.approx(0.5)
+    for r in recs:
+        m = n_gold[r['id']]
+        assert (r['n'], r['c_outcome'], r['c_process'], r['c_hacked']) == (4, 4, 2, 2)
+        assert r['process_acc'] == pytest.approx((1 + (m - 1) / m) / 2)
+    assert st['process_acc'] == pytest.approx(sum(r['process_acc'] for r in recs) / len(recs))
+
+    wrong = [[gold_completion(r)] + [wrong_answer(r)] * 3 for r in rows]
+    st = ev.aggregate(ev.score(rows, wrong))['all']
+    for kind in ('process', 'outcome'):
+        assert st[kind]['pass@1'] == pytest.approx(0.25)
+        assert st[kind]['pass@2'] == pytest.approx(0.5)   # 1 - C(3,2)/C(4,2)
+        assert st[kind]['pass@4'] == 1.0
+    assert st['hack_rate'] == 0.0
+
+
+def test_groups_split_problems_by_band_mode_and_op(problems):
+    # one gold sample for forward problems, one wrong answer for reverse ones
+    samples = [[gold_completion(r) if r['mode'] == 'normalforward' else wrong_answer(r)] for r in problems]
+    agg = ev.aggregate(ev.score(problems, samples))
+    assert agg['mode']['normalforward']['process']['pass@1'] == 1.0
+    assert agg['mode']['forwardreverse']['outcome']['pass@1'] == 0.0
+    n_fwd = sum(r['mode'] == 'normalforward' for r in problems)
+    assert agg['all']['process']['pass@1'] == pytest.approx(n_fwd / len(problems))
+    for key, st in agg['band/mode'].items():
+        assert st['process']['pass@1'] == (1.0 if key.endswith('normalforward') else 0.0)
+    assert list(agg['op']) == sorted(agg['op'], key=int)  # numeric order, 2 before 11
+    assert list(agg['band']) == ['ID', 'OOD-edge', 'OOD-hard']
+    assert sum(st['n_problems'] for st in agg['op'].values()) == len(problems)
+    custom = ev.aggregate(ev.score(problems, samples), bands={'easy': (2, 6), 'hard': (7, 20)})
+    assert list(custom['band']) == ['easy', 'hard']
+
+
+# -----------------------------------------------------------------------------------------------
+# sampling loop
+
+@pytest.mark.parametrize('n,batch_size', [(3, 8), (5, 2)])
+def test_sample_solutions_order_and_batches(forward_problems, n, batch_size):
+    """Samples come back under the right problem and index, whatever the length-sorted batching."""
+    rows = forward_problems
+    tok = CharTokenizer()
+    oracle = OracleModel(tok, rows, lambda row, j: wrong_step_value(row) if j % 2 else gold_completion(row))
+    samples = ev.sample_solutions(oracle, tok, rows, n, 0.7, batch_size=batch_size, progress=False)
+    assert [len(s) for s in samples] == [n] * len(rows)
+    for r, ss in zip(rows, samples):
+        assert ss == [wrong_step_value(r) if j % 2 else gold_completion(r) for j in range(n)]
+    lens = [max(ls) for ls, _ in oracle.calls]
+    assert lens == sorted(lens, reverse=True)                      # longest prompts first
+    assert all(len(ls) * g <= batch_size for ls, g in oracle.calls)
+
+
+def test_quick_eval_metrics(problems):
+    tok = CharTokenizer()
+    oracle = OracleModel(tok, problems, lambda row, j: gold_completion(row) if j == 0 else wrong_answer(row))
+    oracle.train()
+    res = ev.quick_eval(oracle, tok, problems, 2, 1.0)
+    assert oracle.training  # mode restored
+    assert res['all/pass@1'] == pytest.approx(0.5) and res['all/outcome_pass@1'] == pytest.approx(0.5)
+    assert res['all/pass@2'] == 1.0 and res['all/hack_rate'] == 0.0
+    assert res['all/process_acc'] == 1.0  # a wrong final answer leaves every step right
+    for group in ('ID', 'OOD-edge', 'OOD-hard', 'normalforward', 'forwardreverse'):
+        assert res[f'{group}/pass@2'] == 1.0 and f'{group}/hack_rate' in res
+    assert all(isinstance(v, float) for v in res.values())
+
+
+# -----------------------------------------------------------------------------------------------
+# reports
+
+def _runs(rows):
+    runs = {}
+    for label, bad in (('base', 3), ('rl', 1)):
+        samples = [[gold_completion(r)] * (4 - bad) + [wrong_answer(r)] * bad for r in rows]
+        recs = ev.score(rows, samples)
+        runs[label] = {'ckpt': f'out/{label}/ckpt.pt', 'step': 10, 'records': recs, 'aggregate': ev.aggregate(recs)}
+    return runs
+
+
+def test_reports_and_plots(tmp_path, problems):
+    runs = _runs(problems)
+    meta = {'n_problems': len(problems), 'n_samples': 4, 'temperature': 0.7, 'source': 'test', 'ops': '2-18'}
+    ev.write_reports(str(tmp_path), runs, meta)
+    for name in ('passk_by_band.png', 'acc_vs_op.png'):
+        with open(tmp_path / name, 'rb') as f:
+            blob = f.read()
+        assert blob[:8] == b'\x89PNG\r\n\x1a\n' and len(blob) > 10_000
+    res = json.loads((tmp_path / 'results.json').read_text())
+    assert res['runs']['rl']['aggregate']['all']['outcome']['pass@1'] == pytest.approx(0.75)
+    assert len(res['runs']['base']['records']) == len(problems)
+    with open(tmp_path / 'results.csv') as f:
+        table = list(csv.DictReader(f))
+    row = next(t for t in table if t['label'] == 'base' and t['grouping'] == 'all')
+    assert float(row['outcome_pass@1']) == pytest.approx(0.25) and float(row['process_pass@4']) == 1.0
+    assert {t['key'] for t in table if t['grouping'] == 'band/mode'} >= {'ID/normalforward', 'OOD-hard/forwardreverse'}
+    md = (tmp_path / 'summary.md').read_text()
+    assert '| rl | OOD-edge |' in md and 'forwardreverse' in md and '75.0 / 75.0' in md
+
+
+# -----------------------------------------------------------------------------------------------
+# the command
+
+def test_eval_set_loading_and_errors(tmp_path, problems):
+    path = tmp_path / 'eval.jsonl'
+    with open(path, 'w') as f:
+        for r in problems + problems[:2]:  # a repeated problem
+            f.write(json.dumps(r) + '\n')
+    with pytest.raises(ev.EvalError, match='same problem twice'):
+        ev.load_eval_rows(str(path), ops=range(2, 21), per_op_template=0)
+    with open(path, 'w') as f:
+        for r in problems:
+            f.write(json.dumps(dict(r, id=0)) + '\n')  # colliding ids, as in the original release
+    rows, source = ev.load_eval_rows(str(path), ops=[2, 3], per_op_template=1)
+    assert source == str(path) and {r['op'] for r in rows} == {2, 3}
+    assert len(rows) == len({(r['op'], r['template']) for r in rows}) and len({r['id'] for r in rows}) == len(rows)
+    with pytest.raises(ev.EvalError, match='eval set is empty'):
+        ev.load_eval_rows(str(path), ops=[99])
+    rows, source = ev.load_eval_rows('generate', ops=[4, 5], per_op_template=2, modes=['forwardreverse'], seed=3)
+    assert len(rows) == 12 and {r['mode'] for r in rows} == {'forwardreverse'} and source.startswith('generated')
+
+
+def test_released_rows_are_evaluable():
+    """The original study's rows (no graph, no answer, no id) load and their gold solutions verify."""
+    if not hasattr(data, 'parse_solution'):  # TODO(lead): merge -- drop once _verify_part.py is in data.py
+        from _verify_part import parse_solution
+        data.parse_solution = parse_solution
+    ref = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'official_generator_samples.jsonl')
+    if not os.path.exists(ref):
+        ref = '/work/shared/reference/official_generator_samples.jsonl'
+    rows, _ = ev.load_eval_rows(ref, ops=range(2, 21), per_op_template=0)
+    assert len(rows) == 114 and len({r['id'] for r in rows}) == 114
+    agg = ev.aggregate(ev.score(rows, [[gold_completion(r)] for r in rows]))
+    assert agg['all']['process']['pass@1'] == 1.0 and agg['all']['outcome']['pass@1'] == 1.0
+
+
+@pytest.fixture(scope='module')
+def random_runs(tmp_path_factory):
+    """Two untrained tiny Qwen2 runs sharing a data dir (tokenizer.json + eval.jsonl), as pretrain.py lays
+    them out: {run}/ckpt.pt with the data dir in its run config, {run}/tokenizer.json."""
+    try:
+        from data import train_tokenizer
+    except ImportError:  # TODO(lead): merge -- drop once _tok_part.py is in data.py
+        from _tok_part import train_tokenizer
+    root = tmp_path_factory.mktemp('eval_runs')
+    data_dir = root / 'data'
+    data_dir.mkdir()
+    rows = [p.to_row() for p in data.generate_problems(100, list(range(2, 8)), seed=3)]
+    tok = train_tokenizer([data.training_text(r) for r in rows])
+    tok.save(str(data_dir / 'tokenizer.json'))
+    data.write_jsonl(str(data_dir / 'eval.jsonl'), data.make_eval_set([2, 3, 12], 1, seed=5))
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = Qwen2(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, n_layer=2, n_head=2, n_kv_head=1,
+                                intermediate_size=64, max_seq_len=1024))
+        run = root / f'run{seed}'
+        run.mkdir()
+        save_checkpoint(str(run / 'ckpt.pt'), net, {'data_dir': str(data_dir)}, tok.identity, step=7 + seed)
+        tok.save(str(run / 'tokenizer.json'))
+        runs.append(str(run))
+    return {'runs': runs, 'data_dir': str(data_dir)}
+
+
+def test_command_end_to_end_and_rescore(random_runs, tmp_path):
+    out = tmp_path / 'eval'
+    run0, run1 = random_runs['runs']
+    args = ['tiny_eval', f'--ckpts={run0},{run1},{run0}/ckpt.pt', '--labels=a,b,a2', f'--out_dir={out}',
+            '--n_samples=3', '--max_new_tokens=24', '--progress=False', '--batch_size=4']
+    runs = ev.main(args)
+    for name in ('results.json', 'results.csv', 'summary.md', 'passk_by_band.png', 'acc_vs_op.png',
+                 'generations_a.jsonl', 'generations_b.jsonl', 'generations_a2.jsonl', 'eval_set.jsonl'):
+        assert (out / name).stat().st_size > 0, name
+    # the eval set is the data dir's eval.jsonl (found through the checkpoint's run config)
+    rows = data.read_jsonl(str(out / 'eval_set.jsonl'))
+    assert [r['id'] for r in rows] == [r['id'] for r in data.read_jsonl(random_runs['data_dir'] + '/eval.jsonl')]
+    assert len(rows) == 9 and {r['op'] for r in rows} == {2, 3, 12}
+    gens = [json.loads(line) for line in open(out / 'generations_a.jsonl')]
+    assert len(gens) == 27 and {g['sample'] for g in gens} == {0, 1, 2} and {g['id'] for g in gens} == {r['id'] for r in rows}
+    assert {'outcome', 'perfect', 'process_acc'} <= set(gens[0]['verdict'])
+    # same checkpoint and seed: the same samples; another checkpoint: others
+    again = [json.loads(line)['text'] for line in open(out / 'generations_a2.jsonl')]
+    assert [g['text'] for g in gens] == again
+    assert again != [json.loads(line)['text'] for line in open(out / 'generations_b.jsonl')]
+    res = json.loads((out / 'results.json').read_text())
+    assert res['runs']['b']['step'] == 8 and res['meta']['n_samples'] == 3
+    assert res['runs']['a']['aggregate']['ks'] == [1, 2, 3]
+    assert res['runs']['a']['aggregate'] == runs['a']['aggregate']
+    # re-scoring the saved generations reproduces everything without a model
+    (out / 'results.csv').unlink()
+    ev.main(['tiny_eval', '--labels=a,b', f'--out_dir={out}', '--rescore=True', '--progress=False'])
+    after = json.loads((out / 'results.json').read_text())['runs']
+    assert after['a']['aggregate'] == res['runs']['a']['aggregate'] and after['a']['step'] == 7
+    assert after['b']['records'] == res['runs']['b']['records']
+    assert (out / 'results.csv').exists()
+
+
+def test_command_errors(random_runs, tmp_path):
+    run0 = random_runs['runs'][0]
+    common = [f'--out_dir={tmp_path}/o', '--n_samples=1', '--max_new_tokens=4', '--progress=False']
+    ck = torch.load(run0 + '/ckpt.pt', map_location='cpu', weights_only=True)
+    ck['tokenizer_identity'] = 'something-else'
+    bad = tmp_path / 'bad' / 'ckpt.pt'
+    bad.parent.mkdir()
+    torch.save(ck, bad)
+    with pytest.raises(SystemExit, match=r'tokenizer mismatch.*--data_dir='):
+        ev.main([f'--ckpts={bad}', f"--data_dir={random_runs['data_dir']}"] + common)
+    with pytest.raises(SystemExit, match=r'eval set is empty.*--eval_ops'):
+        ev.main([f'--ckpts={run0}', '--eval_ops=[40]'] + common)
+    with pytest.raises(SystemExit, match='no checkpoint at'):
+        ev.main([f'--ckpts={tmp_path}/nope'] + common)
+    with pytest.raises(SystemExit, match='labels'):
+        ev.main([f'--ckpts={run0},{run0}', '--labels=x'] + common)
+    with pytest.raises(SystemExit, match='--rescore needs the out_dir of an earlier evaluation'):
+        ev.main(['--labels=zzz', f'--out_dir={tmp_path}/o', '--rescore=True'])
+
+
+@pytest.mark.slow
+def test_tiny_base_pipeline(tiny_base, tmp_path):
+    """The real pipeline on the shared tiny base: tokenizer and eval.jsonl found through the checkpoint
+    (its run dir and the data_dir in its run config), every output written. (At the fixture's 50 steps
+    the model does not yet write parsable answers, so no accuracy is asserted here.)"""
+    out = tmp_path / 'eval'
+    runs = ev.main(['tiny_eval', f"--ckpts={tiny_base['ckpt']}", '--labels=base', f'--out_dir={out}',
+                    '--eval_ops=[2,3,4,12]', '--n_samples=2', '--max_new_tokens=64', '--progress=False'])
+    rows = data.read_jsonl(str(out / 'eval_set.jsonl'))
+    in_data = [r for r in data.read_jsonl(os.path.join(tiny_base['data_dir'], 'eval.jsonl')) if r['op'] in (2, 3, 4, 12)]
+    assert [r['id'] for r in rows] == [r['id'] for r in in_data]
+    assert runs['base']['aggregate']['all']['n_samples'] == 2 * len(rows)
+    for name in ('summary.md', 'results.csv', 'results.json', 'passk_by_band.png', 'acc_vs_op.png'):
+        assert (out / name).stat().st_size > 0
+    gens = [json.loads(line) for line in open(out / 'generations_base.jsonl')]
+    assert len(gens) == 2 * len(rows) and all(g['text'] for g in gens)
+
+
+def test_torchrun_two_ranks_match_one_process(random_runs, tmp_path):
+    """Greedy decoding is deterministic, so 2 ranks (problems sharded, results gathered on rank 0) must
+    give exactly the single-process results and generations."""
+    import subprocess
+    import sys
+    run0 = random_runs['runs'][0]
+    common = ['evaluate.py', 'tiny_eval', f'--ckpts={run0}', '--labels=g', '--greedy=True', '--max_new_tokens=12',
+              '--progress=False']
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f'n{nproc}'
+        launcher = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+                                       if nproc > 1 else [])
+        p = subprocess.run(launcher + common + [f'--out_dir={out}'], cwd=root, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs[nproc] = out
+    one, two = (json.loads((outs[n] / 'results.json').read_text())['runs']['g'] for n in (1, 2))
+    assert two['records'] == one['records'] and two['aggregate'] == one['aggregate']
+    gen = {n: sorted((g['id'], g['sample'], g['text']) for g in map(json.loads, open(outs[n] / 'generations_g.jsonl')))
+           for n in (1, 2)}
+    assert gen[1] == gen[2] and len(gen[1]) == 9
+    assert not list(outs[2].glob('*.rank*'))  # the per-rank parts were merged and removed

@@ -1,0 +1,473 @@
+"""Tests for model.py: equivalence with transformers' Qwen2, generation (cache, padding, groups,
+seeds, stops, logprobs), checkpoints, the configurator and Hugging Face import/export.
+
+Run: python -m pytest -q tests/test_model.py   (CPU, ~10-20 s)
+"""
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model as M  # noqa: E402
+
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # These models are tiny: a second thread only adds sync cost, and on a shared 2-core box
+    # OpenMP threads waiting for each other made this file 5x slower. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+SMALL = dict(vocab_size=97, hidden_size=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
+             max_seq_len=128)
+
+
+def make_model(seed=0, tie=True, peaky=False, **kw):
+    """A small random model. peaky=True scales the weights up so the next-token distributions are
+    far from uniform: greedy decoding then has no near-ties, so token-for-token comparisons test
+    the code, not float rounding."""
+    torch.manual_seed(seed)
+    m = M.Qwen2(M.ModelConfig(**{**SMALL, 'tie_embeddings': tie, **kw})).eval()
+    if peaky:
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.15)
+                elif p.dim() == 1 and not torch.all(p == 1):
+                    p.normal_(0, 0.1)  # biases too, so the q/k/v bias paths are exercised
+    return m
+
+
+def naive_greedy(m, prompt, n, stop_ids=()):
+    """The obviously-correct decoder: a full forward pass over the whole sequence per token."""
+    x, out = torch.tensor([prompt]), []
+    for _ in range(n):
+        logits, _ = m(x)
+        t = int(logits[0, -1].argmax())
+        out.append(t)
+        if t in stop_ids:
+            break
+        x = torch.cat([x, torch.tensor([[t]])], dim=1)
+    return out
+
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [20]]
+
+# -----------------------------------------------------------------------------
+# presets
+
+
+def test_presets_and_param_counts():
+    with torch.device('meta'):  # shapes only: no 100M-parameter init
+        counts = {name: M.Qwen2(cfg).num_params() for name, cfg in M.MODEL_PRESETS.items()}
+    assert counts['paper'] == 103_170_816  # SPEC §3 "~100M": 12 x 8.46M blocks + 1.69M tied embedding
+    assert 1e6 <= counts['tiny'] <= 3e6
+    assert 10e6 <= counts['small'] <= 20e6
+    assert counts['tiny'] < counts['mini'] < counts['small'] < counts['paper']
+    p = M.MODEL_PRESETS['paper']
+    assert (p.hidden_size, p.n_layer, p.n_head, p.n_kv_head, p.intermediate_size, p.vocab_size, p.max_seq_len,
+            p.rope_theta, p.rms_eps, p.tie_embeddings) == (768, 12, 12, 2, 3072, 2200, 2048, 1e6, 1e-6, True)
+    # the released config describes exactly the paper preset
+    ref = '/work/shared/reference/paper_release/config.json'
+    if os.path.exists(ref):
+        with open(ref) as f:
+            assert M.config_from_hf(json.load(f)) == p
+
+
+def test_flops_and_mfu():
+    m = make_model()
+    n, c = m.num_params(), m.config
+    assert m.flops_per_token(seq_len=100) == 6 * n + 12 * c.n_layer * c.hidden_size * 100
+    assert m.flops_per_token(seq_len=100, training=False) == 2 * n + 4 * c.n_layer * c.hidden_size * 100
+    assert m.estimate_mfu(1000.0, peak_flops=m.flops_per_token() * 2000.0) == pytest.approx(0.5)
+
+# -----------------------------------------------------------------------------
+# (1) equivalence with transformers
+
+
+def hf_model(cfg):
+    transformers = pytest.importorskip('transformers', reason='transformers not installed: cannot compare '
+                                                              'against the reference Qwen2')
+    hcfg = {k: v for k, v in M.hf_config_dict(cfg).items() if k != 'architectures'}
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hcfg)).eval()
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_matches_transformers_both_directions(tie):
+    ours = make_model(tie=tie, peaky=True)
+    hf = hf_model(ours.config)
+    assert sum(p.numel() for p in hf.parameters()) == ours.num_params()
+    x = torch.randint(0, SMALL['vocab_size'], (3, 40), generator=torch.Generator().manual_seed(0))
+    # ours -> HF
+    hf.load_state_dict(M.to_hf_state_dict(ours), strict=True)
+    with torch.no_grad():
+        a, _ = ours(x)
+        b = hf(x).logits.float()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # HF (fresh random init) -> ours
+    torch.manual_seed(123)
+    hf2 = hf_model(ours.config)
+    ours2 = M.Qwen2(ours.config).eval()
+    ours2.load_state_dict(M.from_hf_state_dict(hf2.state_dict(), ours.config), strict=True)
+    with torch.no_grad():
+        a, loss = ours2(x[:, :-1], targets=x[:, 1:])
+        out = hf2(x, labels=x)  # HF shifts labels internally
+    torch.testing.assert_close(a, out.logits[:, :-1].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_ignore_index_and_reduction_none():
+    m = make_model(peaky=True)
+    x = torch.randint(0, 97, (2, 12))
+    y = torch.randint(0, 97, (2, 12))
+    y[0, :5] = -100
+    logits, loss = m(x, y)
+    _, per_tok = m(x, y, loss_reduction='none')
+    assert per_tok.shape == (2, 12) and torch.all(per_tok[0, :5] == 0)
+    torch.testing.assert_close(loss, per_tok.sum() / (y != -100).sum())
+    assert logits.dtype == torch.float32 and logits.shape == (2, 12, 97)
+
+# -----------------------------------------------------------------------------
+# (2) cached vs uncached greedy decoding, padding, groups
+
+
+def test_greedy_cached_matches_uncached_and_padding_is_invisible():
+    m = make_model(peaky=True)
+    batch = m.generate(PROMPTS, 24, temperature=0)
+    for i, p in enumerate(PROMPTS):
+        ref = naive_greedy(m, p, 24)
+        assert batch.tokens[i] == ref, f"row {i}: batched cached decoding differs from full forward passes"
+        alone = m.generate([p], 24, temperature=0)
+        assert alone.tokens[0] == ref, f"row {i}: single-prompt cached decoding differs"
+        torch.testing.assert_close(torch.tensor(alone.logprobs[0]), torch.tensor(batch.logprobs[i]),
+                                   rtol=0, atol=1e-4)
+    assert batch.finished == [False] * len(PROMPTS)
+    assert all(len(t) == 24 for t in batch.tokens)
+
+
+def test_num_samples_copies_the_prompt_cache():
+    m = make_model(peaky=True)
+    g = m.generate(PROMPTS, 10, temperature=0, num_samples=3)
+    assert len(g.tokens) == 3 * len(PROMPTS)
+    for i, p in enumerate(PROMPTS):
+        ref = naive_greedy(m, p, 10)
+        assert g.tokens[3 * i:3 * i + 3] == [ref] * 3  # rows are [p0 s0, p0 s1, p0 s2, p1 s0, ...]
+    # sampled groups: rows of a group differ, and each row is a valid sample of its prompt
+    s = m.generate(PROMPTS, 10, temperature=1.0, num_samples=6, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(t) for t in s.tokens[:6]}) > 1
+    for i, p in enumerate(PROMPTS):
+        row = 6 * i + 2
+        check_logprobs(m, p, s.tokens[row], s.logprobs[row])
+
+
+def test_max_seq_len_caps_generation():
+    m = make_model(peaky=True, max_seq_len=16)
+    g = m.generate([[1, 2, 3, 4, 5, 6]], 100, temperature=0)
+    assert len(g.tokens[0]) == 10 and g.finished == [False]
+
+# -----------------------------------------------------------------------------
+# (3) seeds
+
+
+def test_same_seed_same_samples_different_seed_different():
+    m = make_model(peaky=True)
+
+    def run(seed, **kw):
+        return m.generate(PROMPTS, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw).tokens
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(3, top_k=5, top_p=0.9) == run(3, top_k=5, top_p=0.9)
+    assert run(3, num_samples=2) == run(3, num_samples=2)
+
+
+def test_sampler_draws_from_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(logits[0] / 0.7, -1)
+    counts = torch.bincount(M.sample_token(logits, 0.7, generator=g), minlength=5).float() / 40000
+    torch.testing.assert_close(counts, p, rtol=0, atol=0.01)
+    # top_k=2: only the two best, renormalised
+    counts = torch.bincount(M.sample_token(logits, 1.0, top_k=2, generator=g), minlength=5).float() / 40000
+    p2 = torch.softmax(logits[0, :2], -1)
+    torch.testing.assert_close(counts, torch.cat([p2, torch.zeros(3)]), rtol=0, atol=0.01)
+    # top_p: smallest prefix whose mass reaches top_p (0.6 -> probs .48 + .18 -> two tokens)
+    counts = torch.bincount(M.sample_token(logits, 1.0, top_p=0.6, generator=g), minlength=5)
+    assert counts[2:].sum() == 0 and counts[0] > 0 and counts[1] > 0
+    assert torch.all(M.sample_token(logits[:5], 0.0) == 0)
+
+# -----------------------------------------------------------------------------
+# (4) stops and logprobs
+
+
+def check_logprobs(m, prompt, tokens, logprobs):
+    """Generated logprobs == log_softmax of a full forward pass at temperature 1."""
+    with torch.no_grad():
+        logits, _ = m(torch.tensor([prompt + tokens]))
+    ls = torch.log_softmax(logits[0], -1)
+    ref = torch.stack([ls[len(prompt) - 1 + i, t] for i, t in enumerate(tokens)])
+    torch.testing.assert_close(torch.tensor(logprobs), ref, rtol=0, atol=1e-4)
+
+
+def test_stop_ids_and_logprobs():
+    m = make_model(peaky=True)
+    free = m.generate(PROMPTS, 30, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    # stop on the most frequent tokens of the unconstrained run so that some rows do stop
+    counts = torch.bincount(torch.tensor(sum(free.tokens, [])), minlength=97)
+    stop = counts.topk(3).indices.tolist()
+    g = m.generate(PROMPTS, 30, temperature=1.0, top_k=20, stop_ids=stop,
+                   generator=torch.Generator().manual_seed(5))
+    assert any(g.finished)
+    for p, toks, lps, fin in zip(PROMPTS, g.tokens, g.logprobs, g.finished):
+        assert len(toks) == len(lps)
+        if fin:
+            assert toks[-1] in stop and not set(toks[:-1]) & set(stop)
+        else:
+            assert len(toks) == 30 and not set(toks) & set(stop)
+        check_logprobs(m, p, toks, lps)
+    # greedy with a stop id reproduces the naive decoder cut at the stop
+    greedy = m.generate(PROMPTS, 30, temperature=0, stop_ids=stop)
+    for p, toks in zip(PROMPTS, greedy.tokens):
+        assert toks == naive_greedy(m, p, 30, stop_ids=stop)
+
+
+def test_finished_rows_leave_the_batch():
+    """Many rows with stops: rows are dropped from the batch as they finish (compaction); every
+    row must still be exactly what it would be alone (greedy) and carry correct logprobs."""
+    m = make_model(peaky=True)
+    prompts = [[i, i + 1, i + 2][: 1 + i % 3] for i in range(1, 40, 3)]
+    free = m.generate(prompts, 12, temperature=0)
+    stop = list({t[i % 5] for i, t in enumerate(free.tokens)})[:6]  # rows stop at different steps
+    g = m.generate(prompts, 12, temperature=0, stop_ids=stop)
+    assert 0 < sum(g.finished) < len(prompts)
+    for p, toks, lps in zip(prompts, g.tokens, g.logprobs):
+        assert toks == naive_greedy(m, p, 12, stop_ids=stop)
+        check_logprobs(m, p, toks, lps)
+    s1 = m.generate(prompts, 12, temperature=1.0, stop_ids=stop, num_samples=3,
+                    generator=torch.Generator().manual_seed(0))
+    s2 = m.generate(prompts, 12, temperature=1.0, stop_ids=stop, num_samples=3,
+                    generator=torch.Generator().manual_seed(0))
+    assert s1 == s2
+    for i in range(0, len(s1.tokens), 5):
+        check_logprobs(m, prompts[i // 3], s1.tokens[i], s1.logprobs[i])
+
+
+def test_early_exit_when_all_rows_stop():
+    m = make_model(peaky=True)
+    first = m.generate(PROMPTS, 1, temperature=0).tokens
+    g = m.generate(PROMPTS, 50, temperature=0, stop_ids=[t[0] for t in first])
+    assert g.tokens == first and g.finished == [True] * len(PROMPTS)
+    # a stop token at exactly the last allowed step still counts as finished
+    five = m.generate(PROMPTS[:1], 5, temperature=0).tokens[0]
+    last = m.generate(PROMPTS[:1], 5, temperature=0, stop_ids=[five[-1]])
+    assert last.finished == [True] and last.tokens[0][-1] == five[-1]
+
+# -----------------------------------------------------------------------------
+# (5) checkpoints
+
+
+def test_checkpoint_round_trip_and_resume_state(tmp_path):
+    m = make_model(peaky=True)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    x = torch.randint(0, 97, (2, 16))
+    m(x, x)[1].backward()
+    opt.step()
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    extra = {'loader': {'pos': 123, 'order': torch.arange(5)}, 'rng': M.rng_state()}
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    path = tmp_path / 'ckpt.pt'
+    M.save_checkpoint(path, m, {'lr': 1e-3, 'preset': 'tiny', 'ops': (2, 3)}, 'tok-abc', 42, opt, extra)
+    torch.load(path, weights_only=True)  # only safe types inside
+    ck = M.load_checkpoint(path, expect_tokenizer='tok-abc', expect_model_config=m.config)
+    assert ck['step'] == 42 and ck['config']['preset'] == 'tiny' and ck['tokenizer_identity'] == 'tok-abc'
+    assert ck['model_config'] == m.config and ck['extra']['loader']['pos'] == 123
+    with torch.no_grad():
+        torch.testing.assert_close(ck['model'](x)[0], m(x)[0], rtol=0, atol=0)
+    opt2 = torch.optim.AdamW(ck['model'].parameters(), lr=1e-3)
+    opt2.load_state_dict(ck['optimizer'])
+    torch.testing.assert_close(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
+    M.set_rng_state(ck['extra']['rng'])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+
+
+def test_checkpoint_atomic_and_stale_tmp(tmp_path, monkeypatch):
+    m = make_model()
+    path = str(tmp_path / 'ckpt.pt')
+    with open(path + '.tmp', 'wb') as f:  # a stale tmp from an earlier crash must not matter
+        f.write(b'garbage')
+    M.save_checkpoint(path, m, {}, 'tok', 1)
+    assert not os.path.exists(path + '.tmp')
+    with open(path + '.tmp', 'wb') as f:
+        f.write(b'garbage')
+    assert M.load_checkpoint(path)['step'] == 1
+    # a crash in the middle of writing step 2 leaves step 1 intact
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_checkpoint(path, m, {}, 'tok', 2)
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert M.load_checkpoint(path)['step'] == 1
+
+
+def test_checkpoint_errors_and_wrappers(tmp_path):
+    m = make_model()
+    path = tmp_path / 'c.pt'
+    with pytest.raises(TypeError, match='weights_only'):
+        M.save_checkpoint(path, m, {}, 'tok', 0, extra={'state': np.zeros(3)})
+    M.save_checkpoint(path, m, {}, 'tok-A', 0)
+    with pytest.raises(ValueError, match="tok-A.*tok-B"):
+        M.load_checkpoint(path, expect_tokenizer='tok-B')
+    other = M.ModelConfig(**{**SMALL, 'n_layer': 3})
+    with pytest.raises(ValueError, match='n_layer: checkpoint=2 vs expected=3'):
+        M.load_checkpoint(path, expect_model_config=other)
+    # state dicts from torch.compile / DDP wrappers load cleanly
+    ck = torch.load(path, weights_only=True)
+    ck['model'] = {'module._orig_mod.' + k: v for k, v in ck['model'].items()}
+    torch.save(ck, path)
+    loaded = M.load_checkpoint(path)['model']
+    x = torch.randint(0, 97, (1, 8))
+    torch.testing.assert_close(loaded(x)[0], m(x)[0])
+
+    class Wrapper(torch.nn.Module):  # DDP-like: the model lives at .module
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    M.save_checkpoint(path, Wrapper(m), {}, 'tok', 0)
+    assert all(not k.startswith('module.') for k in torch.load(path, weights_only=True)['model'])
+
+# -----------------------------------------------------------------------------
+# (6) configure
+
+
+DEFAULTS = {'lr': 1e-4, 'batch_size': 8, 'compile': False, 'out_dir': 'out', 'ops': [2, 3], 'init_from': None}
+
+
+def test_configure_presets_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('config')
+    with open('config/fast.py', 'w') as f:
+        f.write("import math\nbatch_size = 4 * 8\nlr = 3e-4\n_private = 1\n")
+    cfg = M.configure(DEFAULTS, ['fast', '--lr=1', '--compile=True', '--out_dir=runs/x', '--ops=[5, 6]',
+                                 '--init_from=ckpt.pt'])
+    assert cfg == {'lr': 1.0, 'batch_size': 32, 'compile': True, 'out_dir': 'runs/x', 'ops': [5, 6],
+                   'init_from': 'ckpt.pt'}
+    assert isinstance(cfg['lr'], float)
+    assert M.configure(DEFAULTS, []) == DEFAULTS and DEFAULTS['lr'] == 1e-4  # defaults untouched
+    assert M.configure(DEFAULTS, ['--compile'])['compile'] is True
+    assert M.configure(DEFAULTS, ['--out_dir=123'])['out_dir'] == '123'  # str default keeps the text
+    with open('alt.py', 'w') as f:
+        f.write("batch_size = 2\n")
+    assert M.configure(DEFAULTS, ['alt.py'])['batch_size'] == 2  # a path works too
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--lr=abc'], 'lr expects float'),
+    (['--batch_size=1.5'], 'batch_size expects int'),
+    (['--compile=1'], 'compile must be True or False'),
+    (['--learning_rate=1'], "unknown config key 'learning_rate'"),
+    (['--batch_sze=4'], 'did you mean batch_size'),
+    (['--batch_size'], 'needs a value'),
+    (['nope'], "no preset 'nope'"),
+    (['bad'], "unknown config key 'batchsize'"),
+])
+def test_configure_errors_are_one_line(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('config')
+    with open('config/bad.py', 'w') as f:
+        f.write("batchsize = 4\n")
+    with pytest.raises(SystemExit) as e:
+        M.configure(DEFAULTS, argv)
+    assert message in str(e.value.code) and '\n' not in str(e.value.code)
+
+
+def test_configure_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        M.configure(DEFAULTS, ['--help'])
+    assert e.value.code == 0 and '--batch_size' in capsys.readouterr().out
+
+# -----------------------------------------------------------------------------
+# (7) Hugging Face export / import
+
+
+def test_hf_export_import_round_trip(tmp_path):
+    transformers = pytest.importorskip('transformers', reason='transformers not installed')
+    pytest.importorskip('safetensors', reason='safetensors not installed')
+    m = make_model(peaky=True)
+    x = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        ref = m(x)[0]
+    M.export_hf(m, tmp_path / 'hf')
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits.float(), ref, rtol=1e-5, atol=1e-5)
+    back = M.load_hf_qwen2(tmp_path / 'hf')
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], ref, rtol=0, atol=0)
+    # a directory written by transformers itself (untied, to cover a separate lm_head)
+    hf2 = hf_model(M.ModelConfig(**{**SMALL, 'tie_embeddings': False}))
+    hf2.save_pretrained(tmp_path / 'hf2')
+    ours = M.load_hf_qwen2(tmp_path / 'hf2')
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], hf2(x).logits.float(), rtol=1e-5, atol=1e-5)
+
+# -----------------------------------------------------------------------------
+# plumbing
+
+
+def test_single_process_dist_and_autocast(monkeypatch):
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(k, raising=False)
+    d = M.setup_distributed()
+    assert (d.rank, d.world_size, d.is_master, d.ddp) == (0, 1, True, False)
+    with M.autocast_ctx('cpu'):
+        assert not torch.is_autocast_enabled('cpu')
+    M.seed_everything(3)
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    M.seed_everything(3)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_tiny_model_learns_a_pattern():
+    """A few hundred AdamW steps fit a deterministic sequence task (copy with offset)."""
+    torch.manual_seed(0)
+    m = M.Qwen2(M.ModelConfig(**SMALL)).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for step in range(80):
+        a = torch.randint(10, 40, (16, 8))
+        x = torch.cat([a, a + 40], 1)  # second half = first half + 40: learnable only by attention
+        y = x[:, 1:].clone()
+        y[:, :7] = -100  # only score the predictable half
+        _, loss = m(x[:, :-1], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1.5, loss.item()  # chance level is ln(30) = 3.4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_bf16_generation_matches_forward():
+    m = make_model(peaky=True).cuda()
+    with M.autocast_ctx('cuda'):
+        a = m.generate(PROMPTS, 20, num_samples=3, stop_ids=[3, 4], generator=torch.Generator().manual_seed(0))
+        b = m.generate(PROMPTS, 20, num_samples=3, stop_ids=[3, 4], generator=torch.Generator().manual_seed(0))
+        assert a == b
+        for i in range(0, len(a.tokens), 4):
+            p, t = PROMPTS[i // 3], a.tokens[i]
+            logits, _ = m(torch.tensor([p + t], device='cuda'))
+            ls = torch.log_softmax(logits[0], -1)
+            ref = torch.stack([ls[len(p) - 1 + j, x] for j, x in enumerate(t)]).cpu()
+            torch.testing.assert_close(torch.tensor(a.logprobs[i]), ref, rtol=0, atol=2e-2)  # bf16
