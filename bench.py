@@ -5,6 +5,7 @@ Benchmarks, side by side in one run on the same machine, config and batch:
   train         training step (forward + backward) tokens/s: ours vs transformers' Qwen2
   sample        sampling tokens/s: our generate vs transformers' generate (its default KV cache),
                 64 prompts of different lengths x 256 new tokens, both forced to the full length
+  data          problems generated and solutions verified per second on one core (targets 1000 / 5000)
   mfu           CUDA only: model FLOPs utilisation of a bf16 training step of the `paper` preset
                 (target 45% on an H100; --compile=True to add torch.compile)
 
@@ -237,6 +238,19 @@ def bench_mfu(cfg):
                  None if mfu is None else mfu >= 0.45))
     rows.append(('peak memory', f'{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB', '', None))
     return rows
+
+
+@benchmark('data', '>= 1000 problems/s/core; >= 5000 verifications/s/core')
+def bench_data(cfg):
+    """The task world on one core (CPU time, so other load on the machine does not count):
+    problem generation on a uniform op 2..20 mix, rejection included, and graph verification of
+    gold solutions written as model output, on the same mix."""
+    import data
+    gen = data.bench_generate(seconds=3)
+    rows = data.generate_rows('2-20', 400, seed=0)
+    ver = data.bench_verify(rows, seconds=3)
+    return [('data/generate op 2..20', f'{gen:,.0f} problems/s', '>= 1000', gen >= 1000),
+            ('data/verify op 2..20', f'{ver:,.0f} verif./s', '>= 5000', ver >= 5000)]
 
 
 def main(argv):

@@ -828,15 +828,16 @@ def generate_rows(mixture, n, seed=0, workers=1, exclude_ids=frozenset()) -> lis
 
 def make_eval_set(ops, n_per_op_per_template, seed=1234, modes=MODES, templates=None) -> list:
     """Held-out problems: for every op and template, n problems, modes alternating (half each by
-    default), no duplicate ids. Seeded apart from training streams ('eval' in the key)."""
+    default; the alternation continues across templates, so even n=1 covers both modes at every op),
+    no duplicate ids. Seeded apart from training streams ('eval' in the key)."""
     modes = [modes] if isinstance(modes, str) else list(modes)
     out, seen = [], set()
     for op in (parse_ops(ops)[0][1] if isinstance(ops, str) else ops):
-        for template in templates or TEMPLATES:
+        for t, template in enumerate(templates or TEMPLATES):
             for j in range(n_per_op_per_template):
                 for retry in range(1000):
                     rng = _rng_for('eval', seed, op, template, j, retry)
-                    p = generate(rng, op, template, modes[j % len(modes)])
+                    p = generate(rng, op, template, modes[(j + t * n_per_op_per_template) % len(modes)])
                     if p.id not in seen:
                         break
                 seen.add(p.id)

@@ -36,7 +36,8 @@ What ends up in out_dir:
   results.csv              one row per (label, grouping, key): counts, ProcessAcc, hacking, pass@k
   summary.md               the tables a reader wants first (bands x modes, ops, hacking, templates)
   passk_by_band.png        pass@k curves per band (columns) and mode (rows), checkpoints overlaid
-  acc_vs_op.png            pass@1 and pass@n versus op, checkpoints overlaid, bands shaded
+  acc_vs_op.png            pass@1 and pass@n versus op, checkpoints overlaid, bands shaded; rows per mode
+  acc_vs_op_by_template.png   the same with one row per template (contextual generalization, SPEC §5.2)
   generations_{label}.jsonl   {id, op, template, mode, sample, text, verdict} per sample
   eval_set.jsonl           the problems (with gold graphs) the generations belong to; --rescore reads it
 
@@ -57,16 +58,8 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 import data
+from data import Tokenizer, verify
 from model import autocast_ctx, cleanup_distributed, configure, load_checkpoint, setup_distributed, unwrap
-
-try:  # TODO(lead): merge -- drop this fallback once _verify_part.py is pasted into data.py
-    from data import verify
-except ImportError:
-    from _verify_part import verify
-try:  # TODO(lead): merge -- drop this fallback once _tok_part.py is pasted into data.py
-    from data import Tokenizer
-except ImportError:
-    from _tok_part import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
 # default config (paper values in config/paper_eval.py, CPU-sized ones in config/tiny_eval.py)
@@ -378,14 +371,11 @@ def _pct(x):
     return f"{100 * x:.1f}"
 
 
-def _modes_present(agg):
-    return [m for m in data.MODES if m in agg['mode']]
-
-
-def _mode_rows(agg):
-    """('all modes', key suffix '') then one row per mode present (reverse reported separately, SPEC §1)."""
-    modes = _modes_present(agg)
-    return [('all modes', '')] + ([(m, '/' + m) for m in modes] if len(modes) > 1 else [])
+def _split_rows(agg, by='mode'):
+    """('all', key suffix '') then, when the data holds several, one row per mode (reverse reported
+    separately, SPEC §1) or per template: (title, '/' + value)."""
+    values = [m for m in data.MODES if m in agg['mode']] if by == 'mode' else list(agg[by])
+    return [(f'all {by}s', '')] + ([(v, '/' + v) for v in values] if len(values) > 1 else [])
 
 
 def write_csv(runs, path):
@@ -424,7 +414,7 @@ def write_summary(runs, meta, path):
         return f"{_pct(st['process'][f'pass@{k}'])} / {_pct(st['outcome'][f'pass@{k}'])}"
 
     L += ['', '## pass@k by band', '']
-    for title, suffix in _mode_rows(first):
+    for title, suffix in _split_rows(first):
         L += [f"### {title}", '', '| label | band | problems | ' + ' | '.join(f'pass@{k}' for k in ks) + ' |',
               '|---|---|---|' + '---|' * len(ks)]
         for lb in labels:
@@ -480,7 +470,7 @@ def plot_passk(runs, path):
     plt = _pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
-    bands, rows = list(first['band']), _mode_rows(first)
+    bands, rows = list(first['band']), _split_rows(first)
     colors = {lb: f'C{i}' for i, lb in enumerate(labels)}
     fig, axes = plt.subplots(len(rows), len(bands), figsize=(3.4 * len(bands), 2.8 * len(rows) + 0.6),
                              squeeze=False, sharey=True)
@@ -508,13 +498,14 @@ def plot_passk(runs, path):
     plt.close(fig)
 
 
-def plot_acc_vs_op(runs, path, bands=BANDS):
-    """pass@1 and pass@n versus op (columns), one row per mode group; band ranges shaded."""
+def plot_acc_vs_op(runs, path, bands=BANDS, by='mode'):
+    """pass@1 and pass@n versus op (columns); rows: all problems, then each mode (by='mode') or each
+    template (by='template'); band ranges shaded."""
     plt = _pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
     kmax = first['ks'][-1]
-    rows = _mode_rows(first)
+    rows = _split_rows(first, by)
     colors = {lb: f'C{i}' for i, lb in enumerate(labels)}
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.8 * len(rows) + 0.6), squeeze=False, sharey=True)
     for (title, suffix), axrow in zip(rows, axes):
@@ -524,7 +515,7 @@ def plot_acc_vs_op(runs, path, bands=BANDS):
                 ax.text((lo + hi) / 2, 1.04, band, ha='center', va='bottom', fontsize=7, alpha=0.7)
             for lb in labels:
                 agg = runs[lb]['aggregate']
-                table = agg['op/mode'] if suffix else agg['op']
+                table = agg[f'op/{by}'] if suffix else agg['op']
                 ops = sorted(int(key.split('/')[0]) for key in table if key.endswith(suffix))
                 for kind, ls in (('process', '-'), ('outcome', '--')):
                     ax.plot(ops, [table[f'{op}{suffix}'][kind][f'pass@{k}'] for op in ops], ls, color=colors[lb],
@@ -542,7 +533,7 @@ def plot_acc_vs_op(runs, path, bands=BANDS):
 
 
 def write_reports(out_dir, runs, meta, bands=BANDS):
-    """results.json, results.csv, summary.md, passk_by_band.png, acc_vs_op.png from
+    """results.json, results.csv, summary.md, passk_by_band.png, acc_vs_op.png, acc_vs_op_by_template.png from
     runs = {label: {'aggregate': aggregate(...), 'records': [...], 'ckpt': path, 'step': int}}."""
     os.makedirs(out_dir, exist_ok=True)
     _write_json({'meta': meta, 'runs': runs}, os.path.join(out_dir, 'results.json'))
@@ -550,6 +541,7 @@ def write_reports(out_dir, runs, meta, bands=BANDS):
     write_summary(runs, meta, os.path.join(out_dir, 'summary.md'))
     plot_passk(runs, os.path.join(out_dir, 'passk_by_band.png'))
     plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op.png'), bands)
+    plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op_by_template.png'), bands, by='template')
 
 
 def _write_json(obj, path):
@@ -730,7 +722,7 @@ def evaluate(cfg):
     meta = {'config': cfg, 'source': source, 'n_problems': len(rows), 'n_samples': n, 'temperature': temperature,
             'ops': _ops_text(sorted({r['op'] for r in rows})), 'labels': labels}
     write_reports(out_dir, runs, meta, cfg['bands'])
-    say(f"wrote {out_dir}/summary.md, results.json, results.csv, passk_by_band.png, acc_vs_op.png")
+    say(f"wrote {out_dir}/summary.md, results.json, results.csv, passk_by_band.png, acc_vs_op*.png")
     for label, run in runs.items():
         st = run['aggregate']['all']
         k = run['aggregate']['ks'][-1]

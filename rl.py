@@ -103,6 +103,7 @@ eval_data = ''              # held-out JSONL; '' = {init run's data_dir}/eval.js
                             # (data.make_eval_set, as evaluate.py). Every id in it is excluded from the RL prompts.
 eval_op_min = 0             # evaluate op in [eval_op_min, eval_op_max]; 0 = op_min / op_max
 eval_op_max = 0
+eval_modes = ''              # '' = both; 'normalforward' or 'forwardreverse' to evaluate one mode only
 eval_per_op_template = 8    # held-out problems per (op, template)
 eval_samples = 4            # samples per problem (pass@1 is their mean)
 eval_temperature = 0.7      # SPEC §4 evaluation temperature
@@ -499,6 +500,7 @@ def main(argv=None):
     eval_ops = list(range(C.eval_op_min or C.op_min, (C.eval_op_max or C.op_max) + 1))
     data_dir = start['config'].get('data_dir', '')
     eval_rows, eval_source = evaluate.load_eval_rows(C.eval_data, data_dir, eval_ops, C.eval_per_op_template,
+                                                     modes=[m for m in C.eval_modes.split(',') if m],
                                                      seed=C.eval_seed)
     # never train on a held-out problem: the rows evaluated here, the whole file they come from, the
     # base run's held-out set (what evaluate.py uses by default) and any `exclude` files

@@ -247,7 +247,7 @@ def test_reports_and_plots(tmp_path, problems):
     runs = _runs(problems)
     meta = {'n_problems': len(problems), 'n_samples': 4, 'temperature': 0.7, 'source': 'test', 'ops': '2-18'}
     ev.write_reports(str(tmp_path), runs, meta)
-    for name in ('passk_by_band.png', 'acc_vs_op.png'):
+    for name in ('passk_by_band.png', 'acc_vs_op.png', 'acc_vs_op_by_template.png'):
         with open(tmp_path / name, 'rb') as f:
             blob = f.read()
         assert blob[:8] == b'\x89PNG\r\n\x1a\n' and len(blob) > 10_000
@@ -287,12 +287,8 @@ def test_eval_set_loading_and_errors(tmp_path, problems):
 
 def test_released_rows_are_evaluable():
     """The original study's rows (no graph, no answer, no id) load and their gold solutions verify."""
-    if not hasattr(data, 'parse_solution'):  # TODO(lead): merge -- drop once _verify_part.py is in data.py
-        from _verify_part import parse_solution
-        data.parse_solution = parse_solution
-    ref = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'official_generator_samples.jsonl')
-    if not os.path.exists(ref):
-        ref = '/work/shared/reference/official_generator_samples.jsonl'
+    ref = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'reference',
+                       'official_generator_samples.jsonl')
     rows, _ = ev.load_eval_rows(ref, ops=range(2, 21), per_op_template=0)
     assert len(rows) == 114 and len({r['id'] for r in rows}) == 114
     agg = ev.aggregate(ev.score(rows, [[gold_completion(r)] for r in rows]))
@@ -303,15 +299,11 @@ def test_released_rows_are_evaluable():
 def random_runs(tmp_path_factory):
     """Two untrained tiny Qwen2 runs sharing a data dir (tokenizer.json + eval.jsonl), as pretrain.py lays
     them out: {run}/ckpt.pt with the data dir in its run config, {run}/tokenizer.json."""
-    try:
-        from data import train_tokenizer
-    except ImportError:  # TODO(lead): merge -- drop once _tok_part.py is in data.py
-        from _tok_part import train_tokenizer
     root = tmp_path_factory.mktemp('eval_runs')
     data_dir = root / 'data'
     data_dir.mkdir()
     rows = [p.to_row() for p in data.generate_problems(100, list(range(2, 8)), seed=3)]
-    tok = train_tokenizer([data.training_text(r) for r in rows])
+    tok = data.train_tokenizer([data.training_text(r) for r in rows])
     tok.save(str(data_dir / 'tokenizer.json'))
     data.write_jsonl(str(data_dir / 'eval.jsonl'), data.make_eval_set([2, 3, 12], 1, seed=5))
     runs = []

@@ -16,7 +16,8 @@ from conftest import ROOT, run_pretrain
 
 # A micro model and run for the equivalence tests: seconds per run.
 MICRO = ['tiny_pretrain', '--n_layer=2', '--hidden_size=32', '--n_head=2', '--n_kv_head=1', '--intermediate_size=64',
-         '--seq_len=32', '--micro_batch=2', '--batch_tokens=128', '--max_steps=6', '--warmup_frac=0.2',
+         '--seq_len=32', '--micro_batch=2', '--batch_tokens=128', '--max_steps=6', '--lr=3e-3', '--min_lr=3e-4',
+         '--warmup_frac=0.2',
          '--eval_interval=3', '--eval_tokens=256', '--ckpt_interval=2', '--log_interval=1', '--progress=False']
 
 
@@ -46,9 +47,9 @@ def test_tiny_base_learns_and_writes_its_run_dir(tiny_base):
     log = load_log(out)
     v0, v1 = log['val'][0]['loss'], log['val'][-1]['loss']
     # at init the model is close to uniform over ~2.8k tokens (ln 2771 = 7.93); 50 steps of 4k tokens
-    # must take it to well under half of that (measured ~3.0: it has the template's vocabulary and format)
+    # must take it far below (measured 2.43: it has the vocabulary and the format, and starts to copy)
     assert 7.5 < v0 < 8.2, v0
-    assert v1 < 0.5 * v0 and v1 < 3.8, (v0, v1)
+    assert v1 < 3.0, (v0, v1)
     assert log['train'][-1]['loss'] < log['train'][0]['loss'] - 3.0
     assert [r['step'] for r in log['train']] == list(range(1, 51))
     s = log['summary']
@@ -63,7 +64,7 @@ def test_tiny_base_learns_and_writes_its_run_dir(tiny_base):
     assert {'loader', 'rng', 'log'} <= set(ck['extra'])
     assert os.path.getsize(os.path.join(out, 'loss.png')) > 5000
     # the checkpoint's weights give the logged val loss (nothing lost in the save/load round trip)
-    x, y = next(iter(data.ShardLoader(tiny_base['data_dir'], 'val', 8, 256, seed=0)))
+    x, y = next(iter(data.ShardLoader(tiny_base['data_dir'], 'val', 8, 512, seed=0)))
     with torch.no_grad():
         _, loss = ck['model'](x, y)
     assert abs(loss.item() - v1) < 0.5
@@ -153,8 +154,8 @@ def test_midtrain_starts_from_base_with_fresh_optimizer_and_flops_budget(tiny_ba
     batch = 4096
     budget = 6 * n * batch * 3 + 1  # three steps' worth of 6N FLOPs
     log = midtrain.main([f'--init_from={tiny_base["out_dir"]}', f'--data_dir={tiny_base["data_dir"]}',
-                         f'--out_dir={out}', f'--flops_budget={float(budget)}', '--seq_len=256',
-                         f'--batch_tokens={batch}', '--micro_batch=16', '--eval_tokens=16384', '--eval_interval=100',
+                         f'--out_dir={out}', f'--flops_budget={float(budget)}', '--seq_len=512',
+                         f'--batch_tokens={batch}', '--micro_batch=8', '--eval_tokens=16384', '--eval_interval=100',
                          '--lr=1e-3', '--min_lr=1e-4', '--progress=False'])
     assert log['config']['max_tokens'] == budget // (6 * n)
     assert [r['step'] for r in log['train']] == [1, 2, 3]

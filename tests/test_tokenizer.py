@@ -16,9 +16,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import data  # noqa: E402
 from data import (_TRAIN_SPLIT, N_FIXED_TOKENS, SPECIAL_TOKENS, ShardLoader, Tokenizer,  # noqa: E402
-                       check_identity, count_tokens, load_original_tokenizer, load_shard_meta, train_tokenizer,
-                       write_shards)
+                  check_identity, count_tokens, load_original_tokenizer, load_shard_meta, train_tokenizer,
+                  write_shards)
 
 REF = os.path.join(ROOT, 'reference')
 with open(os.path.join(REF, 'official_generator_samples.jsonl'), encoding='utf-8') as f:
@@ -26,15 +27,7 @@ with open(os.path.join(REF, 'official_generator_samples.jsonl'), encoding='utf-8
 ORIGINAL = os.path.join(REF, 'paper_release', 'tokenizer.json')
 
 
-def training_text(row):
-    """SPEC §1 training text (data.training_text; rebuilt here so this file needs only _tok_part)."""
-    k = row['solution'].rfind('Answer:')
-    answer = row['solution'][k + len('Answer:'):].strip().rstrip('.')
-    return (f"<question> {row['problem'].strip()} {row['question']} </question> <solution> "
-            f"{row['solution'][:k].strip()} </solution> <answer> {answer} </answer>")
-
-
-TEXTS = [training_text(r) for r in ROWS]
+TEXTS = [data.training_text(r) for r in ROWS]
 UNICODE = ['Festival Lumière de Valmont', 'Rêves de Belleville', 'Cinéma de Montreval', 'Festival de Saint-Rivage',
            'naïve café 東京 🙂 \u00a0\u3000 tab\there\r\nend', "it's we'll they're", '  double  spaces  ',
            '\n\n', '',

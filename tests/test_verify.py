@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import (REWARDS, Verdict, _linear_form, _verify, bench_verify, parse_solution, reward,  # noqa: E402
-                          verify, verify_main, verify_rows)
+                  verify, verify_main, verify_rows)
 
 FIXTURE = os.path.join(ROOT, 'reference', 'official_generator_samples.jsonl')
 ROWS = [json.loads(line) for line in open(FIXTURE)]
