@@ -29,6 +29,7 @@ import difflib
 import json
 import os
 import random
+import sys
 import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -877,3 +878,46 @@ def export_hf(model: nn.Module, path, dtype=torch.float32, tokenizer_files: dict
     for name, text in (tokenizer_files or {}).items():
         with open(os.path.join(path, name), 'w') as f:
             f.write(text)
+
+
+def import_hf(hf_dir, out_dir, tokenizer_json=None) -> str:
+    """Turn a Hugging Face Qwen2 directory (a released checkpoint of the original study, or one made
+    by export_hf) into a run directory every stage reads: out_dir/ckpt.pt + out_dir/tokenizer.json.
+    The tokenizer is the directory's HF tokenizer.json (or `tokenizer_json`) converted exactly to
+    tiktoken (data.load_original_tokenizer). Returns the checkpoint path."""
+    import data  # only here: model.py does not otherwise depend on the task world
+    tok_path = tokenizer_json or os.path.join(hf_dir, 'tokenizer.json')
+    if not os.path.exists(tok_path):
+        raise FileNotFoundError(f"{tok_path} not found: pass the HF tokenizer.json with --tokenizer= "
+                                f"(the original study's is reference/paper_release/tokenizer.json)")
+    tok = data.load_original_tokenizer(tok_path)
+    m = load_hf_qwen2(hf_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, 'tokenizer.json'))
+    path = os.path.join(out_dir, 'ckpt.pt')
+    save_checkpoint(path, m, run_config={'source': os.path.abspath(hf_dir), 'data_dir': ''},
+                    tokenizer_identity=tok.identity, step=0)
+    return path
+
+
+if __name__ == '__main__':
+    # python model.py import_hf --hf_dir=path/to/released_model --out=out/released [--tokenizer=tokenizer.json]
+    # python model.py export_hf --ckpt=out/tiny/base --out=out/tiny/base_hf
+    args = dict(a[2:].split('=', 1) for a in sys.argv[2:] if a.startswith('--') and '=' in a)
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ''
+    if cmd == 'import_hf' and {'hf_dir', 'out'} <= set(args):
+        try:
+            print('wrote', import_hf(args['hf_dir'], args['out'], args.get('tokenizer')))
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f'model.py import_hf: {e}')
+    elif cmd == 'export_hf' and {'ckpt', 'out'} <= set(args):
+        ck_path = args['ckpt'] if args['ckpt'].endswith('.pt') else os.path.join(args['ckpt'], 'ckpt.pt')
+        ck = load_checkpoint(ck_path)
+        tok_file = os.path.join(os.path.dirname(ck_path), 'tokenizer.json')
+        export_hf(ck['model'], args['out'])
+        print(f"wrote {args['out']}/config.json and model.safetensors"
+              + (f" (our tokenizer stays in {tok_file}: it is a tiktoken BPE, not an HF tokenizer)"
+                 if os.path.exists(tok_file) else ''))
+    else:
+        sys.exit("usage: python model.py import_hf --hf_dir=DIR --out=RUN_DIR [--tokenizer=tokenizer.json]\n"
+                 "       python model.py export_hf --ckpt=RUN_DIR_OR_CKPT --out=DIR")

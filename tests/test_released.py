@@ -1,0 +1,49 @@
+"""The original study's artifacts: a Hugging Face Qwen2 directory with the released config and
+tokenizer becomes a run directory that evaluate.py / rl.py read, with identical logits."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import model as M  # noqa: E402
+
+RELEASE = os.path.join(ROOT, 'reference', 'paper_release')
+
+
+def test_import_released_layout_gives_a_run_dir_with_the_same_logits(tmp_path):
+    pytest.importorskip('safetensors', reason='HF checkpoint I/O needs safetensors (pip install safetensors)')
+    # a small model with the released config's conventions (vocab 2200, tied, GQA), saved the HF way
+    with open(os.path.join(RELEASE, 'config.json')) as f:
+        hf_cfg = json.load(f)
+    hf_cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    cfg = M.config_from_hf(hf_cfg)
+    torch.manual_seed(0)
+    ours = M.Qwen2(cfg).eval()
+    hf_dir = tmp_path / 'released'
+    M.export_hf(ours, str(hf_dir))
+    with open(os.path.join(RELEASE, 'tokenizer.json')) as f:
+        (hf_dir / 'tokenizer.json').write_text(f.read())
+    r = subprocess.run([sys.executable, 'model.py', 'import_hf', f'--hf_dir={hf_dir}', f'--out={tmp_path}/run'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ck = M.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))
+    tok = data.Tokenizer.load(str(tmp_path / 'run' / 'tokenizer.json'))
+    assert ck['tokenizer_identity'] == tok.identity == data.load_original_tokenizer().identity
+    row = data.read_jsonl(data.FIXTURE_PATH)[0]
+    ids = torch.tensor([tok.encode(data.prompt_text(row))])
+    assert ids.max() < cfg.vocab_size
+    with torch.no_grad():
+        assert torch.allclose(ck['model'].eval()(ids)[0], ours(ids)[0], atol=1e-5)
+
+
+def test_import_without_a_tokenizer_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, 'model.py', 'import_hf', f'--hf_dir={tmp_path}', f'--out={tmp_path}/run'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr and 'tokenizer.json not found' in r.stderr and 'reference/paper_release' in r.stderr
