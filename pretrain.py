@@ -55,7 +55,7 @@ defaults = dict(
     # I/O
     out_dir='out/base',                  # ckpt.pt, log.json, loss.png, tokenizer.json go here
     data_dir='data_cache/pretrain_uniform',  # tokenizer.json, train_*.bin, val.bin, meta.json, eval.jsonl
-    mixture='pretrain_uniform',          # data.MIXTURES name or ops ('2-10', '2-4:0.5,5-7:0.5'); builds a missing data_dir
+    mixture='pretrain_uniform',          # builds a missing data_dir: a data.MIXTURES name or ops ('2-4:0.5,5-7:0.5')
     data_tokens=0,                       # training tokens to generate when building data_dir (0: max_tokens)
     data_seed=0,                         # generator seed for building data_dir
     data_workers=1,                      # generator processes when building data_dir
@@ -134,7 +134,8 @@ def grad_accum_steps(cfg, world_size):
         raise ValueError(
             f"batch_tokens={cfg['batch_tokens']} is not a multiple of micro_batch * seq_len * world_size = "
             f"{cfg['micro_batch']} * {cfg['seq_len']} * {world_size} = {per_micro}; set --batch_tokens to a multiple "
-            f"of {per_micro} (e.g. {max(1, round(cfg['batch_tokens'] / per_micro)) * per_micro}) or change --micro_batch")
+            f"of {per_micro} (e.g. {max(1, round(cfg['batch_tokens'] / per_micro)) * per_micro}) "
+            f"or change --micro_batch")
     return cfg['batch_tokens'] // per_micro
 
 
@@ -235,10 +236,12 @@ def train(cfg):
     if resume:
         ck = model.load_checkpoint(ckpt_path, device='cpu')
         diff = config_diff(ck['config'], cfg)
+        lines = '\n'.join(f"  {k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
         if diff and not cfg['resume_override']:
-            lines = '\n'.join(f"  {k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{ckpt_path} was written by a different config:\n{lines}\n"
                              f"use the checkpoint's values, another --out_dir, or --resume_override=True")
+        if diff:
+            say(f"resume_override: continuing {ckpt_path} with a changed config:\n{lines}")
         if ck['tokenizer_identity'] != tok.identity:
             raise ValueError(f"{ckpt_path} uses tokenizer {ck['tokenizer_identity']}, {data_dir} uses {tok.identity}")
         raw = ck['model']

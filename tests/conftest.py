@@ -29,8 +29,9 @@ def run_pretrain(argv, script='pretrain.py', env=None, timeout=900, check=True, 
     if nproc > 1:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
                script] + list(argv)
-    e = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1' if nproc > 1 else '2'),
-             PYTHONPATH=ROOT, **(env or {}))
+    e = dict(os.environ, PYTHONPATH=ROOT)
+    e.setdefault('OMP_NUM_THREADS', '1' if nproc > 1 else '2')  # 2 cores: one thread per DDP process
+    e.update(env or {})
     p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n"

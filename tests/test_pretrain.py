@@ -3,7 +3,6 @@ processes equal one, mid-training starts from the base with a fresh optimizer an
 config mistakes are clear errors."""
 import json
 import os
-import sys
 
 import pytest
 import torch

@@ -309,42 +309,69 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny-model work runs faster on one thread, and much faster on a loaded machine (OpenMP
+    threads spin-waiting for a busy core: 17x slower decoding measured on the shared dev box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope='module')
 def edge_base(tiny_base, tmp_path_factory):
-    """tiny_base mid-trained for 50 steps on op 2-3 (midtrain.py, the pipeline's own stage): it then
-    answers ~15% of op 2-3 problems -- the edge of competence GRPO needs. (tiny_base itself writes
-    no answers yet: pass@1 0 at every op, too early for any reward signal.)"""
+    """tiny_base mid-trained for 60 steps on op 2 (midtrain.py, the pipeline's own stage), so that it
+    writes well-formed solutions that end in an answer. tiny_base itself writes no answers (pass@1 0
+    and 98% no answer at op 2-5, measured), which gives GRPO no reward to work with."""
     import midtrain
     d = tmp_path_factory.mktemp('edge')
-    midtrain.main([f"--init_from={tiny_base['out_dir']}", f'--out_dir={d}/run', f'--data_dir={d}/data', '--mixture=2-3',
-                   '--data_tokens=300000', '--max_steps=50', '--seq_len=256', '--micro_batch=16', '--batch_tokens=4096',
-                   '--lr=3e-3', '--min_lr=3e-4', '--warmup_frac=0.05', '--eval_interval=1000', '--eval_tokens=4096',
-                   '--progress=False', '--log_interval=10'])
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        midtrain.main([f"--init_from={tiny_base['out_dir']}", f'--out_dir={d}/run', f'--data_dir={d}/data',
+                       '--mixture=2', '--data_tokens=250000', '--max_steps=60', '--seq_len=256', '--micro_batch=16',
+                       '--batch_tokens=4096', '--lr=3e-3', '--min_lr=1e-3', '--warmup_frac=0.05',
+                       '--eval_interval=1000', '--eval_tokens=4096', '--progress=False', '--log_interval=20'])
+    finally:
+        torch.set_num_threads(n)
     return str(d / 'run')
 
 
-def test_tiny_run_learns(edge_base, tmp_path):
-    """GRPO with the outcome reward on op 2-3 from the edge base raises the mean reward and the
-    held-out outcome pass@1 (problems never seen as prompts)."""
+def test_tiny_run_learns(edge_base, tmp_path, one_thread):
+    """GRPO with the outcome reward on reverse-mode op 2 problems under a 96-token budget (the gold
+    solutions take ~135). The edge base writes the right format but mostly runs past the budget
+    (~60% truncated; held-out outcome pass@1 ~2% at temperature 0.7). Within 12 steps GRPO must raise
+    the mean reward and the held-out outcome pass@1 (problems never used as prompts): it learns what
+    this reward pays for, finishing short solutions within the budget. The reasoning stays wrong
+    (process-verified pass@1 ~0 before and after: at this size, outcome reward buys the reward hacking
+    of SPEC §5.4), so the assertions are on outcome, and the log shows the hacking."""
     out = tmp_path / 'rl'
-    res = rl.main(['tiny_rl', f'--init_from={edge_base}', f'--out_dir={out}', '--op_min=2', '--op_max=3',
-                   '--max_steps=16', '--eval_every=16', '--sample_every=8'])
+    res = rl.main(['tiny_rl', f'--init_from={edge_base}', f'--out_dir={out}', '--op_min=2', '--op_max=2',
+                   '--reverse_frac=1.0', '--eval_modes=forwardreverse', '--prompts_per_step=16',
+                   '--minibatch_prompts=8', '--max_response_len=96', '--max_prompt_len=192', '--lr=2e-4',
+                   '--max_steps=12', '--eval_every=12', '--eval_per_op_template=16', '--sample_every=6'])
     log = _read_jsonl(out / 'log.jsonl')
-    first, last = (sum(r['reward'] for r in rs) / len(rs) for rs in (log[:4], log[-4:]))
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
     before, after = res['eval'][0], res['eval'][-1]
-    print(f"reward {first:.3f} -> {last:.3f}; held-out outcome pass@1 {before['eval/all/outcome_pass@1']:.3f} -> "
-          f"{after['eval/all/outcome_pass@1']:.3f}, process pass@1 {before['eval/all/pass@1']:.3f} -> "
-          f"{after['eval/all/pass@1']:.3f}; {log[-1]['gen_tok_per_s']:.0f} generated tok/s")
-    assert last > first + 0.1
+    print(f"reward {mean(log[:3], 'reward'):.3f} -> {mean(log[-4:], 'reward'):.3f}; truncated "
+          f"{mean(log[:3], 'truncated'):.2f} -> {mean(log[-4:], 'truncated'):.2f}; held-out outcome pass@1 "
+          f"{before['eval/all/outcome_pass@1']:.3f} -> {after['eval/all/outcome_pass@1']:.3f} (process-verified "
+          f"{before['eval/all/pass@1']:.3f} -> {after['eval/all/pass@1']:.3f}); "
+          f"{mean(log, 'gen_tok_per_s'):.0f} generated tok/s, {mean(log, 'step_s'):.1f} s/step")
+    # calibrated on 4 seeds: reward +0.06..+0.09, pass@1 +0.16..+0.29, truncation -0.3..-0.6
+    assert mean(log[-4:], 'reward') > mean(log[:3], 'reward') + 0.04
     assert after['eval/all/outcome_pass@1'] > before['eval/all/outcome_pass@1'] + 0.1
-    assert max(r['kl'] for r in log) > 0 and log[-1]['flops'] > log[0]['flops']
+    assert mean(log[-4:], 'truncated') < mean(log[:3], 'truncated') - 0.2
+    assert 0 < log[-1]['kl'] < 1.0 and log[-1]['clip_frac'] >= 0 and log[-1]['flops'] > log[0]['flops'] > 0
+    assert (out / 'ckpt.pt').exists() and (out / 'tokenizer.json').exists() and (out / 'samples.jsonl').exists()
 
 
 SMALL = ['tiny_rl', '--prompts_per_step=4', '--minibatch_prompts=2', '--group_size=2', '--max_response_len=24',
          '--micro_batch=3', '--eval_every=0', '--sample_every=1', '--log_every=1']
 
 
-def test_exact_resume_and_flop_budget(tiny_base, tmp_path):
+def test_exact_resume_and_flop_budget(tiny_base, tmp_path, one_thread):
     """1 step + resume 1 step == 2 steps: weights, optimizer, prompts, FLOPs. A FLOP budget stops
     the run before the budget is exceeded."""
     base = SMALL + [f"--init_from={tiny_base['out_dir']}", '--ckpt_every=1']
@@ -373,10 +400,14 @@ def test_exact_resume_and_flop_budget(tiny_base, tmp_path):
     assert f['train'] == pytest.approx(3 * f['ref']) and f['old'] == pytest.approx(f['ref'])
     assert f['total'] == pytest.approx(f['rollout'] + f['ref'] + f['old'] + f['train'])
     assert f['rollout'] % (2 * n) == 0 and f['rollout'] < f['ref']  # prompts prefilled once per group
-    # a budget of 2.5 steps' worth stops after 2 steps, under the budget
+    # a budget of 2.5 first steps: the run stops as soon as one more step, at the mean cost so far,
+    # would exceed it (SPEC §5.3 splits one budget between mid-training and RL)
     budget = 2.5 * la[0]['step_flops']
     rc = rl.main(base + ['--max_steps=10', f'--out_dir={tmp_path / "c"}', f'--flops_budget={budget}'])
-    assert 1 <= rc['step'] < 10 and rc['flops']['total'] <= budget
+    lc = _read_jsonl(tmp_path / 'c' / 'log.jsonl')
+    assert 2 <= rc['step'] < 10 and rc['flops']['total'] == pytest.approx(lc[-1]['flops'])
+    projected = [r['flops'] + r['flops'] / r['step'] for r in lc]  # used + the mean step
+    assert all(p <= budget for p in projected[:-1]) and projected[-1] > budget
 
 
 def test_two_process_run_gloo(tiny_base, tmp_path):
