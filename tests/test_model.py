@@ -82,6 +82,22 @@ def test_presets_and_param_counts():
             assert M.config_from_hf(json.load(f)) == p
 
 
+def test_initializer_range_sets_the_init_and_survives_hf_round_trip():
+    """The init std follows ModelConfig.initializer_range (the tiny preset uses 0.06: at 0.02 a model
+    that narrow sat on a copy-task plateau), and the value travels through the HF config."""
+    torch.manual_seed(0)
+    for std in (0.02, 0.06):
+        cfg = M.ModelConfig(vocab_size=500, hidden_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                            intermediate_size=128, max_seq_len=64, initializer_range=std)
+        m = M.Qwen2(cfg)
+        for name, w in (('embed', m.embed_tokens.weight), ('q', m.layers[0].self_attn.q_proj.weight),
+                        ('down', m.layers[1].mlp.down_proj.weight)):
+            assert abs(w.std().item() - std) < 0.1 * std, (name, std, w.std().item())
+        assert m.layers[0].self_attn.q_proj.bias.abs().max() == 0
+        assert M.config_from_hf(M.hf_config_dict(cfg)) == cfg
+    assert M.MODEL_PRESETS['tiny'].initializer_range == 0.06 and M.MODEL_PRESETS['paper'].initializer_range == 0.02
+
+
 def test_flops_and_mfu():
     m = make_model()
     n, c = m.num_params(), m.config
