@@ -87,6 +87,7 @@ class OracleModel(torch.nn.Module):
 # the tiny_eval preset keeps forward problems of op 2..10 only; these tests use every row of their eval set
 ANY_EVAL = ['--eval_modes=', '--eval_per_op_template=0', f'--eval_ops={list(range(2, 21))}']
 
+
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
     """The models here are tiny: one thread is faster, and much faster on a busy machine."""
@@ -325,8 +326,8 @@ def random_runs(tmp_path_factory):
 def test_command_end_to_end_and_rescore(random_runs, tmp_path):
     out = tmp_path / 'eval'
     run0, run1 = random_runs['runs']
-    args = ['tiny_eval', *ANY_EVAL, f'--ckpts={run0},{run1},{run0}/ckpt.pt', '--labels=a,b,a2', f'--out_dir={out}',
-            '--n_samples=3', '--max_new_tokens=24', '--progress=False', '--batch_size=4']
+    args = ['tiny_eval', *ANY_EVAL, f'--ckpts={run0},{run1},{run0}/ckpt.pt', '--labels=a,b,a2',
+            f'--out_dir={out}', '--n_samples=3', '--max_new_tokens=24', '--progress=False', '--batch_size=4']
     runs = ev.main(args)
     for name in ('results.json', 'results.csv', 'summary.md', 'passk_by_band.png', 'acc_vs_op.png',
                  'generations_a.jsonl', 'generations_b.jsonl', 'generations_a2.jsonl', 'eval_set.jsonl'):
@@ -381,8 +382,8 @@ def test_tiny_base_pipeline(tiny_base, tmp_path):
     (its run dir and the data_dir in its run config), every output written. (At the fixture's 50 steps
     the model does not yet write parsable answers, so no accuracy is asserted here.)"""
     out = tmp_path / 'eval'
-    runs = ev.main(['tiny_eval', *ANY_EVAL, f"--ckpts={tiny_base['ckpt']}", '--labels=base', f'--out_dir={out}',
-                    '--eval_ops=[2,3,4,12]', '--n_samples=2', '--max_new_tokens=64', '--progress=False'])
+    runs = ev.main(['tiny_eval', *ANY_EVAL, f"--ckpts={tiny_base['ckpt']}", '--labels=base',
+                    f'--out_dir={out}', '--eval_ops=[2,3,4,12]', '--n_samples=2', '--max_new_tokens=64', '--progress=False'])
     rows = data.read_jsonl(str(out / 'eval_set.jsonl'))
     in_data = [r for r in data.read_jsonl(os.path.join(tiny_base['data_dir'], 'eval.jsonl')) if r['op'] in (2, 3, 4, 12)]
     assert [r['id'] for r in rows] == [r['id'] for r in in_data]
@@ -399,8 +400,8 @@ def test_torchrun_two_ranks_match_one_process(random_runs, tmp_path):
     import subprocess
     import sys
     run0 = random_runs['runs'][0]
-    common = ['evaluate.py', 'tiny_eval', *ANY_EVAL, f'--ckpts={run0}', '--labels=g', '--greedy=True', '--max_new_tokens=12',
-              '--progress=False']
+    common = ['evaluate.py', 'tiny_eval', *ANY_EVAL, f'--ckpts={run0}', '--labels=g', '--greedy=True',
+              '--max_new_tokens=12', '--progress=False']
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS='1')
     outs = {}
