@@ -74,6 +74,10 @@ defaults = dict(
     batch_tokens=16 * 512,               # global batch in tokens
     micro_batch=16,                      # sequences per process per forward/backward
     seq_len=512,                         # packed block length
+    doc_mask=False,                      # attend only within each packed document (block-diagonal causal
+                                         # mask): no window mixes problems; SDPA leaves its fastest kernels
+    loss_on='all',                       # 'all': loss on every token (plain pre-training); 'solution': not on
+                                         # the question's tokens (solutions and answers only; val loss too)
     max_tokens=2_000_000,                # training budget in tokens -> max_steps = max_tokens // batch_tokens
     max_steps=0,                         # if > 0, overrides the token budget (tests, smoke runs)
     # AdamW + schedule
@@ -165,23 +169,36 @@ def gather(obj, world_size):
     return out
 
 
+def doc_ids(x, cfg, eos_id):
+    """Document index of each token for the doc_mask attention (None: plain causal attention)."""
+    return model.document_ids(x, eos_id) if cfg['doc_mask'] else None
+
+
+def targets(x, y, cfg, tok):
+    """The next-token targets the loss sees: all of y, or (loss_on='solution') not the questions'."""
+    return data.mask_question_targets(x, y, tok) if cfg['loss_on'] == 'solution' else y
+
+
 @torch.no_grad()
-def estimate_val_loss(m, cfg, dist):
-    """Mean next-token loss on the first eval_tokens of val.bin, identical on every call (fixed loader seed)."""
+def estimate_val_loss(m, cfg, dist, tok):
+    """Mean next-token loss per target token on the first eval_tokens of val.bin, identical on every call
+    (fixed loader seed)."""
     loader = ShardLoader(cfg['data_dir'], 'val', cfg['micro_batch'], cfg['seq_len'],
                          rank=dist.rank, world_size=dist.world_size, seed=0)
     per_batch = cfg['micro_batch'] * cfg['seq_len'] * dist.world_size
     n = max(1, min(cfg['eval_tokens'], loader.n_tokens - cfg['seq_len']) // per_batch)  # no window twice
     m.eval()
-    total = torch.zeros((), device=dist.device)
+    total = torch.zeros(2, device=dist.device)  # (loss sum, target count)
     for _, (x, y) in zip(range(n), loader):
+        x, y = x.to(dist.device), y.to(dist.device)
+        y = targets(x, y, cfg, tok)
         with model.autocast_ctx(dist.device):
-            _, loss = m(x.to(dist.device), y.to(dist.device))
-        total += loss.float()
+            _, tok_loss = m(x, y, loss_reduction='none', doc_ids=doc_ids(x, cfg, tok.eos_id))
+        total += torch.stack([tok_loss.sum().float(), (y != -100).sum().float()])
     m.train()
     if dist.world_size > 1:
         torch_dist.all_reduce(total)
-    return total.item() / (n * dist.world_size)
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def save_plot(log, path):
@@ -226,6 +243,8 @@ def train(cfg):
                                 f"python {os.path.basename(sys.argv[0])} ... --prepare_only=True")
     tok = Tokenizer.load(os.path.join(data_dir, 'tokenizer.json'))
     grad_accum = grad_accum_steps(cfg, dist.world_size)
+    if cfg['loss_on'] not in ('all', 'solution'):
+        raise ValueError(f"loss_on={cfg['loss_on']!r}: use 'all' (every token) or 'solution' (not the questions)")
     max_steps = cfg['max_steps'] or cfg['max_tokens'] // cfg['batch_tokens']
     if max_steps < 1:
         raise ValueError(f"max_tokens={cfg['max_tokens']} is less than one batch of batch_tokens={cfg['batch_tokens']}")
@@ -309,7 +328,7 @@ def train(cfg):
             write_json(log, os.path.join(out_dir, 'log.json'))
 
     if start_step == 0:
-        val = estimate_val_loss(m, cfg, dist)
+        val = estimate_val_loss(m, cfg, dist, tok)
         log['val'].append({'step': 0, 'loss': val, 'tokens': 0})
         say(f"step 0: val loss {val:.4f}")
 
@@ -324,25 +343,34 @@ def train(cfg):
         lr = lr_at(step, cfg, max_steps)
         for g in optimizer.param_groups:
             g['lr'] = lr
+        # the step's loss is the mean over every target token of the global batch, however the targets
+        # are spread over micro-steps and processes (loss_on='solution' leaves uneven counts): each
+        # micro-step backpropagates its token sum / the global count (x world_size: DDP averages)
+        micro_batches = [next(batches) for _ in range(grad_accum)]
+        ys = [targets(x, y, cfg, tok) for x, y in micro_batches]
+        n_targets = sum((y != -100).sum() for y in ys).to(device=device, dtype=torch.float32)
+        if dist.world_size > 1:
+            torch_dist.all_reduce(n_targets)
+        n_targets = n_targets.clamp(min=1)
         loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = next(batches)
+        for micro, ((x, _), y) in enumerate(zip(micro_batches, ys)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # gradients are all-reduced only on the last micro-step (the context wraps forward AND backward)
             sync = dist.world_size == 1 or micro == grad_accum - 1
             with (nullcontext() if sync else m.no_sync()):
                 with ctx:
-                    _, loss = m(x, y)
-                (loss / grad_accum).backward()
+                    _, tok_loss = m(x, y, loss_reduction='none', doc_ids=doc_ids(x, cfg, tok.eos_id))
+                loss = tok_loss.sum() / n_targets
+                (loss * dist.world_size).backward()
             loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg['grad_clip'] or float('inf'))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # mean loss over the whole global batch (a scalar all-reduce per step; negligible next to the step)
+        # each process holds its share of the global mean (a scalar all-reduce; negligible next to the step)
         if dist.world_size > 1:
             torch_dist.all_reduce(loss_sum)
-        loss_val = loss_sum.item() / (grad_accum * dist.world_size)  # .item() waits for the GPU
+        loss_val = loss_sum.item()  # .item() waits for the GPU
         dt = time.time() - t0  # the step alone: evaluations and checkpoints are not charged to tok/s
         tok_s = cfg['batch_tokens'] / dt
         mfu = tok_s * fpt / (peak * dist.world_size) if peak else None  # None: peak unknown (CPU)
@@ -357,7 +385,7 @@ def train(cfg):
                   f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | "
                   f"{1000 * dt:.0f} ms")
         if done % cfg['eval_interval'] == 0 or done == max_steps:
-            val = estimate_val_loss(m, cfg, dist)
+            val = estimate_val_loss(m, cfg, dist, tok)
             log['val'].append({'step': done, 'loss': val, 'tokens': done * cfg['batch_tokens']})
             write(f"step {done}: val loss {val:.4f}")
         if done % cfg['ckpt_interval'] == 0 or done == max_steps:

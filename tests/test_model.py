@@ -151,6 +151,24 @@ def test_loss_ignore_index_and_reduction_none():
     torch.testing.assert_close(loss, per_tok.sum() / (y != -100).sum())
     assert logits.dtype == torch.float32 and logits.shape == (2, 12, 97)
 
+def test_document_mask_makes_packed_documents_independent():
+    """With doc_ids, each packed document gets exactly the logits it gets alone (RoPE is relative,
+    so its offset in the window does not matter); without them the second one sees the first."""
+    m = make_model(peaky=True)
+    eos = 3
+    a, b, c = torch.randint(4, 97, (1, 6)), torch.randint(4, 97, (1, 9)), torch.randint(4, 97, (1, 4))
+    a[0, -1] = b[0, -1] = eos
+    x = torch.cat([a, b, c], 1)
+    ids = M.document_ids(x, eos)
+    assert ids.tolist() == [[0] * 6 + [1] * 9 + [2] * 4]  # each EOS belongs to the document it ends
+    packed, _ = m(x, doc_ids=ids)
+    for lo, part in ((0, a), (6, b), (15, c)):
+        alone, _ = m(part)
+        torch.testing.assert_close(packed[:, lo:lo + part.size(1)], alone, atol=1e-5, rtol=1e-5)
+    plain, _ = m(x)
+    assert (plain[:, 6:15] - packed[:, 6:15]).abs().max() > 1e-3
+
+
 # -----------------------------------------------------------------------------
 # (2) cached vs uncached greedy decoding, padding, groups
 

@@ -65,9 +65,11 @@ def test_tiny_base_learns_and_writes_its_run_dir(tiny_base):
     assert {'loader', 'rng', 'log'} <= set(ck['extra'])
     assert os.path.getsize(os.path.join(out, 'loss.png')) > 5000
     # the checkpoint's weights give the logged val loss (nothing lost in the save/load round trip)
+    # (the loss the run's config trains: its doc_mask and loss_on, read back from the checkpoint)
     x, y = next(iter(data.ShardLoader(tiny_base['data_dir'], 'val', 8, 512, seed=0)))
+    cfg = ck['config']
     with torch.no_grad():
-        _, loss = ck['model'](x, y)
+        _, loss = ck['model'](x, pretrain.targets(x, y, cfg, tok), doc_ids=pretrain.doc_ids(x, cfg, tok.eos_id))
     assert abs(loss.item() - v1) < 0.5
 
 
@@ -133,7 +135,9 @@ def test_resume_with_another_config_is_an_error_naming_the_keys(tiny_data, tmp_p
 def test_two_processes_match_one(tiny_data, tmp_path):
     base = MICRO + [f'--data_dir={tiny_data}', '--ckpt_interval=100']
     # one process: 2 micro-steps of 2 sequences; two processes: 2 micro-steps of 1 sequence each, so the
-    # no_sync() path is exercised too; every step sees the same 4 windows in both runs
+    # no_sync() path is exercised too; every step sees the same 4 windows in both runs. The preset's
+    # loss_on='solution' gives each window its own number of targets: the loss must still be the
+    # mean over the global batch's targets, not a mean of per-process means.
     pretrain.main(base + [f'--out_dir={tmp_path}/one'])
     run_pretrain(base + [f'--out_dir={tmp_path}/two', '--micro_batch=1'], nproc=2)
     one, two = load_log(f'{tmp_path}/one'), load_log(f'{tmp_path}/two')
@@ -213,6 +217,37 @@ def test_batch_not_divisible_names_the_fix(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r'batch_tokens=100 is not a multiple of .* = 64; set --batch_tokens'):
         pretrain.main(MICRO + [f'--data_dir={tiny_data}', f'--out_dir={tmp_path}', '--batch_tokens=100'])
     assert pretrain.grad_accum_steps({'batch_tokens': 512, 'micro_batch': 2, 'seq_len': 32}, 2) == 4
+
+
+def test_solution_loss_mask_matches_a_token_by_token_reference(tiny_data):
+    """loss_on='solution': a target is dropped iff it is a token of a question (tags included), also in
+    windows that start inside a question; checked against a walk over the whole token stream."""
+    tok = data.Tokenizer.load(os.path.join(tiny_data, 'tokenizer.json'))
+    qo, qc = tok.id_of('<question>'), tok.id_of('</question>')
+    stream = data.ShardLoader(tiny_data, "val", 1, 64, seed=0)._read(0, 4000).astype('int64')
+    in_q, inside = [], False
+    for t in stream.tolist():  # reference: a state machine over the stream from its true start
+        inside = inside or t == qo
+        in_q.append(inside)
+        inside = inside and t != qc
+    starts = list(range(0, 4000 - 65, 37))  # windows of 64 at many offsets: some begin mid-question
+    s = torch.tensor([stream[i:i + 65] for i in starts])
+    x, y = s[:, :-1], s[:, 1:]
+    got = data.mask_question_targets(x, y, tok)
+    want = torch.tensor([[-100 if in_q[i + 1 + t] else int(stream[i + 1 + t]) for t in range(64)] for i in starts])
+    assert torch.equal(got, want)
+    assert 0.2 < (got == -100).float().mean() < 0.9  # both kinds of targets are present
+
+
+def test_doc_mask_and_solution_loss_train(tiny_data, tmp_path):
+    """The two tiny-preset switches run end to end, change the trajectory, and bad values are errors."""
+    base = MICRO + [f'--data_dir={tiny_data}', '--max_steps=3', '--eval_interval=3']
+    plain = pretrain.main(base + [f'--out_dir={tmp_path}/plain', '--doc_mask=False', '--loss_on=all'])
+    both = pretrain.main(base + [f'--out_dir={tmp_path}/both', '--doc_mask=True', '--loss_on=solution'])
+    assert plain['train'][0]['loss'] != both['train'][0]['loss']
+    assert all(r['loss'] == r['loss'] for r in both['train'] + both['val'])  # finite, no NaN from empty masks
+    with pytest.raises(ValueError, match="loss_on='answers'.*'solution'"):
+        pretrain.main(base + [f'--out_dir={tmp_path}/bad', '--loss_on=answers'])
 
 
 def test_unknown_and_mistyped_keys_are_errors():
