@@ -738,9 +738,9 @@ MIXTURES = {
     # SPEC §4: evaluation bands
     'eval_all': mixture(range(2, 21)), 'eval_id': mixture(range(2, 11)),
     'eval_ood_edge': mixture(range(11, 15)), 'eval_ood_hard': mixture(range(15, 21)),
-    # the tiny CPU study (runs/tiny.sh): forward mode only, in distribution op 2-4, edge of competence op 5-6
-    'tiny_pretrain': mixture(range(2, 5), modes=['normalforward']),
-    'tiny_mid': mixture([(0.2, range(2, 5)), (0.8, range(5, 7))], modes=['normalforward']),
+    # the tiny CPU study (runs/tiny.sh): forward mode only, in distribution op 2-3, edge of competence op 4-5
+    'tiny_pretrain': mixture(range(2, 4), modes=['normalforward']),
+    'tiny_mid': mixture([(0.2, range(2, 4)), (0.8, range(4, 6))], modes=['normalforward']),
 }
 # SPEC §5.2: pre-training on zoo (op 2-10) with a school share, and the variant with school only at op 2
 for _name, _share in (('0pct', 0.0), ('0.1pct', 0.001), ('1pct', 0.01), ('5pct', 0.05), ('10pct', 0.1),

@@ -81,7 +81,7 @@ class ModelConfig:
 # Parameter counts (tied embeddings counted once) are printed by `python bench.py --only=params`
 # and asserted in tests/test_model.py.
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    # 1.41M: the tiny CPU study (op 2..4, forward mode, minutes on 2 cores). max_seq_len is only a
+    # 1.41M: the tiny CPU study (op 2..3, forward mode, minutes on 2 cores). max_seq_len is only a
     # bound (RoPE has no parameters; training picks its own block length): 2048 so that evaluating on
     # longer, out-of-distribution problems never runs out of room. Three departures from the paper's
     # shape, all for one skill this width otherwise learns late or never: copying the variable letter

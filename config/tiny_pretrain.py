@@ -1,4 +1,4 @@
-# The tiny study's base model on CPU (2 cores): the tiny Qwen2 (1.41M parameters) on op 2..4, all
+# The tiny study's base model on CPU (2 cores): the tiny Qwen2 (1.41M parameters) on op 2..3, all
 # templates, forward mode only (a third of the tokens per problem of reverse mode, so three times the
 # problems per token). Builds its data dir on first use (~30 s), then trains on 3.3M tokens (800 steps
 # of 4096): ~16 minutes on 2 idle cores (~3.5k tok/s).
@@ -12,11 +12,11 @@
 # - loss_on='solution': no loss on the questions, whose statements are random draws (the model still
 #   reads them): 16.9% at step 600 instead of 12.8%.
 out_dir = 'out/tiny_base'
-data_dir = 'data_cache/tiny_fwd_op2-4'
-mixture = 'tiny_pretrain'              # data.MIXTURES: U(op 2..4), forward mode
+data_dir = 'data_cache/tiny_fwd_op2-3'
+mixture = 'tiny_pretrain'              # data.MIXTURES: U(op 2..3), forward mode
 data_tokens = 3_800_000                # more than the budget, so the run never repeats a problem
 model = 'tiny'
-seq_len = 1024                         # op 2..4 forward texts: mean 160 tokens, max ~650
+seq_len = 1024                         # op 2..3 forward texts: mean ~150 tokens, max ~650
 micro_batch = 4
 doc_mask = True
 loss_on = 'solution'

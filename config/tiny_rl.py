@@ -8,10 +8,10 @@
 # The RL range should sit at the base's edge of competence: check `python evaluate.py tiny_eval
 # --ckpts=out/tiny_base` and pick the ops where pass@k is above 0 but pass@1 is low.
 # On a busy machine OMP_NUM_THREADS=1 can be much faster (tiny matmuls, threads spin-waiting).
-init_from = 'out/tiny_base'     # pretrain.py tiny_pretrain (op 2-4, forward mode)
+init_from = 'out/tiny_base'     # pretrain.py tiny_pretrain (op 2-3, forward mode)
 out_dir = 'out/tiny_rl'
-op_min = 5                      # the tiny base's edge of competence
-op_max = 6
+op_min = 4                      # the tiny base's edge of competence
+op_max = 5
 reverse_frac = 0.0              # the tiny world is forward mode only
 group_size = 6
 prompts_per_step = 12
