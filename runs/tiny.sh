@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole study in miniature, on a CPU (2 cores, ~35 minutes: pre-training 16, mid-training 4, RL
-# 4 x 3, evaluation 5): the tiny Qwen2 (~1.3M parameters) pre-trained on op 2-3 (forward mode),
+# The whole study in miniature, on a CPU (2 cores, ~33 minutes: pre-training 16, mid-training 5, RL
+# 4 x 2.5, evaluation 3): the tiny Qwen2 (1.41M parameters) pre-trained on op 2-3 (forward mode),
 # mid-trained on 20% op 2-3 + 80% op 4-5, then GRPO with an outcome reward and with the strict
 # process reward on its edge of competence (op 4-5) and on too-hard ops (op 8-10), and every model
 # evaluated on forward problems of op 2-10 (pass@k, outcome and process-verified). The tiny world's
