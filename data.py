@@ -2046,13 +2046,16 @@ class ShardLoader:
 def mask_question_targets(x, y, tokenizer):
     """y with -100 wherever the target token is part of a question (<question> ... </question>, tags
     included), so the loss covers only solutions and answers. x, y: a ShardLoader batch (y = x shifted
-    by one); a window that starts inside a question is recognised by its first tag being a close."""
+    by one); a window that starts inside a question is recognised by its first tag being a close, and
+    a window with no tag at all (shorter than one question or solution) is masked whole: what it
+    holds cannot be told from the window alone."""
     s = torch.cat([x[:, :1], y], 1)  # the whole window: s[:, t + 1] = y[:, t]
     opens = (s == tokenizer.id_of('<question>')).long()
     closes = (s == tokenizer.id_of('</question>')).long()
     marks = opens - closes                               # +1 open tag, -1 close tag, 0 other
     first = marks.gather(1, (marks != 0).long().argmax(1, keepdim=True))  # first tag's sign (0: none)
     inside = opens.cumsum(1) - (closes.cumsum(1) - closes) + (first < 0).long() > 0
+    inside |= (marks == 0).all(1, keepdim=True)
     return y.masked_fill(inside[:, 1:], -100)
 
 # -----------------------------------------------------------------------------

@@ -166,7 +166,9 @@ def test_midtrain_starts_from_base_with_fresh_optimizer_and_flops_budget(tiny_ba
     log = midtrain.main([f'--init_from={tiny_base["out_dir"]}', f'--data_dir={tiny_base["data_dir"]}',
                          f'--out_dir={out}', f'--flops_budget={float(budget)}', '--seq_len=512',
                          f'--batch_tokens={batch}', '--micro_batch=8', '--eval_tokens=16384', '--eval_interval=100',
-                         '--lr=1e-3', '--min_lr=1e-4', '--progress=False'])
+                         '--lr=1e-3', '--min_lr=1e-4', '--progress=False',
+                         # the base's objective (attention mask, which targets count), so losses compare
+                         f"--doc_mask={base_log['config']['doc_mask']}", f"--loss_on={base_log['config']['loss_on']}"])
     assert log['config']['max_tokens'] == budget // (6 * n)
     assert [r['step'] for r in log['train']] == [1, 2, 3]
     # step 0 is the base model itself (same held-out windows as the base run's last evaluation)
@@ -224,17 +226,21 @@ def test_solution_loss_mask_matches_a_token_by_token_reference(tiny_data):
     windows that start inside a question; checked against a walk over the whole token stream."""
     tok = data.Tokenizer.load(os.path.join(tiny_data, 'tokenizer.json'))
     qo, qc = tok.id_of('<question>'), tok.id_of('</question>')
-    stream = data.ShardLoader(tiny_data, "val", 1, 64, seed=0)._read(0, 4000).astype('int64')
+    stream = data.ShardLoader(tiny_data, "val", 1, 64, seed=0)._read(0, 8000).astype('int64')
     in_q, inside = [], False
     for t in stream.tolist():  # reference: a state machine over the stream from its true start
         inside = inside or t == qo
         in_q.append(inside)
         inside = inside and t != qc
-    starts = list(range(0, 4000 - 65, 37))  # windows of 64 at many offsets: some begin mid-question
-    s = torch.tensor([stream[i:i + 65] for i in starts])
+    W = 256  # windows at many offsets: some begin mid-question, a few hold no tag at all
+    starts = list(range(0, 8000 - W - 1, 37))
+    s = torch.tensor([stream[i:i + W + 1] for i in starts])
     x, y = s[:, :-1], s[:, 1:]
     got = data.mask_question_targets(x, y, tok)
-    want = torch.tensor([[-100 if in_q[i + 1 + t] else int(stream[i + 1 + t]) for t in range(64)] for i in starts])
+    want = torch.tensor([[-100 if in_q[i + 1 + t] else int(stream[i + 1 + t]) for t in range(W)] for i in starts])
+    tagless = [k for k, i in enumerate(starts) if not ({qo, qc} & set(stream[i:i + W + 1].tolist()))]
+    want[tagless] = -100  # no tag in view: the window is masked whole (it cannot tell question from solution)
+    assert 0 < len(tagless) < len(starts) // 4
     assert torch.equal(got, want)
     assert 0.2 < (got == -100).float().mean() < 0.9  # both kinds of targets are present
 
