@@ -1,7 +1,7 @@
 # The tiny study's mid-training on CPU: from out/tiny_base (op 2..3, forward mode), 20% U(op 2..3) +
 # 80% U(op 4..5), the tiny analogue of the paper's 20% U(2..10) + 80% U(11..14). Data built with the
 # base's tokenizer.
-#   python midtrain.py tiny_midtrain                      (~3 minutes on 2 cores)
+#   python midtrain.py tiny_midtrain                      (~5 minutes on 2 cores)
 #   python midtrain.py tiny_midtrain --flops_budget=2e13  (a compute budget instead of a token budget)
 init_from = 'out/tiny_base'
 out_dir = 'out/tiny_mid'

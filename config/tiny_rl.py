@@ -20,7 +20,7 @@ micro_batch = 16
 max_prompt_len = 512
 max_response_len = 192          # gold forward solutions: ~50 tokens at op 4, ~120 at op 10
 lr = 2e-4
-max_steps = 16                  # ~2.5 min on 2 cores (~9 s a step)
+max_steps = 16                  # ~2 min on 2 cores (~7 s a step)
 eval_every = 16                 # before the first step and after the last
 eval_data = 'generate'          # fresh held-out problems at the RL ops (the base run's eval.jsonl is excluded too)
 eval_per_op_template = 6        # 2 ops x 3 templates x 6 = 36 forward problems x 4 samples

@@ -151,6 +151,7 @@ def test_loss_ignore_index_and_reduction_none():
     torch.testing.assert_close(loss, per_tok.sum() / (y != -100).sum())
     assert logits.dtype == torch.float32 and logits.shape == (2, 12, 97)
 
+
 def test_document_mask_makes_packed_documents_independent():
     """With doc_ids, each packed document gets exactly the logits it gets alone (RoPE is relative,
     so its offset in the window does not matter); without them the second one sees the first."""

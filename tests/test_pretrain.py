@@ -226,7 +226,7 @@ def test_solution_loss_mask_matches_a_token_by_token_reference(tiny_data):
     windows that start inside a question; checked against a walk over the whole token stream."""
     tok = data.Tokenizer.load(os.path.join(tiny_data, 'tokenizer.json'))
     qo, qc = tok.id_of('<question>'), tok.id_of('</question>')
-    stream = data.ShardLoader(tiny_data, "val", 1, 64, seed=0)._read(0, 8000).astype('int64')
+    stream = data.ShardLoader(tiny_data, 'val', 1, 64, seed=0)._read(0, 8000).astype('int64')
     in_q, inside = [], False
     for t in stream.tolist():  # reference: a state machine over the stream from its true start
         inside = inside or t == qo
