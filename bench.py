@@ -6,6 +6,7 @@ Benchmarks, side by side in one run on the same machine, config and batch:
   sample        sampling tokens/s: our generate vs transformers' generate (its default KV cache),
                 64 prompts of different lengths x 256 new tokens, both forced to the full length
   data          problems generated and solutions verified per second on one core (targets 1000 / 5000)
+  sizes         per-op problem / solution characters and steps next to the original's table
   mfu           CUDA only: model FLOPs utilisation of a bf16 training step of the `paper` preset
                 (target 45% on an H100; --compile=True to add torch.compile)
 
@@ -93,9 +94,10 @@ def hf_twin(ours):
         import transformers
     except ImportError:
         return None
-    hcfg = {k: v for k, v in M.hf_config_dict(ours.config).items() if k != 'architectures'}
+    import interop
+    hcfg = {k: v for k, v in interop.hf_config_dict(ours.config).items() if k != 'architectures'}
     hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hcfg, attn_implementation='sdpa'))
-    hf.load_state_dict(M.to_hf_state_dict(ours))
+    hf.load_state_dict(interop.to_hf_state_dict(ours))
     return hf.to(next(ours.parameters()).device)
 
 
@@ -240,17 +242,93 @@ def bench_mfu(cfg):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# The task world: sizes against the original's table, generation and verification speed (data.py)
+
+def size_stats(problems) -> dict:
+    """(mode, op) -> mean problem chars, solution chars, statements, steps."""
+    acc = {}
+    for p in problems:
+        a = acc.setdefault((p.mode, p.op), [0, 0, 0, 0, 0])
+        a[0] += len(p.problem)
+        a[1] += len(p.solution)
+        a[2] += p.problem.count('. ')
+        a[3] += len(p.graph['order'])
+        a[4] += 1
+    return {k: tuple(x / a[4] for x in a[:4]) for k, a in acc.items()}
+
+
+def bench_generate(seconds=3) -> float:
+    """Problems per second on one core (CPU time), uniform op 2..20, all templates and modes,
+    rejection included."""
+    import data
+    mix, i, t0 = data.MIXTURES['eval_all'], 0, time.process_time()
+    while True:
+        for _ in range(50):
+            rng = data._rng_for('bench', i)
+            op, template, mode = mix.sample(rng)
+            data.generate(rng, op, template, mode)
+            i += 1
+        dt = time.process_time() - t0
+        if dt >= seconds:
+            return i / dt
+
+
+def bench_verify(rows, seconds=3) -> float:
+    """Verifications per second on one core (CPU time): each row's gold solution, written as a model
+    would (solution + " </solution> <answer> N </answer>"), verified against its gold graph."""
+    import data
+    pairs = []
+    for row in rows:
+        gold = row.get('graph') or data.parse_solution(row['solution'], row.get('mode'))
+        pred = row.get('prediction')
+        if pred is None:
+            sol = row['solution']
+            k = sol.rfind('Answer:')
+            pred = '%s </solution> <answer> %s </answer>' % ((sol[:k] if k >= 0 else sol).strip(), gold['answer'])
+        pairs.append((pred, gold))
+    if not pairs:
+        raise ValueError('bench_verify: no rows')
+    count, t0 = 0, time.process_time()
+    while True:
+        for pred, gold in pairs:
+            data.verify(pred, gold)
+        count += len(pairs)
+        dt = time.process_time() - t0
+        if dt >= seconds:
+            return count / dt
+
+
 @benchmark('data', '>= 1000 problems/s/core; >= 5000 verifications/s/core')
 def bench_data(cfg):
     """The task world on one core (CPU time, so other load on the machine does not count):
     problem generation on a uniform op 2..20 mix, rejection included, and graph verification of
     gold solutions written as model output, on the same mix."""
     import data
-    gen = data.bench_generate(seconds=3)
-    rows = data.generate_rows('2-20', 400, seed=0)
-    ver = data.bench_verify(rows, seconds=3)
+    gen = bench_generate(seconds=3)
+    rows = [p.to_row() for p in data.generate_problems(400, '2-20', seed=0)]
+    ver = bench_verify(rows, seconds=3)
     return [('data/generate op 2..20', f'{gen:,.0f} problems/s', '>= 1000', gen >= 1000),
             ('data/verify op 2..20', f'{ver:,.0f} verif./s', '>= 5000', ver >= 5000)]
+
+
+@benchmark('sizes', "the original's per-op sizes (STUDY.md §1)")
+def bench_sizes(cfg, n=400):
+    """Per-op mean sizes of n generated problems per op and mode, printed next to the original's
+    table (data.REFERENCE_SIZES); one row per op: forward problem / solution characters and steps,
+    reverse solution characters, ours / original."""
+    import data
+    ops = sorted(data.REFERENCE_SIZES)
+    problems = []
+    for mode in data.MODES:
+        problems += data.generate_problems(n * len(ops), data.mixture(ops, modes=[mode]), seed=0)
+    s = size_stats(problems)
+    rows = []
+    for op in ops:
+        f, r, ref = s[data.FORWARD, op], s[data.REVERSE, op], data.REFERENCE_SIZES[op]
+        rows.append((f'sizes/op {op}', f'fwd {f[0]:.0f}/{f[1]:.0f} ch, {f[3]:.1f} st; rev {r[1]:.0f} ch',
+                     f'{ref[0]}/{ref[1]}, {ref[2]}; {ref[3]}', None))
+    return rows
 
 
 def main(argv):

@@ -1,36 +1,60 @@
 """
-The task world: GSM-Infinite "medium", zero-context (SPEC §1), end to end in one file.
+The task world: GSM-Infinite "medium", zero-context (STUDY.md §1), end to end in one file, in
+pipeline order. Each section below starts with a numbered header; this docstring is its map.
 
-    generate(rng, op, template, mode)  one problem with its gold graph, built directly at the requested op
-    MIXTURES / parse_mixture           the training / RL / eval distributions of SPEC §4-§5
-    generate_rows, make_eval_set       multi-process datasets; training never overlaps the held-out set
-    read_jsonl, write_jsonl            released JSONL rows (problem, question, solution, op, id, template, mode)
-    training_text, prompt_text         "<question> ... </question> <solution> ... </solution> <answer> N </answer>"
+1. The task world and its generator (STUDY.md §1)
+     Template, TEMPLATES, MODES = (FORWARD, REVERSE), OP_MIN, OP_MAX, VMAX, P_FINAL_TOTAL, P_CLOSE
+     REFERENCE_SIZES                    the original's per-op sizes (`python bench.py --only=sizes`)
+2. Rendering and the gold graph
+     generate(rng, op, template, mode)  one Problem with its gold graph, built directly at the requested op
+     Problem (.to_row()), problem_id, graph_op, ref, lin
+3. Solution parser, graph verifier and RL rewards (STUDY.md §2)
+     parse_solution(text, mode)         a solution (gold or generated) -> graph keyed by parameter name
+     verify(prediction, gold) -> Verdict, reward(verdict, kind), REWARDS, verify_rows(rows)
+4. Mixtures, problem streams and evaluation sets (STUDY.md §4, §5)
+     Mixture, mixture(...), parse_ops, MIXTURES, parse_mixture, ZOO, SCHOOL
+     generate_problems(n, mixture, seed, workers, exclude_ids)   problem i depends only on (seed, i)
+     make_eval_set(ops, n_per_op_per_template)                   the held-out problems
+5. JSONL rows and training text
+     read_jsonl, write_jsonl            released rows (problem, question, solution, op, id, template, mode)
+     answer_of, prompt_text, training_text
+                                        "<question> ... </question> <solution> ... </solution> <answer> N </answer>"
+6. Tokenizer (STUDY.md §3)
+     Tokenizer, train_tokenizer, tokenizer_identity, check_identity, SPECIAL_TOKENS, PAT_STR,
+     MAX_INT_TOKEN, N_FIXED_TOKENS, DEFAULT_VOCAB_SIZE   (the original study's: interop.py)
+7. Token shards, the shard loader and the loss mask (STUDY.md §4)
+     write_shards, load_shard_meta, count_tokens, SHARD_FORMAT, ShardLoader, mask_question_targets
+8. Dataset directories (what every training stage reads)
+     build_dataset, load_eval_rows, standard_tokenizer, resolve_tokenizer
+9. Command line
+     main, verify_main, SAMPLE_DEFAULTS, VERIFY_DEFAULTS, BUILD_DEFAULTS, TOKENIZER_DEFAULTS
 
 The original generator (iGSM) draws a random graph and rejects it unless its op is the requested one
 (~30 problems/s). We instead build the solution DAG at exactly the requested op, group by group (a
 group = the items of one place, usually closed by the place's total, as in the original's output),
 so only value-range failures are rejected (>1000 problems/s/core). Sizes (problem and solution
-characters, statements, steps) are tuned to the original's per-op table: `python data.py stats`.
-Where the original is defective we differ on purpose (SPEC §1): no ill-posed reverse problems,
-stable content-hash ids, a leaf's value is uniform in 1..4.
+characters, statements, steps) are tuned to the original's per-op table. Where the original is
+defective we differ on purpose (STUDY.md §1): no ill-posed reverse problems, stable content-hash
+ids, a leaf's value is uniform in 1..4.
 
-Commands:
+Commands (every option is --key=value; --help lists them with their defaults):
     python data.py sample --ops=2-20 --n=1000 --seed=0 --out=problems.jsonl [--templates=crazy_zootopia]
-                          [--modes=normalforward] [--workers=2] [--mixture=headroom_.5/.3/.2]
-    python data.py stats --n=200          # our per-op sizes next to the original's
-    python data.py bench                  # problems/s on one core, op 2..20 mix
+                          [--modes=normalforward] [--workers=2]     (or --mixture=headroom_.5/.3/.2)
+    python data.py verify --in=ROWS.jsonl [--out=VERDICTS.jsonl]   # rows with "prediction" + "graph"/"solution"
+    python data.py build --out=data_cache/base --mixture=2-10 --tokens=5e6 [--workers=2]   # a dataset directory
+    python data.py tokenizer --out=tokenizer.json [--vocab_size=2816]                      # the standard tokenizer
+Sizes and speed of the task world: `python bench.py --only=sizes,data`.
 """
 import base64
 import bisect
 import collections
+import functools
 import hashlib
 import json
 import os
 import random
 import re
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -38,12 +62,18 @@ import numpy as np
 import tiktoken
 import torch
 
+import model
+
 # The original study's artifacts (format fixture, released config and tokenizer), copied into the repo
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference')
 FIXTURE_PATH = os.path.join(REFERENCE_DIR, 'official_generator_samples.jsonl')
 
+
 # -----------------------------------------------------------------------------
-# 1. The task world: templates (spellings checked against the official samples)
+# 1. The task world and its generator (STUDY.md §1)
+#
+# Templates (spellings checked against the official samples), modes, the op range and the sizes
+# of the original's output.
 
 @dataclass(frozen=True)
 class Template:
@@ -79,15 +109,15 @@ MODES = ('normalforward', 'forwardreverse')
 FORWARD, REVERSE = MODES
 OP_MIN, OP_MAX = 2, 40        # a solution uses at most op letters; 50 letters (no x/X in reverse) cap op at 50
 
-# Sizes of the original's output (SPEC §1 table): op -> (forward problem chars, forward solution chars,
+# Sizes of the original's output (STUDY.md §1 table): op -> (forward problem chars, forward solution chars,
 # forward steps, reverse solution chars). Used to tune the samplers below and printed by `stats`.
 REFERENCE_SIZES = {
     2: (421, 142, 2.0, 484), 4: (546, 221, 3.0, 574), 6: (991, 306, 3.9, 664), 8: (855, 398, 5.0, 772),
     10: (611, 463, 5.5, 856), 12: (643, 528, 6.2, 942), 14: (784, 628, 7.4, 1040), 16: (854, 707, 8.1, 1132),
     18: (1039, 822, 9.6, 1266), 20: (994, 887, 10.2, 1311)}
 
-# -----------------------------------------------------------------------------
-# 2. The generator
+
+# The generator.
 #
 # A solution is a sequence of groups; a group is 1-4 instance parameters "{item} in {place}" of one
 # place, closed (usually) by that place's total, which sums exactly those items. The last node is
@@ -400,7 +430,7 @@ def _total_node(tpl, place, members):
 
 
 # -----------------------------------------------------------------------------
-# 3. Rendering: problem statements, question, solution text, gold graph
+# 2. Rendering and the gold graph: problem statements, question, solution text
 
 def ref(name):
     """How the problem text refers to a parameter."""
@@ -623,287 +653,7 @@ def graph_op(graph: dict) -> int:
 
 
 # -----------------------------------------------------------------------------
-# 4. Mixtures and datasets
-
-@dataclass(frozen=True)
-class Mixture:
-    """A distribution over (op, template, mode).
-    ops: ((weight, (op, ...)), ...): pick a pair by weight, then an op uniformly from its list.
-    templates / modes: ((name, weight), ...); empty = uniform over all.
-    template_ops: ((template, ops-like-above), ...): overrides `ops` for that template
-                  (e.g. school only at op 2)."""
-    ops: tuple
-    templates: tuple = ()
-    modes: tuple = ()
-    template_ops: tuple = ()
-
-    def sample(self, rng):
-        """(op, template, mode) for one problem."""
-        template = _pick(rng, self.templates) if self.templates else rng.choice(tuple(TEMPLATES))
-        ops = dict(self.template_ops).get(template, self.ops)
-        oplist = _pick(rng, tuple((o, w) for w, o in ops))
-        op = oplist[rng.randrange(len(oplist))]
-        mode = _pick(rng, self.modes) if self.modes else MODES[rng.random() < 0.5]
-        return op, template, mode
-
-    def to_dict(self):
-        return {'ops': [[w, list(o)] for w, o in self.ops], 'templates': dict(self.templates),
-                'modes': dict(self.modes), 'template_ops': {t: [[w, list(o)] for w, o in ops]
-                                                            for t, ops in self.template_ops}}
-
-    @classmethod
-    def from_dict(cls, d):
-        return mixture(d['ops'], d.get('templates') or None, d.get('modes') or None, d.get('template_ops') or None)
-
-
-def _norm_ops(ops):
-    if isinstance(ops, str):
-        return parse_ops(ops)
-    if isinstance(ops, int):
-        return ((1.0, (ops,)),)
-    ops = list(ops)
-    if ops and all(isinstance(o, int) for o in ops):       # a plain op list: uniform
-        return ((1.0, tuple(ops)),)
-    return tuple((float(w), tuple(int(o) for o in lst)) for w, lst in ops)
-
-
-def mixture(ops, templates=None, modes=None, template_ops=None) -> Mixture:
-    """Build a Mixture. ops: '2-10', '2-4:0.5,5-7:0.3,8-10:0.2', an op list, or [(weight, op list), ...].
-    templates / modes: a dict of weights, a list (uniform) or None (all, uniform)."""
-    def weights(x, universe, what):
-        if x is None:
-            return ()
-        if isinstance(x, str):
-            x = x.split(',')
-        x = dict(x) if isinstance(x, dict) else {k: 1.0 for k in x}
-        for k in x:
-            if k not in universe:
-                raise ValueError(f'unknown {what} {k!r}; choose from {", ".join(universe)}')
-        return tuple((k, float(w)) for k, w in x.items() if w > 0)
-    tops = tuple((t, _norm_ops(o)) for t, o in (template_ops or {}).items())
-    for t, _ in tops:
-        weights([t], TEMPLATES, 'template')
-    m = Mixture(_norm_ops(ops), weights(templates, TEMPLATES, 'template'), weights(modes, MODES, 'mode'), tops)
-    for _, lst in m.ops + tuple(x for _, o in tops for x in o):
-        for op in lst:
-            if not OP_MIN <= op <= OP_MAX:
-                raise ValueError(f'op {op} is outside {OP_MIN}..{OP_MAX}')
-    return m
-
-
-def parse_ops(s: str):
-    """'2-10' -> ((1.0, (2..10)),); '2-4:0.5,5-7:0.3,8-10:0.2' -> weighted; '2-4,8' -> uniform over the union."""
-    parts, weighted = [], []
-    for part in str(s).replace(' ', '').split(','):
-        if not part:
-            continue
-        rng_s, _, w = part.partition(':')
-        lo, _, hi = rng_s.partition('-')
-        try:
-            lo, hi = int(lo), int(hi or lo)
-            w = float(w) if w else None
-        except ValueError:
-            raise ValueError(f"cannot read ops {s!r}: write '2-10' or '2-4:0.5,5-7:0.3,8-10:0.2'") from None
-        if lo > hi:
-            raise ValueError(f'cannot read ops {s!r}: range {lo}-{hi} is empty')
-        parts.append((w, tuple(range(lo, hi + 1))))
-        weighted.append(w is not None)
-    if not parts:
-        raise ValueError(f"cannot read ops {s!r}: write '2-10' or '2-4:0.5,5-7:0.3,8-10:0.2'")
-    if any(weighted) and not all(weighted):
-        raise ValueError(f'cannot read ops {s!r}: give a weight to every range or to none')
-    if all(weighted):
-        return tuple((w, o) for w, o in parts)
-    return ((1.0, tuple(sorted({op for _, o in parts for op in o}))),)
-
-
-def _easy_medium_hard(e, m, h):
-    return [(e, range(2, 5)), (m, range(5, 8)), (h, range(8, 11))]
-
-
-ZOO, SCHOOL = 'crazy_zootopia', 'teachers_in_school'
-MIXTURES = {
-    # SPEC §4/§5.1: pre-training on op 2-10, and the headroom ablation (easy 2-4 / medium 5-7 / hard 8-10)
-    'pretrain_uniform': mixture(range(2, 11)),
-    'headroom_uniform': mixture(range(2, 11)),
-    **{f'headroom_{a}/{b}/{c}': mixture(_easy_medium_hard(float(a), float(b), float(c)))
-       for a, b, c in (('.5', '.3', '.2'), ('.2', '.3', '.5'), ('.4995', '.4995', '.001'), ('.495', '.495', '.01'),
-                       ('.475', '.475', '.05'), ('.4', '.4', '.2'), ('.25', '.25', '.5'))},
-    # SPEC §4: mid-training at the edge of competence
-    'mid_11_14': mixture([(0.2, range(2, 11)), (0.8, range(11, 15))]),
-    'mid_9_12': mixture([(0.2, range(2, 11)), (0.8, range(9, 13))]),
-    # SPEC §5.1: RL ranges (uniform)
-    'rl_7_10': mixture(range(7, 11)), 'rl_9_12': mixture(range(9, 13)),
-    'rl_11_14': mixture(range(11, 15)), 'rl_17_20': mixture(range(17, 21)),
-    # SPEC §4: evaluation bands
-    'eval_all': mixture(range(2, 21)), 'eval_id': mixture(range(2, 11)),
-    'eval_ood_edge': mixture(range(11, 15)), 'eval_ood_hard': mixture(range(15, 21)),
-    # the tiny CPU study (runs/tiny.sh): forward mode only, in distribution op 2-3, edge of competence op 4-5
-    'tiny_pretrain': mixture(range(2, 4), modes=['normalforward']),
-    'tiny_mid': mixture([(0.2, range(2, 4)), (0.8, range(4, 6))], modes=['normalforward']),
-}
-# SPEC §5.2: pre-training on zoo (op 2-10) with a school share, and the variant with school only at op 2
-for _name, _share in (('0pct', 0.0), ('0.1pct', 0.001), ('1pct', 0.01), ('5pct', 0.05), ('10pct', 0.1),
-                      ('20pct', 0.2), ('50pct', 0.5)):
-    MIXTURES[f'ctx_school_{_name}'] = mixture(range(2, 11), {ZOO: 1 - _share, SCHOOL: _share})
-    if _share:
-        MIXTURES[f'ctx_school_{_name}_op2'] = mixture(range(2, 11), {ZOO: 1 - _share, SCHOOL: _share},
-                                                      template_ops={SCHOOL: [2]})
-MIXTURES['ctx_school_op2_only'] = MIXTURES['ctx_school_1pct_op2']
-# SPEC §5.2: RL zoo/school mixes (the released RL context sets; op range 2-20 is our assumption)
-for _zoo in (1.0, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3, 0.1, 0.01, 0.0):
-    MIXTURES[f'rl_ctx_zoo{_zoo:g}'] = mixture(range(2, 21), {ZOO: _zoo, SCHOOL: 1 - _zoo})
-
-
-def parse_mixture(s) -> Mixture:
-    """A Mixture, a MIXTURES name, or an ops string ('2-10', '2-4:0.5,5-7:0.3,8-10:0.2')."""
-    if isinstance(s, Mixture):
-        return s
-    if isinstance(s, dict):
-        return Mixture.from_dict(s)
-    if s in MIXTURES:
-        return MIXTURES[s]
-    try:
-        return mixture(s)
-    except ValueError as e:
-        raise ValueError(f"{e} (or name a mixture: {', '.join(sorted(MIXTURES))})") from None
-
-
-def _rng_for(*key) -> random.Random:
-    """A generator seeded from the key alone: the same problem on any machine, process or worker count."""
-    h = hashlib.sha256(':'.join(map(str, key)).encode()).digest()
-    return random.Random(int.from_bytes(h[:16], 'little'))
-
-
-_EXCLUDE = frozenset()
-
-
-def _row_at(args):
-    """Problem number i of a (mixture, seed) stream, skipping excluded ids deterministically."""
-    mix, seed, i = args
-    for retry in range(1000):
-        rng = _rng_for(seed, i, retry)
-        op, template, mode = mix.sample(rng)
-        p = generate(rng, op, template, mode)
-        if p.id not in _EXCLUDE:
-            return p
-    raise RuntimeError(f'problem {i}: 1000 excluded ids in a row; is the exclusion set the whole space?')
-
-
-def _init_worker(exclude):
-    global _EXCLUDE
-    _EXCLUDE = exclude
-
-
-def _map(fn, args, workers, exclude, desc):
-    """[fn(a) for a in args] over `workers` processes, in order, with a progress bar."""
-    from tqdm import tqdm
-    global _EXCLUDE
-    if workers <= 1 or len(args) < 200:
-        old, _EXCLUDE = _EXCLUDE, frozenset(exclude)
-        try:
-            return [fn(a) for a in tqdm(args, desc=desc, disable=desc is None or len(args) < 5000, mininterval=1)]
-        finally:
-            _EXCLUDE = old
-    import multiprocessing as mp
-    with mp.get_context('spawn' if sys.platform == 'darwin' else 'fork').Pool(
-            workers, _init_worker, (frozenset(exclude),)) as pool:
-        chunk = max(16, min(2000, len(args) // (workers * 8)))
-        return list(tqdm(pool.imap(fn, args, chunksize=chunk), total=len(args), desc=desc, mininterval=1,
-                         disable=desc is None))
-
-
-def generate_problems(n, ops, templates=None, modes=None, seed=0, workers=1, exclude_ids=()) -> list:
-    """n problems: op drawn uniformly from `ops`, template/mode uniformly from the given lists (default all)."""
-    return generate_from(mixture(ops, templates, modes), n, seed, workers, exclude_ids)
-
-
-def generate_from(mix, n, seed=0, workers=1, exclude_ids=()) -> list:
-    """n Problems from a mixture (anything parse_mixture reads); problem i depends only on (seed, i)."""
-    mix = parse_mixture(mix)
-    return _map(_row_at, [(mix, seed, i) for i in range(n)], workers, exclude_ids, 'generate')
-
-
-def generate_rows(mixture, n, seed=0, workers=1, exclude_ids=frozenset()) -> list:
-    """n JSONL rows from a mixture, none whose id is in exclude_ids (the held-out set)."""
-    return [p.to_row() for p in generate_from(mixture, n, seed, workers, exclude_ids)]
-
-
-def make_eval_set(ops, n_per_op_per_template, seed=1234, modes=MODES, templates=None) -> list:
-    """Held-out problems: for every op and template, n problems, modes alternating (half each by
-    default; the alternation continues across templates, so even n=1 covers both modes at every op),
-    no duplicate ids. Seeded apart from training streams ('eval' in the key)."""
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    out, seen = [], set()
-    for op in (parse_ops(ops)[0][1] if isinstance(ops, str) else ops):
-        for t, template in enumerate(templates or TEMPLATES):
-            for j in range(n_per_op_per_template):
-                for retry in range(1000):
-                    rng = _rng_for('eval', seed, op, template, j, retry)
-                    p = generate(rng, op, template, modes[(j + t * n_per_op_per_template) % len(modes)])
-                    if p.id not in seen:
-                        break
-                seen.add(p.id)
-                out.append(p)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# 5. JSONL rows and training text
-
-def write_jsonl(path, rows):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for r in rows:
-            r = r.to_row() if isinstance(r, Problem) else r
-            f.write(json.dumps(r, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
-
-
-def answer_of(solution: str) -> int:
-    """The int after the last 'Answer:' of a gold solution."""
-    tail = solution[solution.rindex('Answer:') + 7:].strip().rstrip('.')
-    return int(tail)
-
-
-def read_jsonl(path) -> list:
-    """Rows of a JSONL file. Released rows without 'graph' / 'answer' get them from the gold solution."""
-    rows = []
-    with open(path, encoding='utf-8') as f:
-        for line in f:
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            if 'answer' not in r:
-                r['answer'] = answer_of(r['solution'])
-            if 'graph' not in r:
-                parse = globals().get('parse_solution')
-                if parse is None:
-                    raise NotImplementedError(
-                        f"{path}: rows without a 'graph' need parse_solution from the verifier section of "
-                        "data.py, which is not merged yet; use rows made by this generator (they carry graphs)")
-                r['graph'] = parse(r['solution'], r.get('mode'))
-            if 'id' not in r or not isinstance(r['id'], str):   # released ids are hash(text) % 23
-                r['id'] = problem_id(r['problem'], r['question'])
-            rows.append(r)
-    return rows
-
-
-def prompt_text(row: dict) -> str:
-    """What the model sees at RL / eval time: the training text up to and including '<solution>'."""
-    return f"<question> {row['problem'].strip()} {row['question']} </question> <solution>"
-
-
-def training_text(row: dict) -> str:
-    sol = row['solution']
-    cut = sol.rfind('Answer:')
-    body = (sol[:cut] if cut >= 0 else sol).strip()
-    answer = row['answer'] if 'answer' in row else answer_of(sol)
-    return f'{prompt_text(row)} {body} </solution> <answer> {answer} </answer>'
-
-
-# -----------------------------------------------------------------------------
-# Solution parser, graph verifier and RL rewards (SPEC §2)
+# 3. Solution parser, graph verifier and RL rewards (STUDY.md §2)
 #
 # parse_solution(text) reads a solution (gold or generated, forward or reverse) into
 # a graph keyed by parameter NAME; verify(prediction, gold_graph) compares it with the
@@ -940,7 +690,6 @@ def training_text(row: dict) -> str:
 # right-hand side. A wrong or missing closing is an ANSWER error (answer_error = True)
 # even when the <answer> tag is right: it costs one error in the process reward and
 # makes the sample not perfect; the outcome reward still reads only the tag.
-# -----------------------------------------------------------------------------
 
 REWARDS = ('outcome', 'blend_0.2_0.8', 'blend_0.5_0.5', 'strict')
 
@@ -955,8 +704,6 @@ _LETTER_RUN_RE = re.compile(r'[A-Za-z]+')
 _ANSWER_LINE_RE = re.compile(r'Answer:\s*(-?[0-9]+)')
 _UNKNOWN_MARK = 'know its value yet'
 _CLOSING_STEPS = ('Simplifying', 'Move', 'Isolate', 'Divide', 'Solution')
-_REV = 'forwardreverse'
-_FWD = 'normalforward'
 
 
 def _parse_int(s):
@@ -967,9 +714,6 @@ def _parse_int(s):
     return int(s)
 
 
-_LINEAR_FORM_CACHE = {}      # (text, var) -> form, for short texts ("2*x + 4" recurs in every solution)
-
-
 def _linear_form(s, var):
     """The linear form (a, b) = a*var + b printed in s, or None if s is not one."""
     s = s.strip()
@@ -977,13 +721,13 @@ def _linear_form(s, var):
         return 0, int(s)
     if len(s) > 40:
         return _read_linear_form(s, var) if len(s) <= _LIN_MAX_CHARS else None
-    key = (s, var)
-    ab = _LINEAR_FORM_CACHE.get(key, _LINEAR_FORM_CACHE)
-    if ab is _LINEAR_FORM_CACHE:
-        if len(_LINEAR_FORM_CACHE) >= 65536:
-            _LINEAR_FORM_CACHE.clear()
-        ab = _LINEAR_FORM_CACHE[key] = _read_linear_form(s, var)
-    return ab
+    return _short_linear_form(s, var)
+
+
+@functools.lru_cache(maxsize=65536)
+def _short_linear_form(s, var):
+    """_read_linear_form, cached for short texts ("2*x + 4" recurs in every solution)."""
+    return _read_linear_form(s, var)
 
 
 def _read_linear_form(s, var):
@@ -1137,7 +881,7 @@ def _parse_text(text, mode=None):
     k = body.find('We know ')
     if k >= 0:
         out.known, out.closing = _parse_closing(body[k + 8:], table, var)
-    out.mode = mode or (_REV if unknown is not None or out.known is not None else _FWD)
+    out.mode = mode or (REVERSE if unknown is not None or out.known is not None else FORWARD)
     return out
 
 
@@ -1202,7 +946,7 @@ def _has_root(eqn, answer):
 
 
 def _graph_dict(p):
-    rev = p.mode == _REV
+    rev = p.mode == REVERSE
     answer = p.answer
     if answer is None and p.closing:      # reverse text without "Answer:" or tags: "Solution: x = N"
         sol = p.closing.get('Solution')
@@ -1284,7 +1028,7 @@ def _judge(p, view):
         verr += not ok_v
     extra = p.duplicates + sum(1 for name in pnodes if name not in gnodes)
     outcome = p.answer is not None and p.answer == answer
-    closing_ok = _check_closing(p, gnodes, answer, known) if mode == _REV else None
+    closing_ok = _check_closing(p, gnodes, answer, known) if mode == REVERSE else None
     answer_error = not outcome or closing_ok is False
     return Verdict(outcome=outcome, answer=p.answer, perfect=n > 0 and correct == n and not answer_error,
                    process_acc=correct / n if n else 0.0, n_gold=n, correct=correct, missing=missing,
@@ -1302,21 +1046,18 @@ def _check_closing(p, gnodes, answer, known):
     return all(_has_root(p.closing.get(step), answer) for step in _CLOSING_STEPS)
 
 
-def _verify(prediction, gold):
-    view = _gold_view(gold)
-    return _judge(_parse_text(prediction, view[0]), view)
-
-
 _verify_warned = False
 
 
-def verify(prediction, gold) -> Verdict:
+def verify(prediction, gold, safe: bool = True) -> Verdict:
     """Verdict of a prediction (text after "<solution>", or a plain solution ending "Answer: N.")
     against a gold graph. Never evals; never raises on any prediction (a malformed GOLD graph is a
-    ValueError). The try/except is a last line of defence for long RL runs; the fuzz tests call
-    _verify directly so that any internal error is seen."""
+    ValueError). With safe=True an internal error scores the prediction as empty (a last line of
+    defence for long RL runs); the fuzz tests pass safe=False so that any internal error is seen."""
     global _verify_warned
     view = _gold_view(gold)
+    if not safe:
+        return _judge(_parse_text(prediction, view[0]), view)
     try:
         return _judge(_parse_text(prediction, view[0]), view)
     except Exception as e:     # pragma: no cover - fuzz-tested not to happen
@@ -1394,95 +1135,275 @@ def _verify_summary(verdicts, modes):
     return summary
 
 
-def verify_main(argv) -> int:
-    """CLI: python data.py verify --in=FILE.jsonl [--out=VERDICTS.jsonl]. Returns the exit code."""
-    argv = list(argv)
-    if argv and argv[0] == 'verify':
-        argv = argv[1:]
-    inp = out = None
-    for a in argv:
-        if a.startswith('--in='):
-            inp = a[5:]
-        elif a.startswith('--out='):
-            out = a[6:]
-        else:
-            print('error: unknown argument %r; usage: python data.py verify --in=FILE.jsonl '
-                  '[--out=VERDICTS.jsonl]' % a, file=sys.stderr)
-            return 2
-    if not inp:
-        print('error: missing --in=FILE.jsonl (rows with "graph" or "solution", and "prediction")',
-              file=sys.stderr)
-        return 2
-    try:
-        with open(inp, encoding='utf-8') as f:
-            lines = f.readlines()
-    except OSError as e:
-        print('error: cannot read --in=%s (%s); give an existing JSONL file' % (inp, e.strerror), file=sys.stderr)
-        return 2
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+# -----------------------------------------------------------------------------
+# 4. Mixtures, problem streams and evaluation sets (STUDY.md §4, §5)
+
+@dataclass(frozen=True)
+class Mixture:
+    """A distribution over (op, template, mode).
+    ops: ((weight, (op, ...)), ...): pick a pair by weight, then an op uniformly from its list.
+    templates / modes: ((name, weight), ...); empty = uniform over all.
+    template_ops: ((template, ops-like-above), ...): overrides `ops` for that template
+                  (e.g. school only at op 2)."""
+    ops: tuple
+    templates: tuple = ()
+    modes: tuple = ()
+    template_ops: tuple = ()
+
+    def sample(self, rng):
+        """(op, template, mode) for one problem."""
+        template = _pick(rng, self.templates) if self.templates else rng.choice(tuple(TEMPLATES))
+        ops = dict(self.template_ops).get(template, self.ops)
+        oplist = _pick(rng, tuple((o, w) for w, o in ops))
+        op = oplist[rng.randrange(len(oplist))]
+        mode = _pick(rng, self.modes) if self.modes else MODES[rng.random() < 0.5]
+        return op, template, mode
+
+    def to_dict(self):
+        return {'ops': [[w, list(o)] for w, o in self.ops], 'templates': dict(self.templates),
+                'modes': dict(self.modes), 'template_ops': {t: [[w, list(o)] for w, o in ops]
+                                                            for t, ops in self.template_ops}}
+
+    @classmethod
+    def from_dict(cls, d):
+        return mixture(d['ops'], d.get('templates') or None, d.get('modes') or None, d.get('template_ops') or None)
+
+
+def _norm_ops(ops):
+    if isinstance(ops, str):
+        return parse_ops(ops)
+    if isinstance(ops, int):
+        return ((1.0, (ops,)),)
+    ops = list(ops)
+    if ops and all(isinstance(o, int) for o in ops):       # a plain op list: uniform
+        return ((1.0, tuple(ops)),)
+    return tuple((float(w), tuple(int(o) for o in lst)) for w, lst in ops)
+
+
+def mixture(ops, templates=None, modes=None, template_ops=None) -> Mixture:
+    """Build a Mixture. ops: '2-10', '2-4:0.5,5-7:0.3,8-10:0.2', an op list, or [(weight, op list), ...].
+    templates / modes: a dict of weights, a list (uniform) or None (all, uniform)."""
+    def weights(x, universe, what):
+        if x is None:
+            return ()
+        if isinstance(x, str):
+            x = x.split(',')
+        x = dict(x) if isinstance(x, dict) else {k: 1.0 for k in x}
+        for k in x:
+            if k not in universe:
+                raise ValueError(f'unknown {what} {k!r}; choose from {", ".join(universe)}')
+        return tuple((k, float(w)) for k, w in x.items() if w > 0)
+    tops = tuple((t, _norm_ops(o)) for t, o in (template_ops or {}).items())
+    for t, _ in tops:
+        weights([t], TEMPLATES, 'template')
+    m = Mixture(_norm_ops(ops), weights(templates, TEMPLATES, 'template'), weights(modes, MODES, 'mode'), tops)
+    for _, lst in m.ops + tuple(x for _, o in tops for x in o):
+        for op in lst:
+            if not OP_MIN <= op <= OP_MAX:
+                raise ValueError(f'op {op} is outside {OP_MIN}..{OP_MAX}')
+    return m
+
+
+def parse_ops(s: str):
+    """'2-10' -> ((1.0, (2..10)),); '2-4:0.5,5-7:0.3,8-10:0.2' -> weighted; '2-4,8' -> uniform over the union."""
+    parts, weighted = [], []
+    for part in str(s).replace(' ', '').split(','):
+        if not part:
             continue
+        rng_s, _, w = part.partition(':')
+        lo, _, hi = rng_s.partition('-')
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            print('error: %s line %d is not valid JSON (%s); fix or remove that line' % (inp, i + 1, e.msg),
-                  file=sys.stderr)
-            return 2
+            lo, hi = int(lo), int(hi or lo)
+            w = float(w) if w else None
+        except ValueError:
+            raise ValueError(f"cannot read ops {s!r}: write '2-10' or '2-4:0.5,5-7:0.3,8-10:0.2'") from None
+        if lo > hi:
+            raise ValueError(f'cannot read ops {s!r}: range {lo}-{hi} is empty')
+        parts.append((w, tuple(range(lo, hi + 1))))
+        weighted.append(w is not None)
+    if not parts:
+        raise ValueError(f"cannot read ops {s!r}: write '2-10' or '2-4:0.5,5-7:0.3,8-10:0.2'")
+    if any(weighted) and not all(weighted):
+        raise ValueError(f'cannot read ops {s!r}: give a weight to every range or to none')
+    if all(weighted):
+        return tuple((w, o) for w, o in parts)
+    return ((1.0, tuple(sorted({op for _, o in parts for op in o}))),)
+
+
+def _easy_medium_hard(e, m, h):
+    return [(e, range(2, 5)), (m, range(5, 8)), (h, range(8, 11))]
+
+
+ZOO, SCHOOL = 'crazy_zootopia', 'teachers_in_school'
+MIXTURES = {
+    # STUDY.md §4/§5.1: pre-training on op 2-10, and the headroom ablation (easy 2-4 / medium 5-7 / hard 8-10)
+    'pretrain_uniform': mixture(range(2, 11)),
+    'headroom_uniform': mixture(range(2, 11)),
+    **{f'headroom_{a}/{b}/{c}': mixture(_easy_medium_hard(float(a), float(b), float(c)))
+       for a, b, c in (('.5', '.3', '.2'), ('.2', '.3', '.5'), ('.4995', '.4995', '.001'), ('.495', '.495', '.01'),
+                       ('.475', '.475', '.05'), ('.4', '.4', '.2'), ('.25', '.25', '.5'))},
+    # STUDY.md §4: mid-training at the edge of competence
+    'mid_11_14': mixture([(0.2, range(2, 11)), (0.8, range(11, 15))]),
+    'mid_9_12': mixture([(0.2, range(2, 11)), (0.8, range(9, 13))]),
+    # STUDY.md §5.1: RL ranges (uniform)
+    'rl_7_10': mixture(range(7, 11)), 'rl_9_12': mixture(range(9, 13)),
+    'rl_11_14': mixture(range(11, 15)), 'rl_17_20': mixture(range(17, 21)),
+    # STUDY.md §4: evaluation bands
+    'eval_all': mixture(range(2, 21)), 'eval_id': mixture(range(2, 11)),
+    'eval_ood_edge': mixture(range(11, 15)), 'eval_ood_hard': mixture(range(15, 21)),
+    # the tiny CPU study (runs/tiny.sh): forward mode only, in distribution op 2-3, edge of competence op 4-5
+    'tiny_pretrain': mixture(range(2, 4), modes=['normalforward']),
+    'tiny_mid': mixture([(0.2, range(2, 4)), (0.8, range(4, 6))], modes=['normalforward']),
+}
+# STUDY.md §5.2: pre-training on zoo (op 2-10) with a school share, and the variant with school only at op 2
+for _name, _share in (('0pct', 0.0), ('0.1pct', 0.001), ('1pct', 0.01), ('5pct', 0.05), ('10pct', 0.1),
+                      ('20pct', 0.2), ('50pct', 0.5)):
+    MIXTURES[f'ctx_school_{_name}'] = mixture(range(2, 11), {ZOO: 1 - _share, SCHOOL: _share})
+    if _share:
+        MIXTURES[f'ctx_school_{_name}_op2'] = mixture(range(2, 11), {ZOO: 1 - _share, SCHOOL: _share},
+                                                      template_ops={SCHOOL: [2]})
+MIXTURES['ctx_school_op2_only'] = MIXTURES['ctx_school_1pct_op2']
+# STUDY.md §5.2: RL zoo/school mixes (the released RL context sets; op range 2-20 is our assumption)
+for _zoo in (1.0, 0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3, 0.1, 0.01, 0.0):
+    MIXTURES[f'rl_ctx_zoo{_zoo:g}'] = mixture(range(2, 21), {ZOO: _zoo, SCHOOL: 1 - _zoo})
+
+
+def parse_mixture(s) -> Mixture:
+    """A Mixture, a MIXTURES name, or an ops string ('2-10', '2-4:0.5,5-7:0.3,8-10:0.2')."""
+    if isinstance(s, Mixture):
+        return s
+    if isinstance(s, dict):
+        return Mixture.from_dict(s)
+    if isinstance(s, str) and s in MIXTURES:
+        return MIXTURES[s]
     try:
-        verdicts, summary = verify_rows(rows)
+        return mixture(s)
     except ValueError as e:
-        print('error: %s: %s' % (inp, e), file=sys.stderr)
-        return 2
-    if out:
-        with open(out, 'w', encoding='utf-8') as f:
-            for row, v in zip(rows, verdicts):
-                d = {k: row[k] for k in ('id', 'op', 'mode', 'template') if k in row}
-                d.update(v.to_dict())
-                d['rewards'] = {kind: reward(v, kind) for kind in REWARDS}
-                f.write(json.dumps(d) + '\n')
-    s = summary
-    if not s['n']:
-        print('verified 0 rows')
-        return 0
-    print('verified %d rows: outcome %.4f  perfect %.4f  process_acc %.4f  value_err %.3f  parent_err %.3f  '
-          'missing %.3f  extra %.3f  answer_err %.3f' % (s['n'], s['outcome'], s['perfect'], s['process_acc'],
-                                                          s['value_errors'], s['parent_errors'], s['missing'],
-                                                          s['extra'], s['answer_error']))
-    print('mean rewards: ' + '  '.join('%s %.4f' % (k, s['reward_' + k]) for k in REWARDS))
-    for m, ms in s.get('by_mode', {}).items():
-        print('  %s (%d rows): outcome %.4f  perfect %.4f  process_acc %.4f'
-              % (m, ms['n'], ms['outcome'], ms['perfect'], ms['process_acc']))
-    if out:
-        print('wrote %d verdicts to %s' % (len(verdicts), out))
-    return 0
+        raise ValueError(f"{e} (or name a mixture: {', '.join(sorted(MIXTURES))})") from None
 
 
-def bench_verify(rows, seconds=3) -> float:
-    """Verifications per second on one core: each row's gold solution, written as a model would
-    (solution + " </solution> <answer> N </answer>"), verified against its gold graph."""
-    pairs = []
-    for row in rows:
-        gold = row.get('graph') or parse_solution(row['solution'], row.get('mode'))
-        pred = row.get('prediction')
-        if pred is None:
-            sol = row['solution']
-            k = sol.rfind('Answer:')
-            pred = '%s </solution> <answer> %s </answer>' % ((sol[:k] if k >= 0 else sol).strip(), gold['answer'])
-        pairs.append((pred, gold))
-    if not pairs:
-        raise ValueError('bench_verify: no rows')
-    count, t0 = 0, time.process_time()
-    while True:
-        for pred, gold in pairs:
-            verify(pred, gold)
-        count += len(pairs)
-        dt = time.process_time() - t0
-        if dt >= seconds:
-            return count / dt
+def _rng_for(*key) -> random.Random:
+    """A generator seeded from the key alone: the same problem on any machine, process or worker count."""
+    h = hashlib.sha256(':'.join(map(str, key)).encode()).digest()
+    return random.Random(int.from_bytes(h[:16], 'little'))
 
-# =============================================================================================
-# Tokenizer, token shards and the shard loader (SPEC §3, §4)
+
+_EXCLUDE = frozenset()
+
+
+def _row_at(args):
+    """Problem number i of a (mixture, seed) stream, skipping excluded ids deterministically."""
+    mix, seed, i = args
+    for retry in range(1000):
+        rng = _rng_for(seed, i, retry)
+        op, template, mode = mix.sample(rng)
+        p = generate(rng, op, template, mode)
+        if p.id not in _EXCLUDE:
+            return p
+    raise RuntimeError(f'problem {i}: 1000 excluded ids in a row; is the exclusion set the whole space?')
+
+
+def _init_worker(exclude):
+    global _EXCLUDE
+    _EXCLUDE = exclude
+
+
+def _map(fn, args, workers, exclude, desc):
+    """[fn(a) for a in args] over `workers` processes, in order, with a progress bar."""
+    from tqdm import tqdm
+    global _EXCLUDE
+    if workers <= 1 or len(args) < 200:
+        old, _EXCLUDE = _EXCLUDE, frozenset(exclude)
+        try:
+            return [fn(a) for a in tqdm(args, desc=desc, disable=desc is None or len(args) < 5000, mininterval=1)]
+        finally:
+            _EXCLUDE = old
+    import multiprocessing as mp
+    with mp.get_context('spawn' if sys.platform == 'darwin' else 'fork').Pool(
+            workers, _init_worker, (frozenset(exclude),)) as pool:
+        chunk = max(16, min(2000, len(args) // (workers * 8)))
+        return list(tqdm(pool.imap(fn, args, chunksize=chunk), total=len(args), desc=desc, mininterval=1,
+                         disable=desc is None))
+
+
+def generate_problems(n, mixture, seed=0, workers=1, exclude_ids=()) -> list:
+    """n Problems from a mixture (anything parse_mixture reads: a Mixture, a MIXTURES name, an ops
+    string or an op list), none whose id is in exclude_ids (the held-out set). Problem i depends
+    only on (seed, i), whatever the number of workers. Rows for JSONL: [p.to_row() for p in ...]."""
+    mix = parse_mixture(mixture)
+    return _map(_row_at, [(mix, seed, i) for i in range(n)], workers, exclude_ids, 'generate')
+
+
+def make_eval_set(ops, n_per_op_per_template, seed=1234, modes=MODES, templates=None) -> list:
+    """Held-out problems: for every op and template, n problems, modes alternating (half each by
+    default; the alternation continues across templates, so even n=1 covers both modes at every op),
+    no duplicate ids. Seeded apart from training streams ('eval' in the key)."""
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    out, seen = [], set()
+    for op in (parse_ops(ops)[0][1] if isinstance(ops, str) else ops):
+        for t, template in enumerate(templates or TEMPLATES):
+            for j in range(n_per_op_per_template):
+                for retry in range(1000):
+                    rng = _rng_for('eval', seed, op, template, j, retry)
+                    p = generate(rng, op, template, modes[(j + t * n_per_op_per_template) % len(modes)])
+                    if p.id not in seen:
+                        break
+                seen.add(p.id)
+                out.append(p)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 5. JSONL rows and training text
+
+def write_jsonl(path, rows):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        for r in rows:
+            r = r.to_row() if isinstance(r, Problem) else r
+            f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    os.replace(tmp, path)
+
+
+def answer_of(solution: str) -> int:
+    """The int after the last 'Answer:' of a gold solution."""
+    tail = solution[solution.rindex('Answer:') + 7:].strip().rstrip('.')
+    return int(tail)
+
+
+def read_jsonl(path) -> list:
+    """Rows of a JSONL file. Released rows without 'graph' / 'answer' get them from the gold solution."""
+    rows = []
+    with open(path, encoding='utf-8') as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if 'answer' not in r:
+                r['answer'] = answer_of(r['solution'])
+            if 'graph' not in r:
+                r['graph'] = parse_solution(r['solution'], r.get('mode'))
+            if 'id' not in r or not isinstance(r['id'], str):   # released ids are hash(text) % 23
+                r['id'] = problem_id(r['problem'], r['question'])
+            rows.append(r)
+    return rows
+
+
+def prompt_text(row: dict) -> str:
+    """What the model sees at RL / eval time: the training text up to and including '<solution>'."""
+    return f"<question> {row['problem'].strip()} {row['question']} </question> <solution>"
+
+
+def training_text(row: dict) -> str:
+    sol = row['solution']
+    cut = sol.rfind('Answer:')
+    body = (sol[:cut] if cut >= 0 else sol).strip()
+    answer = row['answer'] if 'answer' in row else answer_of(sol)
+    return f'{prompt_text(row)} {body} </solution> <answer> {answer} </answer>'
+
+
+# -----------------------------------------------------------------------------
+# 6. Tokenizer (STUDY.md §3)
 #
 #   Tokenizer          a tiktoken.Encoding plus its identity (a sha1 over everything that defines
 #                      the encoding); shards and checkpoints store the identity, and mixing two
@@ -1490,17 +1411,7 @@ def bench_verify(rows, seconds=3) -> float:
 #   train_tokenizer    byte-level BPE learned from training texts: ids 0..9 are SPECIAL_TOKENS, then
 #                      the 256 bytes, then every integer 0..1000 as one token with and without a
 #                      leading space ("(7)" and " 7"), then the learned merges.
-#   load_original_tokenizer
-#                      the original study's HF tokenizer.json as a tiktoken Encoding that encodes every
-#                      text exactly as `tokenizers` does, quirky split regex included.
-#   write_shards       documents -> uint16 token shards (each document = encode(text) + [EOS]) and
-#                      meta.json; written atomically, so an interrupted write never looks complete.
-#   ShardLoader        packed (x, y) windows, deterministic order per seed and epoch, a disjoint share
-#                      per DDP rank, state_dict()/load_state_dict() for exact resume mid-epoch.
-#
-# Self-contained (stdlib, numpy, torch, tiktoken), so it can live in data.py as one section.
-# =============================================================================================
-
+# The original study's tokenizer, converted exactly, is in interop.py.
 
 SPECIAL_TOKENS = ['[UNK]', '[PAD]', '[BOS]', '[EOS]', '<question>', '</question>', '<solution>', '</solution>',
                   '<answer>', '</answer>']
@@ -1539,10 +1450,17 @@ def check_identity(expected, got, what):
                          f"tokenizer.json that {what} was made with, or rebuild it with this tokenizer.")
 
 
+_TOKENIZER_KINDS = {}   # Tokenizer.kind -> class, for Tokenizer.load (subclasses register themselves)
+
+
 class Tokenizer:
     """A tiktoken.Encoding with named special tokens and an identity. Special tokens written in the
     text ('<question>', '[EOS]', ...) are encoded as specials; decode(encode(t)) == t for every str."""
     kind = 'bpe'
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _TOKENIZER_KINDS[cls.kind] = cls
 
     def __init__(self, mergeable_ranks: dict, special_tokens: dict, pat_str: str, name: str = 'gsm-bpe'):
         self.name, self.pat_str = name, pat_str
@@ -1599,7 +1517,9 @@ class Tokenizer:
         if d.get('format') != 'gsm-tokenizer-v1':
             raise ValueError(f"{path}: not a tokenizer saved by Tokenizer.save (format {d.get('format')!r})")
         ranks = {base64.b64decode(b): r for b, r in zip(d['ranks'], d['rank_ids'])}
-        kind = {'bpe': Tokenizer, 'hf-original': OriginalTokenizer}.get(d['kind'])
+        if d['kind'] == 'hf-original':
+            import interop  # noqa: F401  (the original study's tokenizer class lives there and registers itself)
+        kind = _TOKENIZER_KINDS.get(d['kind'])
         if kind is None:
             raise ValueError(f"{path}: unknown tokenizer kind {d['kind']!r}")
         tok = kind(ranks, d['special_tokens'], d['pat_str'], name=d['name'])
@@ -1607,6 +1527,9 @@ class Tokenizer:
             raise ValueError(f"{path}: stored identity {d['identity']} does not match its contents "
                              f"({tok.identity}); the file was edited or is corrupt")
         return tok
+
+
+_TOKENIZER_KINDS[Tokenizer.kind] = Tokenizer
 
 
 def _learn_merges(word_counts: dict, n_new: int, known: set, min_count: int = 2) -> list:
@@ -1678,162 +1601,16 @@ def train_tokenizer(texts, vocab_size: int = DEFAULT_VOCAB_SIZE, name: str = 'gs
     return Tokenizer(ranks, {s: i for i, s in enumerate(SPECIAL_TOKENS)}, PAT_STR, name=name)
 
 
-# ---------------------------------------------------------------------------------------------
-# The original study's tokenizer (reference/paper_release/tokenizer.json), as a tiktoken Encoding.
+# -----------------------------------------------------------------------------
+# 7. Token shards, the shard loader and the loss mask (STUDY.md §4)
 #
-# It is an HF byte-level BPE whose pre-tokenizer is Split(regex, "Isolated") followed by
-# ByteLevel(use_regex=True), which re-splits every piece with the GPT-2 regex. The Split regex was
-# double-escaped when written: '\\p{L}' is a backslash, 'p' and '{L}', '\\s' a backslash and 's'.
-# Read the way Oniguruma reads it (alternatives tried in order at each position):
-#   - '\\[A-Za-z]+' and '\\.' take a backslash and what follows; every other alternative that starts
-#     with a backslash ('\\begin..', '\\to', '\\p{N}..', '\\s+') is shadowed by those two;
-#   - '<=' '>=' '!=' ':=' '->' '=>' '::=' '==', the math symbols, '_' '^', '(' ')' '{' '}' '\' and
-#     '-' are one piece each ('[{}()\\[\\]]' holds no brackets: Oniguruma reads '[\\]' as a nested
-#     class; '->>' and '<=>' are shadowed by '->' and '<=');
-#   - ' ?[^\\s\\p{L}\\p{N}]+' was meant as "punctuation"; as written it is "a run of anything but the
-#     characters \ s p { L } N", so ordinary text is cut before every s, p, L, N, { and };
-#   - nothing matches at s, p, L or N: a run of them is left over and becomes a piece of its own;
-#   - ' ?\\p{L}+' matches a space, a backslash, 'p{L' and closing braces.
-# So " equals 2." is split " equal" "s" " 2." and then GPT-2-split into " equal" "s" " 2" ".". (Its
-# vocabulary also lacks " number" and " of", which it spells letter by letter: on the reference
-# problems it needs 1.7x the tokens of our tokenizer.)
-#
-# ORIGINAL_PAT_STR below composes both splits into one regex, exact for every text without
-# a backslash (all of ours). Backslash pieces depend on unbounded context (is this backslash itself
-# escaped?), so text containing one is split in Python exactly as the original does (_ORIG_SPLIT),
-# then GPT-2-split and BPE-merged by tiktoken. The HF BPE merges pairs in merge-list order; its
-# vocab ids follow that order, so the ids serve as tiktoken ranks (checked on load).
-# ---------------------------------------------------------------------------------------------
-ORIGINAL_TOKENIZER_PATH = os.path.join(REFERENCE_DIR, 'paper_release', 'tokenizer.json')
-_ORIG_MATH = '±≈≅≃≡∼∝∞√∑∏∫∮∇∂∆∈∉⊂⊆⊄⊇⊃∩∪∧∨¬⇒⇔←→↦⟶⟨⟩⋯…'
-# the Split regex exactly as the original's tokenizer.json holds it (after JSON unescaping)
-_ORIG_HF_REGEX = '|'.join([
-    r'\\[A-Za-z]+', r'\\.', r'\\begin\s*\{[A-Za-z*]+\}', r'\\end\s*\{[A-Za-z*]+\}', '<=', '>=', '!=', ':=', '->',
-    '->>', '=>', '<=>', '::=', '==', r'\\to', r'\\mapsto', r'\\implies', r'\\iff', f'[{_ORIG_MATH}]', '[_^]',
-    r'[{}()\\[\\]]', r'(?<![\\p{L}\\p{N}])\\p{N}{1,3}(?:[_,]\\p{N}{1,3})*(?:\\.\\p{N}+)?(?:[eE][+-]?\\p{N}+)?',
-    '-', r' ?\\p{L}+', r' ?[^\\s\\p{L}\\p{N}]+', r'\\s+(?!\\S)', r'\\s+'])
-# the same regex in Python `re` syntax, alternative for alternative, with Oniguruma's reading
-_ORIG_SPLIT = re.compile('|'.join([
-    r'\\[A-Za-z]+', r'\\.', r'\\begin\s*\{[A-Za-z*]+\}', r'\\end\s*\{[A-Za-z*]+\}', '<=', '>=', '!=', ':=', '->',
-    '->>', '=>', '<=>', '::=', '==', r'\\to', r'\\mapsto', r'\\implies', r'\\iff', f'[{_ORIG_MATH}]', '[_^]',
-    r'[{}()\\]', r'(?<![\\p{L}N])\\p\{N\}{1,3}(?:[_,]\\p\{N\}{1,3})*(?:\\.\\p\{N\}+)?(?:[eE][+-]?\\p\{N\}+)?',
-    '-', r' ?\\p\{L\}+', r' ?[^\\spL{}N]+', r'\\s+(?!\\S)', r'\\s+']))
-# HF ByteLevel's own regex (= GPT-2's), applied to every piece of the Split
-_GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Both splits composed (tiktoken syntax). A position starts a Split piece at the start of the text,
-# after s p L N { } \, or between two punctuation characters (inside a run the GPT-2 punctuation
-# alternative is greedy, so a token can only end between two of them where a piece ended).
-_ORIG_PIECE_START = r"(?:^|(?<=[spLN{}\\])|(?<=[^\s\p{L}\p{N}])(?=[^\s\p{L}\p{N}]))"
-ORIGINAL_PAT_STR = '|'.join([
-    r'[spLN]+',                                   # the letters the Split never matches
-    r'[{}\\]',                                    # always a piece of their own
-    _ORIG_PIECE_START + rf'(?:<=|>=|!=|:=|->|=>|::=|==|[{_ORIG_MATH}]|[_^()]|-)',  # one-piece operators
-    r"'(?:t|re|ve|m|ll|d)",                       # GPT-2's contractions ('s cannot happen: s ends a run)
-    r' ?[^\P{L}spLN]+',                           # GPT-2's alternatives, cut where a Split run ends
-    r' ?\p{N}+',
-    r' ?[^\s\p{L}\p{N}{}\\]+',
-    r'\s+(?![^\s{}\\spLN])',
-    r'\s+',
-])
-
-
-def _bytes_to_unicode():
-    """GPT-2's reversible byte -> printable character map used by HF byte-level BPE vocabularies."""
-    bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _split_isolated(regex, text):
-    """HF Split(behavior='Isolated'): the matches and the text between them, in order."""
-    pieces, pos = [], 0
-    for m in regex.finditer(text):
-        if m.start() > pos:
-            pieces.append(text[pos:m.start()])
-        pieces.append(m.group())
-        pos = m.end()
-    if pos < len(text):
-        pieces.append(text[pos:])
-    return pieces
-
-
-class OriginalTokenizer(Tokenizer):
-    """The original study's tokenizer (see load_original_tokenizer). Its vocab_size is 2201: the added
-    token '<special_token_4>' has id 2200, one past the released model's 2200 embeddings."""
-    kind = 'hf-original'
-
-    def __init__(self, mergeable_ranks, special_tokens, pat_str=ORIGINAL_PAT_STR, name='paper-release'):
-        super().__init__(mergeable_ranks, special_tokens, pat_str, name=name)
-        self._gpt2 = tiktoken.Encoding(name + '-gpt2', pat_str=_GPT2_PAT_STR, mergeable_ranks=self.mergeable_ranks,
-                                       special_tokens={})
-        self._specials = re.compile('|'.join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))))
-
-    def encode(self, text: str) -> list:
-        if '\\' not in text:
-            return super().encode(text)
-        ids, pos = [], 0
-        for m in self._specials.finditer(text):  # added tokens are cut out first, as HF does
-            ids += self._encode_exact(text[pos:m.start()]) + [self.special_tokens[m.group()]]
-            pos = m.end()
-        return ids + self._encode_exact(text[pos:])
-
-    def _encode_exact(self, text):
-        return [i for piece in _split_isolated(_ORIG_SPLIT, text) for i in self._gpt2.encode_ordinary(piece)]
-
-    def encode_batch(self, texts, num_threads: int = 8) -> list:
-        texts = list(texts)
-        if any('\\' in t for t in texts):
-            return [self.encode(t) for t in texts]
-        return super().encode_batch(texts, num_threads)
-
-
-def load_original_tokenizer(path: str = ORIGINAL_TOKENIZER_PATH) -> Tokenizer:
-    """The original HF tokenizer.json as an OriginalTokenizer: same ids as `tokenizers` on every text
-    (quirky split included), lossless decode. Refuses a file whose model or pre-tokenizer differ from
-    what this conversion was written for."""
-    with open(path, encoding='utf-8') as f:
-        hf = json.load(f)
-    model, pre = hf['model'], hf.get('pre_tokenizer') or {}
-    steps = pre.get('pretokenizers', [])
-    if (model.get('type') != 'BPE' or model.get('byte_fallback') or model.get('continuing_subword_prefix') or
-            model.get('end_of_word_suffix') or hf.get('normalizer') is not None or len(steps) != 2 or
-            steps[0].get('type') != 'Split' or steps[0]['pattern'].get('Regex') != _ORIG_HF_REGEX or
-            steps[0].get('behavior') != 'Isolated' or steps[0].get('invert') or steps[1].get('type') != 'ByteLevel' or
-            steps[1].get('add_prefix_space') or not steps[1].get('use_regex')):
-        raise ValueError(f"{path}: not the original study's tokenizer (model / pre-tokenizer differ); "
-                         f"this converter translates exactly that one")
-    u2b = {u: b for b, u in _bytes_to_unicode().items()}
-    specials = {t['content']: t['id'] for t in hf['added_tokens']}
-    vocab = model['vocab']
-    ranks = {bytes(u2b[ch] for ch in tok): i for tok, i in vocab.items() if tok not in specials}
-    merges = [m.split(' ') if isinstance(m, str) else m for m in model['merges']]
-    ids = [vocab[a + b] for a, b in merges]
-    singles = [i for tok, i in ranks.items() if len(tok) == 1]
-    if len(singles) != 256 or ids != sorted(ids) or len(ranks) != 256 + len(merges) or max(singles) > min(ids):
-        raise ValueError(f"{path}: vocab ids do not follow the merge order, so they cannot serve as tiktoken ranks")
-    return OriginalTokenizer(ranks, specials, ORIGINAL_PAT_STR)
-
-
-# ---------------------------------------------------------------------------------------------
 # Token shards: {dir}/train_000.bin ... (uint16, one flat stream of documents, each encode(text) +
 # [EOS]), val.bin, tokenizer.json and meta.json. meta.json is written last and lists every file with
 # its token count, so a directory without it (or with a file of another size) is incomplete.
-# ---------------------------------------------------------------------------------------------
+# ShardLoader yields packed (x, y) windows in a deterministic order per seed and epoch, a disjoint
+# share per DDP rank, with state_dict()/load_state_dict() for exact resume mid-epoch.
+
 SHARD_FORMAT = 'gsm-shards-v1'
-
-
-def _atomic_write_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _SplitWriter:
@@ -1929,7 +1706,7 @@ def write_shards(docs, tokenizer, out_dir, token_budget=None, shard_tokens=100_0
     info = {'format': SHARD_FORMAT, 'tokenizer_identity': tokenizer.identity, 'tokenizer_name': tokenizer.name,
             'vocab_size': tokenizer.vocab_size, 'eos_id': tokenizer.eos_id, 'dtype': 'uint16',
             'token_budget': token_budget, 'shard_tokens': shard_tokens, 'splits': splits, 'meta': meta or {}}
-    _atomic_write_json(info, meta_path)
+    model.write_json(info, meta_path)
     return info
 
 
@@ -2058,6 +1835,7 @@ def mask_question_targets(x, y, tokenizer):
     inside |= (marks == 0).all(1, keepdim=True)
     return y.masked_fill(inside[:, 1:], -100)
 
+
 # -----------------------------------------------------------------------------
 # 8. Dataset directories: held-out set, tokenizer, token shards (what every training stage reads)
 #
@@ -2066,16 +1844,16 @@ def mask_question_targets(x, y, tokenizer):
 # Every directory built with the default tokenizer shares one tokenizer identity, so a base model
 # can be mid-trained or RL-trained on any other directory.
 
-_STANDARD_TOKENIZERS = {}
-
-
 def standard_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> 'Tokenizer':
     """The project's tokenizer: BPE trained on a fixed seeded sample of every op (2..20), template and
     mode. Deterministic, so it has the same identity on every machine and in every dataset."""
-    if vocab_size not in _STANDARD_TOKENIZERS:
-        rows = generate_rows(MIXTURES['eval_all'], 3000, seed='tokenizer')
-        _STANDARD_TOKENIZERS[vocab_size] = train_tokenizer([training_text(r) for r in rows], vocab_size)
-    return _STANDARD_TOKENIZERS[vocab_size]
+    return _standard_tokenizer(int(vocab_size))
+
+
+@functools.lru_cache(maxsize=None)
+def _standard_tokenizer(vocab_size):
+    problems = generate_problems(3000, MIXTURES['eval_all'], seed='tokenizer')
+    return train_tokenizer([training_text(p.to_row()) for p in problems], vocab_size)
 
 
 def resolve_tokenizer(tok=None) -> 'Tokenizer':
@@ -2131,164 +1909,158 @@ def load_eval_rows(data_dir) -> list:
     return read_jsonl(path)
 
 
-def _build_main(argv):
-    a = _kv(argv, ('out', 'mixture', 'tokens', 'seed', 'eval_ops', 'eval_n', 'eval_seed', 'val_n', 'tokenizer',
-                   'workers'))
-    if 'out' not in a or 'mixture' not in a or 'tokens' not in a:
-        raise UsageError('build needs --out=DIR --mixture=NAME_OR_OPS --tokens=N '
-                         "(e.g. python data.py build --out=data/base --mixture=2-10 --tokens=5e6)")
+# -----------------------------------------------------------------------------
+# 9. Command line
+#
+# Every command parses --key=value with model.configure (typed defaults below; --help lists them);
+# a bad argument is one line on stderr and exit status 2.
+
+SAMPLE_DEFAULTS = dict(
+    out='',              # the JSONL file to write (required)
+    ops='',              # op range: '2-20' (default), '2-4,8', weighted '2-4:0.5,5-7:0.5'
+    templates='',        # comma-separated template names ('' = all, uniform)
+    modes='',            # comma-separated modes ('' = both, uniform)
+    mixture='',          # instead of ops/templates/modes: a MIXTURES name or an ops string
+    n=1000,              # problems
+    seed=0,              # problem i depends only on (seed, i)
+    workers=1,           # generator processes
+)
+VERIFY_DEFAULTS = {
+    'in': '',            # JSONL rows with "graph" (or a gold "solution") and "prediction" (required)
+    'out': '',           # optional JSONL of per-row verdicts and rewards
+}
+BUILD_DEFAULTS = dict(
+    out='',              # the dataset directory (required)
+    mixture='',          # training mixture: a MIXTURES name or an ops string (required)
+    tokens=0.0,          # training tokens (required; 5e6 is fine)
+    seed=0,              # generator seed of the training stream
+    eval_ops='2-20',     # ops of the held-out set
+    eval_n=10,           # held-out problems per op and template
+    eval_seed=1234,      # seed of the held-out set
+    val_n=512,           # validation problems (val.bin)
+    tokenizer='',        # a tokenizer.json or dataset directory ('' = the standard tokenizer)
+    workers=1,           # generator processes
+)
+TOKENIZER_DEFAULTS = dict(
+    out='',              # where to write the standard tokenizer's tokenizer.json (required)
+    vocab_size=DEFAULT_VOCAB_SIZE,
+)
+
+
+def _sample_main(argv):
+    a = model.configure(SAMPLE_DEFAULTS, argv, presets=False)
+    if not a.out:
+        raise model.UsageError('sample needs --out=FILE.jsonl')
+    if a.ops and a.mixture:
+        raise model.UsageError('give --ops or --mixture, not both')
+    if a.mixture and (a.templates or a.modes):
+        raise model.UsageError('--templates/--modes go with --ops, not with --mixture')
     try:
-        tokens = int(float(a['tokens']))
-        eval_ops = parse_ops(a.get('eval_ops', '2-20'))[0][1]
-        mix = parse_mixture(a['mixture'])
+        mix = parse_mixture(a.mixture) if a.mixture else mixture(a.ops or '2-20', a.templates or None,
+                                                                a.modes or None)
     except ValueError as e:
-        raise UsageError(str(e)) from None
-    info = build_dataset(a['out'], mix, tokens, seed=_int_arg(a, 'seed', 0), tokenizer=a.get('tokenizer'),
-                         eval_ops=eval_ops, eval_n=_int_arg(a, 'eval_n', 10), eval_seed=_int_arg(a, 'eval_seed', 1234),
-                         val_n=_int_arg(a, 'val_n', 512), workers=_int_arg(a, 'workers', 1))
-    print(f"wrote {a['out']}: {info['splits']['train']['tokens']:,} train tokens, "
+        raise model.UsageError(str(e)) from None
+    if a.n < 1 or a.workers < 1:
+        raise model.UsageError('--n and --workers must be at least 1')
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir):
+        raise model.UsageError(f"--out={a.out}: directory {out_dir} does not exist; create it first")
+    problems = generate_problems(a.n, mix, a.seed, a.workers)
+    write_jsonl(a.out, problems)
+    print(f"wrote {len(problems)} problems to {a.out}")
+
+
+def verify_main(argv) -> int:
+    """python data.py verify --in=FILE.jsonl [--out=VERDICTS.jsonl]. Returns the exit status."""
+    argv = list(argv)
+    if argv and argv[0] == 'verify':
+        argv = argv[1:]
+    try:
+        a = model.configure(VERIFY_DEFAULTS, argv, presets=False)
+        inp, out = a['in'], a['out']
+        if not inp:
+            raise model.UsageError('missing --in=FILE.jsonl (rows with "graph" or "solution", and "prediction")')
+        try:
+            with open(inp, encoding='utf-8') as f:
+                lines = f.readlines()
+        except OSError as e:
+            raise model.UsageError(f'cannot read --in={inp} ({e.strerror}); give an existing JSONL file') from None
+        rows = []
+        for i, line in enumerate(lines):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise model.UsageError(f'{inp} line {i + 1} is not valid JSON ({e.msg}); fix or remove '
+                                           f'that line') from None
+        try:
+            verdicts, summary = verify_rows(rows)
+        except ValueError as e:
+            raise model.UsageError(f'{inp}: {e}') from None
+    except model.UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if out:
+        with open(out, 'w', encoding='utf-8') as f:
+            for row, v in zip(rows, verdicts):
+                d = {k: row[k] for k in ('id', 'op', 'mode', 'template') if k in row}
+                d.update(v.to_dict())
+                d['rewards'] = {kind: reward(v, kind) for kind in REWARDS}
+                f.write(json.dumps(d) + '\n')
+    s = summary
+    if not s['n']:
+        print('verified 0 rows')
+        return 0
+    print('verified %d rows: outcome %.4f  perfect %.4f  process_acc %.4f  value_err %.3f  parent_err %.3f  '
+          'missing %.3f  extra %.3f  answer_err %.3f' % (s['n'], s['outcome'], s['perfect'], s['process_acc'],
+                                                          s['value_errors'], s['parent_errors'], s['missing'],
+                                                          s['extra'], s['answer_error']))
+    print('mean rewards: ' + '  '.join('%s %.4f' % (k, s['reward_' + k]) for k in REWARDS))
+    for m, ms in s.get('by_mode', {}).items():
+        print('  %s (%d rows): outcome %.4f  perfect %.4f  process_acc %.4f'
+              % (m, ms['n'], ms['outcome'], ms['perfect'], ms['process_acc']))
+    if out:
+        print('wrote %d verdicts to %s' % (len(verdicts), out))
+    return 0
+
+
+def _build_main(argv):
+    a = model.configure(BUILD_DEFAULTS, argv, presets=False)
+    if not (a.out and a.mixture and a.tokens):
+        raise model.UsageError('build needs --out=DIR --mixture=NAME_OR_OPS --tokens=N '
+                               '(e.g. python data.py build --out=data/base --mixture=2-10 --tokens=5e6)')
+    try:
+        eval_ops = parse_ops(a.eval_ops)[0][1]
+        mix = parse_mixture(a.mixture)
+    except ValueError as e:
+        raise model.UsageError(str(e)) from None
+    info = build_dataset(a.out, mix, int(a.tokens), seed=a.seed, tokenizer=a.tokenizer or None, eval_ops=eval_ops,
+                         eval_n=a.eval_n, eval_seed=a.eval_seed, val_n=a.val_n, workers=a.workers)
+    print(f"wrote {a.out}: {info['splits']['train']['tokens']:,} train tokens, "
           f"{info['splits']['val']['tokens']:,} val tokens, {info['meta']['n_eval']} held-out problems, "
           f"tokenizer {info['tokenizer_identity'][:12]}")
 
 
 def _tokenizer_main(argv):
-    a = _kv(argv, ('out', 'vocab_size'))
-    if 'out' not in a:
-        raise UsageError('tokenizer needs --out=tokenizer.json (the standard tokenizer; --vocab_size=N to change its size)')
-    tok = standard_tokenizer(_int_arg(a, 'vocab_size', DEFAULT_VOCAB_SIZE))
-    tok.save(a['out'])
-    print(f"wrote {a['out']}: {tok}")
+    a = model.configure(TOKENIZER_DEFAULTS, argv, presets=False)
+    if not a.out:
+        raise model.UsageError('tokenizer needs --out=tokenizer.json (the standard tokenizer; --vocab_size=N '
+                               'to change its size)')
+    tok = standard_tokenizer(a.vocab_size)
+    tok.save(a.out)
+    print(f"wrote {a.out}: {tok}")
 
 
-# -----------------------------------------------------------------------------
-# 6. Sizes and speed
-
-def size_stats(problems) -> dict:
-    """(mode, op) -> mean problem chars, solution chars, statements, steps."""
-    acc = {}
-    for p in problems:
-        a = acc.setdefault((p.mode, p.op), [0, 0, 0, 0, 0])
-        a[0] += len(p.problem)
-        a[1] += len(p.solution)
-        a[2] += p.problem.count('. ')
-        a[3] += len(p.graph['order'])
-        a[4] += 1
-    return {k: tuple(x / a[4] for x in a[:4]) for k, a in acc.items()}
-
-
-def bench_generate(seconds=3) -> float:
-    """Problems per second on one core, uniform op 2..20, all templates and modes, rejection included."""
-    mix, i, t0 = MIXTURES['eval_all'], 0, time.process_time()
-    while True:
-        for _ in range(50):
-            rng = _rng_for('bench', i)
-            op, template, mode = mix.sample(rng)
-            generate(rng, op, template, mode)
-            i += 1
-        dt = time.process_time() - t0
-        if dt >= seconds:
-            return i / dt
-
-
-def _stats_main(n=200, seed=0, workers=1):
-    ops = sorted(REFERENCE_SIZES)
-    probs = []
-    for mode in MODES:
-        probs += generate_problems(n * len(ops), ops, modes=[mode], seed=seed, workers=workers)
-    s = size_stats(probs)
-    print(f'per-op means over ~{n} problems per op and mode (ours / original)')
-    print(f"{'op':>3} | {'fwd problem chars':>17} | {'fwd solution chars':>18} | {'fwd steps':>11} | "
-          f"{'fwd statements':>14} | {'rev problem':>11} | {'rev solution chars':>18} | {'rev steps':>9}")
-    for op in ops:
-        f, r, ref_ = s[FORWARD, op], s[REVERSE, op], REFERENCE_SIZES[op]
-        print(f'{op:>3} | {f[0]:7.0f} / {ref_[0]:<7} | {f[1]:7.0f} / {ref_[1]:<8} | {f[3]:4.1f} / {ref_[2]:<4} | '
-              f'{f[2]:14.1f} | {r[0]:11.0f} | {r[1]:7.0f} / {ref_[3]:<8} | {r[3]:9.1f}')
-
-
-# -----------------------------------------------------------------------------
-# 7. Command line
-
-class UsageError(Exception):
-    pass
-
-
-def _kv(argv, allowed):
-    out = {}
-    for a in argv:
-        if not a.startswith('--') or '=' not in a:
-            raise UsageError(f'argument {a!r} is not --key=value')
-        k, v = a[2:].split('=', 1)
-        if k not in allowed:
-            raise UsageError(f'unknown option --{k}; options are ' + ', '.join('--' + x for x in allowed))
-        out[k] = v
-    return out
-
-
-def _int_arg(d, k, default):
-    try:
-        return int(d.get(k, default))
-    except ValueError:
-        raise UsageError(f'--{k}={d[k]} is not an integer') from None
-
-
-def _sample_main(argv):
-    a = _kv(argv, ('ops', 'mixture', 'n', 'seed', 'out', 'templates', 'modes', 'workers'))
-    if 'out' not in a:
-        raise UsageError('sample needs --out=FILE.jsonl')
-    if 'ops' in a and 'mixture' in a:
-        raise UsageError('give --ops or --mixture, not both')
-    n, seed, workers = _int_arg(a, 'n', 1000), _int_arg(a, 'seed', 0), _int_arg(a, 'workers', 1)
-    try:
-        if 'mixture' in a:
-            if 'templates' in a or 'modes' in a:
-                raise UsageError('--templates/--modes go with --ops, not with --mixture')
-            mix = parse_mixture(a['mixture'])
-        else:
-            mix = mixture(a.get('ops', '2-20'), a.get('templates'), a.get('modes'))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if n < 1 or workers < 1:
-        raise UsageError('--n and --workers must be at least 1')
-    out_dir = os.path.dirname(os.path.abspath(a['out']))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"--out={a['out']}: directory {out_dir} does not exist; create it first")
-    rows = generate_rows(mix, n, seed, workers)
-    write_jsonl(a['out'], rows)
-    print(f"wrote {len(rows)} problems to {a['out']}")
+COMMANDS = {'sample': _sample_main, 'verify': lambda argv: sys.exit(verify_main(argv)), 'build': _build_main,
+            'tokenizer': _tokenizer_main}
 
 
 def main(argv):
-    commands = ('sample', 'stats', 'bench', 'verify', 'build', 'tokenizer')
-    if not argv or argv[0] not in commands:
-        raise UsageError(f"give a command: {', '.join(commands)} (e.g. python data.py sample --ops=2-20 --n=100 "
-                         f"--out=x.jsonl)")
-    cmd, rest = argv[0], argv[1:]
-    if cmd == 'sample':
-        _sample_main(rest)
-    elif cmd == 'stats':
-        a = _kv(rest, ('n', 'seed', 'workers'))
-        n, seed, workers = _int_arg(a, 'n', 200), _int_arg(a, 'seed', 0), _int_arg(a, 'workers', 1)
-        if n < 1 or workers < 1:
-            raise UsageError('--n and --workers must be at least 1')
-        _stats_main(n, seed, workers)
-    elif cmd == 'bench':
-        a = _kv(rest, ('seconds',))
-        try:
-            seconds = float(a.get('seconds', 3))
-        except ValueError:
-            raise UsageError(f"--seconds={a['seconds']} is not a number") from None
-        print(f"{bench_generate(seconds):.0f} problems/s (one core, op 2..20 mix)")
-    elif cmd == 'verify':
-        sys.exit(verify_main(rest))
-    elif cmd == 'build':
-        _build_main(rest)
-    elif cmd == 'tokenizer':
-        _tokenizer_main(rest)
+    if not argv or argv[0] not in COMMANDS:
+        raise model.UsageError(f"give a command: {', '.join(COMMANDS)} (e.g. python data.py sample --ops=2-20 "
+                               f"--n=100 --out=x.jsonl)")
+    COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except UsageError as e:
-        print(f'data.py: {e}', file=sys.stderr)
-        sys.exit(2)
+    model.cli('data.py', main)

@@ -1,5 +1,5 @@
 """
-Mid-training (SPEC §4): continue the pre-training objective from a base checkpoint on a mixture aimed
+Mid-training (STUDY.md §4): continue the pre-training objective from a base checkpoint on a mixture aimed
 at the edge of the base model's competence (paper: 20% uniform over op 2..10 + 80% uniform over op
 11..14), with a fresh AdamW state and a fresh warmup (15%) + cosine schedule. The training loop is
 pretrain.train(); this file only changes the defaults, loads the base, and converts a compute budget.
@@ -10,8 +10,8 @@ pretrain.train(); this file only changes the defaults, loads the base, and conve
     torchrun --standalone --nproc_per_node=8 midtrain.py paper_midtrain
 
 Compute budget: --flops_budget=F (training FLOPs of this stage) sets the token budget to F / 6N,
-N = the base model's parameters (SPEC §4's accounting; rl.py charges 6N per trained and 2N per
-forward-only token). This is how one FLOP budget is split between mid-training and RL (SPEC §5.3):
+N = the base model's parameters (STUDY.md §4's accounting; rl.py charges 6N per trained and 2N per
+forward-only token). This is how one FLOP budget is split between mid-training and RL (STUDY.md §5.3):
 
     python midtrain.py paper_midtrain --flops_budget=4.8e17 --out_dir=out/mid_80
 
@@ -34,7 +34,7 @@ defaults.update(
     out_dir='out/mid',                   # this stage's run directory
     init_from='out/base',                # base run directory (or its ckpt.pt): weights + tokenizer
     data_dir='data_cache/mid_11_14',     # built from `mixture` with the base tokenizer if missing
-    mixture='mid_11_14',                 # 20% U(op 2..10) + 80% U(op 11..14) (SPEC §4)
+    mixture='mid_11_14',                 # 20% U(op 2..10) + 80% U(op 11..14) (STUDY.md §4)
     warmup_frac=0.15,                    # the paper's mid-training warmup
     flops_budget=0.0,                    # if > 0: this stage's training FLOPs; max_tokens = flops_budget / (6N)
 )
@@ -47,7 +47,7 @@ def base_paths(init_from):
 
 
 def tokens_for_flops(flops, n_params):
-    """Training tokens that cost `flops` at 6N FLOPs per token (SPEC §4)."""
+    """Training tokens that cost `flops` at 6N FLOPs per token (STUDY.md §4)."""
     return int(flops // (6 * n_params))
 
 

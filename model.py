@@ -1,7 +1,7 @@
 """
 The model and the small library every stage shares.
 
-  Qwen2 (the architecture of the paper, SPEC §3), written to be read top to bottom:
+  Qwen2 (the architecture of the paper, STUDY.md §3), written to be read top to bottom:
     RMSNorm -> RoPE -> grouped-query attention -> SwiGLU MLP -> decoder block -> Qwen2
   Module and parameter names are exactly those of `transformers.Qwen2ForCausalLM` (minus its
   `model.` prefix), so importing / exporting Hugging Face checkpoints is a rename, not a remap,
@@ -14,9 +14,12 @@ The model and the small library every stage shares.
   save_checkpoint / load_checkpoint   one atomic, torch.load(weights_only=True)-safe format for
                    every stage (weights, model config, run config, tokenizer identity, step,
                    optimizer, data-loader/RNG state).
-  configure        nanoGPT-style configurator (preset files + --key=value, type-checked).
+  write_json / resolve_ckpt / load_run   run directories: atomic JSON, a run dir or ckpt.pt -> its
+                   checkpoint, and (model, tokenizer, checkpoint) with the tokenizer identity checked.
+  configure / Config / UsageError / cli   the one command-line parser of every command (preset files
+                   + --key=value, type-checked; cfg.lr or cfg['lr']) and its one-line errors.
   setup_distributed / cleanup_distributed / autocast_ctx / seed_everything   plumbing.
-  load_hf_qwen2 / export_hf   Hugging Face interop (optional `safetensors` / `transformers`).
+Hugging Face import / export and the original study's tokenizer are in interop.py.
 
 Quick check:
   python -c "import model; m = model.Qwen2(model.MODEL_PRESETS['paper']); print(m.num_params())"
@@ -98,7 +101,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # 18.2M: small-GPU experiments.
     'small': ModelConfig(hidden_size=384, n_layer=8, n_head=6, n_kv_head=2, intermediate_size=1536,
                          max_seq_len=2048),
-    # 103.17M: the paper's model (SPEC §3, reference/paper_release/config.json).
+    # 103.17M: the paper's model (STUDY.md §3, reference/paper_release/config.json).
     'paper': ModelConfig(hidden_size=768, n_layer=12, n_head=12, n_kv_head=2, intermediate_size=3072,
                          max_seq_len=2048),
 }
@@ -647,11 +650,97 @@ def load_checkpoint(path, device='cpu', expect_tokenizer: str | None = None,
 
 
 # -----------------------------------------------------------------------------
-# Configurator (nanoGPT style)
+# Run directories: {out_dir}/ckpt.pt, tokenizer.json (a copy of the data's) and the logs
+
+
+def write_json(obj, path, indent=1):
+    """Write JSON atomically (a temporary file fsynced, then renamed), so a reader never sees half."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=indent)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resolve_ckpt(path, what='checkpoint') -> str:
+    """The checkpoint file of `path` (a ckpt.pt or a run directory holding one); a missing one is a
+    UsageError naming both paths."""
+    path = os.fspath(path)
+    p = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise UsageError(f"no {what} at {path} (looked for {p}); train it first or fix the path")
+    return p
+
+
+def run_tokenizer_path(ckpt_path, ckpt_config: dict) -> str | None:
+    """Where a run's tokenizer lives: the run directory's tokenizer.json, else its data_dir's."""
+    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    for cand in (os.path.join(run_dir, 'tokenizer.json'),
+                 os.path.join(ckpt_config.get('data_dir') or '', 'tokenizer.json')):
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def load_run(path, device='cpu', tokenizer=None):
+    """(model, tokenizer, checkpoint dict) of a run directory or checkpoint file. The tokenizer is
+    `tokenizer` (a data.Tokenizer, a tokenizer.json or a dataset directory) when given, else the
+    run's own (run_tokenizer_path); its identity must be the checkpoint's (UsageError otherwise)."""
+    import data  # only here: the model does not otherwise depend on the task world
+    ckpt_path = resolve_ckpt(path)
+    ck = load_checkpoint(ckpt_path, device=device)
+    source = tokenizer if tokenizer is not None else run_tokenizer_path(ckpt_path, ck['config'])
+    if source is None:
+        raise UsageError(f"no tokenizer for {ckpt_path} (no tokenizer.json beside it or in its data_dir); "
+                         f"give the data directory it was trained on")
+    try:
+        tok = data.resolve_tokenizer(source)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    try:
+        data.check_identity(tok.identity, ck['tokenizer_identity'], f"checkpoint {ckpt_path}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return ck['model'], tok, ck
+
+
+# -----------------------------------------------------------------------------
+# Command lines: one error style, one configurator (nanoGPT style)
+
+
+class UsageError(SystemExit):
+    """A mistake in how a command was called or configured (a bad argument, a missing file, a
+    mismatched run). Every command reports it as one line and exit status 2 (see `cli`); it is a
+    SystemExit, so even code that does not catch it ends with that line rather than a traceback."""
+
+
+def cli(prog: str, main, argv=None):
+    """Run main(argv) as the command `prog`: a UsageError prints 'prog: message' and exits with 2."""
+    try:
+        return main(sys.argv[1:] if argv is None else list(argv))
+    except UsageError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class Config(dict):
+    """A resolved run config: a plain dict (saved in checkpoints and logs as such) whose keys also
+    read as attributes, so a stage may write cfg.lr or cfg['lr']."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"no config key {key!r}") from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
 
 
 def _fail(msg):
-    raise SystemExit(f"config error: {msg}")
+    raise UsageError(f"config error: {msg}")
 
 
 def _coerce(key, value, default, source):
@@ -693,13 +782,14 @@ def _preset_path(name):
           + (f"; did you mean {', '.join(close)}?" if close else ""))
 
 
-def configure(defaults: dict, argv: list[str]) -> dict:
+def configure(defaults: dict, argv: list[str], presets: bool = True) -> Config:
     """Resolve a run config: start from `defaults`, apply presets (bare args: config/NAME.py or a
     path, executed with the current config as globals; assigning a name that is not a key is an
     error), then --key=value overrides (ast.literal_eval'd, str as a fallback; `--flag` alone sets
-    a bool to True). Values are type-checked against the defaults. Errors exit with one line.
-    --help / -h prints the keys and defaults and exits."""
-    cfg = dict(defaults)
+    a bool to True). Values are type-checked against the defaults. Errors raise UsageError (one
+    line). --help / -h prints the keys and defaults and exits. presets=False: every argument must
+    be --key=value (the commands of data.py and interop.py). Returns a Config (a dict)."""
+    cfg = Config(defaults)
     for arg in argv:
         if arg in ('--help', '-h'):
             width = max((len(k) for k in defaults), default=0)
@@ -708,6 +798,8 @@ def configure(defaults: dict, argv: list[str]) -> dict:
                 print(f"  --{k.ljust(width)} = {v!r}")
             raise SystemExit(0)
         if not arg.startswith('--'):
+            if not presets:
+                _fail(f"argument {arg!r} is not --key=value (--help lists the keys)")
             path = _preset_path(arg)
             scope = dict(cfg)
             try:
@@ -803,144 +895,3 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face interop (optional dependencies)
-
-
-def hf_config_dict(cfg: ModelConfig) -> dict:
-    """A transformers Qwen2 config.json for this model (fields as in reference/paper_release)."""
-    return {
-        'architectures': ['Qwen2ForCausalLM'], 'model_type': 'qwen2', 'hidden_act': 'silu',
-        'attention_dropout': 0.0, 'initializer_range': cfg.initializer_range,
-        'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_size, 'intermediate_size': cfg.intermediate_size,
-        'num_hidden_layers': cfg.n_layer, 'num_attention_heads': cfg.n_head,
-        'num_key_value_heads': cfg.n_kv_head, 'max_position_embeddings': cfg.max_seq_len,
-        'rms_norm_eps': cfg.rms_eps, 'rope_theta': cfg.rope_theta, 'tie_word_embeddings': cfg.tie_embeddings,
-        'use_sliding_window': False, 'sliding_window': None, 'max_window_layers': cfg.n_layer,
-        'use_cache': True, 'torch_dtype': 'float32', 'bos_token_id': 2, 'eos_token_id': 3,
-    }
-
-
-def config_from_hf(hf: dict) -> ModelConfig:
-    if hf.get('model_type', 'qwen2') != 'qwen2':
-        raise ValueError(f"expected a qwen2 config, got model_type={hf.get('model_type')!r}")
-    if hf.get('use_sliding_window'):
-        raise ValueError("sliding-window attention is not implemented (use_sliding_window=true)")
-    rope_theta = hf.get('rope_theta') or (hf.get('rope_parameters') or {}).get('rope_theta', 1e6)
-    return ModelConfig(vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'], n_layer=hf['num_hidden_layers'],
-                       n_head=hf['num_attention_heads'],
-                       n_kv_head=hf.get('num_key_value_heads', hf['num_attention_heads']),
-                       intermediate_size=hf['intermediate_size'], max_seq_len=hf['max_position_embeddings'],
-                       rope_theta=float(rope_theta), rms_eps=float(hf['rms_norm_eps']),
-                       tie_embeddings=bool(hf.get('tie_word_embeddings', True)),
-                       initializer_range=float(hf.get('initializer_range', 0.02)))
-
-
-def to_hf_state_dict(model: nn.Module) -> dict:
-    """Our names are HF's minus the `model.` prefix (lm_head stays at the top)."""
-    sd = clean_state_dict(unwrap(model).state_dict())
-    return {(k if k.startswith('lm_head.') else 'model.' + k): v for k, v in sd.items()}
-
-
-def from_hf_state_dict(sd: dict, cfg: ModelConfig) -> dict:
-    out = {}
-    for k, v in sd.items():
-        if k.endswith('rotary_emb.inv_freq'):
-            continue  # a buffer older transformers versions saved; we recompute it
-        out[k[len('model.'):] if k.startswith('model.') else k] = v
-    if cfg.tie_embeddings:
-        out['lm_head.weight'] = out['embed_tokens.weight']
-    return out
-
-
-def load_hf_qwen2(path, device='cpu') -> Qwen2:
-    """Load a Hugging Face Qwen2 directory (config.json + model.safetensors, sharded safetensors,
-    or pytorch_model.bin) into our Qwen2, in fp32."""
-    with open(os.path.join(path, 'config.json')) as f:
-        cfg = config_from_hf(json.load(f))
-    files = sorted(os.listdir(path))
-    st = [f for f in files if f.endswith('.safetensors')]
-    sd = {}
-    if st:
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError("load_hf_qwen2 needs `safetensors` to read *.safetensors: pip install safetensors")
-        for f in st:
-            sd.update(load_file(os.path.join(path, f)))
-    elif 'pytorch_model.bin' in files:
-        sd = torch.load(os.path.join(path, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
-    else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
-    model = Qwen2(cfg)
-    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(sd, cfg).items()})
-    return model.to(device)
-
-
-def export_hf(model: nn.Module, path, dtype=torch.float32, tokenizer_files: dict | None = None):
-    """Write config.json + model.safetensors that transformers.AutoModelForCausalLM (and vLLM) load.
-    Tied lm_head is written once (as HF does). tokenizer_files: optional {name: text} to copy
-    alongside (e.g. tokenizer.json)."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ImportError("export_hf needs `safetensors`: pip install safetensors")
-    m = unwrap(model)
-    os.makedirs(path, exist_ok=True)
-    sd = to_hf_state_dict(m)
-    if m.config.tie_embeddings:
-        sd.pop('lm_head.weight', None)
-    sd = {k: v.detach().to(dtype).contiguous().cpu() for k, v in sd.items()}
-    save_file(sd, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
-    hf = hf_config_dict(m.config)
-    hf['torch_dtype'] = str(dtype).replace('torch.', '')
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-        json.dump(hf, f, indent=2)
-    for name, text in (tokenizer_files or {}).items():
-        with open(os.path.join(path, name), 'w') as f:
-            f.write(text)
-
-
-def import_hf(hf_dir, out_dir, tokenizer_json=None) -> str:
-    """Turn a Hugging Face Qwen2 directory (a released checkpoint of the original study, or one made
-    by export_hf) into a run directory every stage reads: out_dir/ckpt.pt + out_dir/tokenizer.json.
-    The tokenizer is the directory's HF tokenizer.json (or `tokenizer_json`) converted exactly to
-    tiktoken (data.load_original_tokenizer). Returns the checkpoint path."""
-    import data  # only here: model.py does not otherwise depend on the task world
-    tok_path = tokenizer_json or os.path.join(hf_dir, 'tokenizer.json')
-    if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"{tok_path} not found: pass the HF tokenizer.json with --tokenizer= "
-                                f"(the original study's is reference/paper_release/tokenizer.json)")
-    tok = data.load_original_tokenizer(tok_path)
-    m = load_hf_qwen2(hf_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, 'tokenizer.json'))
-    path = os.path.join(out_dir, 'ckpt.pt')
-    save_checkpoint(path, m, run_config={'source': os.path.abspath(hf_dir), 'data_dir': ''},
-                    tokenizer_identity=tok.identity, step=0)
-    return path
-
-
-if __name__ == '__main__':
-    # python model.py import_hf --hf_dir=path/to/released_model --out=out/released [--tokenizer=tokenizer.json]
-    # python model.py export_hf --ckpt=out/tiny/base --out=out/tiny/base_hf
-    args = dict(a[2:].split('=', 1) for a in sys.argv[2:] if a.startswith('--') and '=' in a)
-    cmd = sys.argv[1] if len(sys.argv) > 1 else ''
-    if cmd == 'import_hf' and {'hf_dir', 'out'} <= set(args):
-        try:
-            print('wrote', import_hf(args['hf_dir'], args['out'], args.get('tokenizer')))
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f'model.py import_hf: {e}')
-    elif cmd == 'export_hf' and {'ckpt', 'out'} <= set(args):
-        ck_path = args['ckpt'] if args['ckpt'].endswith('.pt') else os.path.join(args['ckpt'], 'ckpt.pt')
-        ck = load_checkpoint(ck_path)
-        tok_file = os.path.join(os.path.dirname(ck_path), 'tokenizer.json')
-        export_hf(ck['model'], args['out'])
-        print(f"wrote {args['out']}/config.json and model.safetensors"
-              + (f" (our tokenizer stays in {tok_file}: it is a tiktoken BPE, not an HF tokenizer)"
-                 if os.path.exists(tok_file) else ''))
-    else:
-        sys.exit("usage: python model.py import_hf --hf_dir=DIR --out=RUN_DIR [--tokenizer=tokenizer.json]\n"
-                 "       python model.py export_hf --ckpt=RUN_DIR_OR_CKPT --out=DIR")

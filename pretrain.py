@@ -1,5 +1,5 @@
 """
-Pre-train a Qwen2 language model from scratch on packed GSM-Infinite training texts (SPEC §4).
+Pre-train a Qwen2 language model from scratch on packed GSM-Infinite training texts (STUDY.md §4).
 
 Commands (run from the repository root):
 
@@ -398,7 +398,7 @@ def train(cfg):
         log['summary'] = {
             'steps': max_steps, 'tokens': max_steps * cfg['batch_tokens'], 'params': n_params,
             'flops_per_token': fpt, 'train_flops': fpt * max_steps * cfg['batch_tokens'],
-            'train_flops_6n': 6 * n_params * max_steps * cfg['batch_tokens'],  # the SPEC's budget accounting
+            'train_flops_6n': 6 * n_params * max_steps * cfg['batch_tokens'],  # STUDY.md §4's budget accounting
             'final_train_loss': log['train'][-1]['loss'] if log['train'] else None,
             'final_val_loss': log['val'][-1]['loss'], 'initial_val_loss': log['val'][0]['loss'],
             'tok_s': len(tr) * cfg['batch_tokens'] / max(1e-9, sum(r['dt'] for r in tr)),

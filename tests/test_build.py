@@ -48,7 +48,7 @@ def test_training_stream_never_contains_a_held_out_problem(built):
 
 def test_excluded_ids_are_skipped_and_the_rest_of_the_stream_is_unchanged():
     from tqdm import tqdm
-    first = data.generate_rows('2-3', 20, seed=0)
+    first = [p.to_row() for p in data.generate_problems(20, '2-3', seed=0)]
     exclude = frozenset(r['id'] for r in first[:20:2])
     stream = data._text_stream(data.parse_mixture('2-3'), 0, 1, exclude, tqdm(disable=True), chunk=32)
     texts = [next(stream) for _ in range(20)]

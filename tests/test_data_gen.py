@@ -1,4 +1,4 @@
-"""Tests of the task-world generator, mixtures and datasets (data.py sections 1-6, SPEC §1).
+"""Tests of the task-world generator, mixtures and datasets (data.py sections 1-2 and 4-5, STUDY.md §1).
 
 The central check is an independent TEXT solver (below): it reads only the problem and question
 strings (regexes over the statement grammar; a total is the sum of every stated instance parameter of
@@ -19,12 +19,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import bench  # noqa: E402
 import data  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, 'reference', 'official_generator_samples.jsonl')
 FIXTURE_ROWS = [json.loads(line) for line in open(FIXTURE)]
 FWD, REV = 'normalforward', 'forwardreverse'
 ALL_OPS = list(range(2, 21))
+
+
+def gen_rows(mixture, n, **kw):
+    """n JSONL rows of a mixture (data.generate_problems as rows)."""
+    return [p.to_row() for p in data.generate_problems(n, mixture, **kw)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +336,7 @@ def test_text_solver_on_the_original_samples_finds_its_ill_posed_reverse_problem
             continue
         assert ans == gold, r
         assert solve_text(r['problem'], r['question'], lenient=True)[0] == gold
-    # The original's defect (SPEC §1): a definition replaced by a duplicate "exists" sentence. Read
+    # The original's defect (STUDY.md §1): a definition replaced by a duplicate "exists" sentence. Read
     # leniently (the duplicate as one sentence), most of these still have no answer, or a different one
     # (the lost instance parameter no longer counts in its place's total).
     for i in ill:
@@ -457,7 +463,7 @@ def test_noise_never_changes_the_answer(sample):
 
 
 def test_value_and_size_distribution_close_to_the_original(sample):
-    s = data.size_stats(data.generate_problems(2000, sorted(data.REFERENCE_SIZES), seed=5))
+    s = bench.size_stats(data.generate_problems(2000, sorted(data.REFERENCE_SIZES), seed=5))
     for op, (pchars, schars, steps, rschars) in data.REFERENCE_SIZES.items():
         f, r = s[FWD, op], s[REV, op]
         assert abs(f[1] - schars) < 0.15 * schars, (op, f, schars)
@@ -483,12 +489,12 @@ def test_value_and_size_distribution_close_to_the_original(sample):
 
 def test_same_seed_same_problems_any_worker_count():
     mix = data.MIXTURES['eval_all']
-    one = data.generate_rows(mix, 400, seed=3, workers=1)
-    two = data.generate_rows(mix, 400, seed=3, workers=2)
+    one = gen_rows(mix, 400, seed=3, workers=1)
+    two = gen_rows(mix, 400, seed=3, workers=2)
     assert one == two
-    assert data.generate_rows(mix, 50, seed=4)[:5] != one[:5]
+    assert gen_rows(mix, 50, seed=4)[:5] != one[:5]
     # problem i depends on (seed, i) only: a longer run starts with the shorter one
-    assert data.generate_rows(mix, 30, seed=3) == one[:30]
+    assert gen_rows(mix, 30, seed=3) == one[:30]
 
 
 def test_ids_are_stable_content_hashes():
@@ -564,7 +570,7 @@ def test_parse_mixture_strings():
 
 
 def test_generated_rows_follow_the_mixture():
-    rows = data.generate_rows('headroom_.5/.3/.2', 1500, seed=2)
+    rows = gen_rows('headroom_.5/.3/.2', 1500, seed=2)
     band = Counter('e' if r['op'] <= 4 else 'm' if r['op'] <= 7 else 'h' for r in rows)
     assert abs(band['e'] / 1500 - .5) < .05 and abs(band['h'] / 1500 - .2) < .05
     assert set(rows[0]) == {'problem', 'question', 'solution', 'op', 'id', 'template', 'mode', 'answer', 'graph'}
@@ -573,10 +579,10 @@ def test_generated_rows_follow_the_mixture():
 def test_training_never_overlaps_the_eval_set():
     ev = data.make_eval_set([2], 40, seed=5)
     ids = {p.id for p in ev}
-    naive = data.generate_rows('2', 2000, seed=0)
+    naive = gen_rows('2', 2000, seed=0)
     hits = [i for i, r in enumerate(naive) if r['id'] in ids]
     assert hits, 'op 2 is small: collisions expected, else this test proves nothing'
-    train = data.generate_rows('2', 2000, seed=0, exclude_ids=ids)
+    train = gen_rows('2', 2000, seed=0, exclude_ids=ids)
     assert not ids & {r['id'] for r in train}
     # exclusion re-draws exactly the colliding rows and leaves the others as they were
     assert [i for i, (a, b) in enumerate(zip(naive, train)) if a != b] == hits
@@ -594,7 +600,7 @@ def test_eval_set_layout():
 # --- rows, files, training text ------------------------------------------------------------------
 
 def test_jsonl_round_trip_and_released_rows(tmp_path):
-    rows = data.generate_rows('2-6', 20, seed=1)
+    rows = gen_rows('2-6', 20, seed=1)
     path = tmp_path / 'x.jsonl'
     data.write_jsonl(path, rows)
     assert data.read_jsonl(path) == rows
@@ -619,7 +625,7 @@ def test_training_and_prompt_text():
         'fox in Cedar Valley as J; so J = 2. Define total number of adult animals in Cedar Valley as x; so x = J = 2. '
         '</solution> <answer> 2 </answer>')
     assert data.training_text(r) == data.training_text(dict(r, answer=2))      # answer read from the solution
-    p = data.generate_problems(1, [9], modes=[REV], seed=3)[0].to_row()
+    p = data.generate_problems(1, data.mixture([9], modes=[REV]), seed=3)[0].to_row()
     t = data.training_text(p)
     assert t.startswith(data.prompt_text(p)) and data.prompt_text(p).endswith(' <solution>')
     assert t.endswith(f"Solution: x = {p['answer']}. </solution> <answer> {p['answer']} </answer>")
@@ -642,7 +648,7 @@ def test_cli_sample_and_errors(tmp_path):
     assert len(rows) == 30 and {(x['template'], x['mode']) for x in rows} == {('teachers_in_school', FWD)}
     assert {x['op'] for x in rows} <= {2, 3, 4, 5}
     for args in (['sample', '--ops=2-x', f'--out={out}'], ['sample', '--n=5'], ['sample', '--bogus=1', f'--out={out}'],
-                 ['sample', '--templates=zoo', f'--out={out}'], ['frobnicate'], ['stats', '--n=abc']):
+                 ['sample', '--templates=zoo', f'--out={out}'], ['frobnicate'], ['sample', '--n=abc', f'--out={out}'], ['sample', 'stray']):
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -650,11 +656,11 @@ def test_cli_sample_and_errors(tmp_path):
 
 
 def test_bench_generate_runs():
-    assert data.bench_generate(seconds=0.3) > 200
+    assert bench.bench_generate(seconds=0.3) > 200
 
 
 @pytest.mark.slow
 def test_generation_speed():
-    rate = data.bench_generate(seconds=3)
+    rate = bench.bench_generate(seconds=3)
     print(f'problems/s (one core, op 2..20): {rate:.0f}')
     assert rate > 1000

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import interop  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -68,7 +69,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
 def test_presets_and_param_counts():
     with torch.device('meta'):  # shapes only: no 100M-parameter init
         counts = {name: M.Qwen2(cfg).num_params() for name, cfg in M.MODEL_PRESETS.items()}
-    assert counts['paper'] == 103_170_816  # SPEC §3 "~100M": 12 x 8.46M blocks + 1.69M tied embedding
+    assert counts['paper'] == 103_170_816  # STUDY.md §3 "~100M": 12 x 8.46M blocks + 1.69M tied embedding
     assert 1e6 <= counts['tiny'] <= 3e6
     assert 10e6 <= counts['small'] <= 20e6
     assert counts['tiny'] < counts['mini'] < counts['small'] < counts['paper']
@@ -79,7 +80,7 @@ def test_presets_and_param_counts():
     ref = '/work/shared/reference/paper_release/config.json'
     if os.path.exists(ref):
         with open(ref) as f:
-            assert M.config_from_hf(json.load(f)) == p
+            assert interop.config_from_hf(json.load(f)) == p
 
 
 def test_initializer_range_sets_the_init_and_survives_hf_round_trip():
@@ -94,7 +95,7 @@ def test_initializer_range_sets_the_init_and_survives_hf_round_trip():
                         ('down', m.layers[1].mlp.down_proj.weight)):
             assert abs(w.std().item() - std) < 0.1 * std, (name, std, w.std().item())
         assert m.layers[0].self_attn.q_proj.bias.abs().max() == 0
-        assert M.config_from_hf(M.hf_config_dict(cfg)) == cfg
+        assert interop.config_from_hf(interop.hf_config_dict(cfg)) == cfg
     assert M.MODEL_PRESETS['tiny'].initializer_range == 0.06 and M.MODEL_PRESETS['paper'].initializer_range == 0.02
 
 
@@ -112,7 +113,7 @@ def test_flops_and_mfu():
 def hf_model(cfg):
     transformers = pytest.importorskip('transformers', reason='transformers not installed: cannot compare '
                                                               'against the reference Qwen2')
-    hcfg = {k: v for k, v in M.hf_config_dict(cfg).items() if k != 'architectures'}
+    hcfg = {k: v for k, v in interop.hf_config_dict(cfg).items() if k != 'architectures'}
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hcfg)).eval()
 
 
@@ -123,7 +124,7 @@ def test_matches_transformers_both_directions(tie):
     assert sum(p.numel() for p in hf.parameters()) == ours.num_params()
     x = torch.randint(0, SMALL['vocab_size'], (3, 40), generator=torch.Generator().manual_seed(0))
     # ours -> HF
-    hf.load_state_dict(M.to_hf_state_dict(ours), strict=True)
+    hf.load_state_dict(interop.to_hf_state_dict(ours), strict=True)
     with torch.no_grad():
         a, _ = ours(x)
         b = hf(x).logits.float()
@@ -132,7 +133,7 @@ def test_matches_transformers_both_directions(tie):
     torch.manual_seed(123)
     hf2 = hf_model(ours.config)
     ours2 = M.Qwen2(ours.config).eval()
-    ours2.load_state_dict(M.from_hf_state_dict(hf2.state_dict(), ours.config), strict=True)
+    ours2.load_state_dict(interop.from_hf_state_dict(hf2.state_dict(), ours.config), strict=True)
     with torch.no_grad():
         a, loss = ours2(x[:, :-1], targets=x[:, 1:])
         out = hf2(x, labels=x)  # HF shifts labels internally
@@ -445,17 +446,17 @@ def test_hf_export_import_round_trip(tmp_path):
     x = torch.randint(0, 97, (2, 30))
     with torch.no_grad():
         ref = m(x)[0]
-    M.export_hf(m, tmp_path / 'hf')
+    interop.export_hf(m, tmp_path / 'hf')
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', torch_dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits.float(), ref, rtol=1e-5, atol=1e-5)
-    back = M.load_hf_qwen2(tmp_path / 'hf')
+    back = interop.load_hf_qwen2(tmp_path / 'hf')
     with torch.no_grad():
         torch.testing.assert_close(back(x)[0], ref, rtol=0, atol=0)
     # a directory written by transformers itself (untied, to cover a separate lm_head)
     hf2 = hf_model(M.ModelConfig(**{**SMALL, 'tie_embeddings': False}))
     hf2.save_pretrained(tmp_path / 'hf2')
-    ours = M.load_hf_qwen2(tmp_path / 'hf2')
+    ours = interop.load_hf_qwen2(tmp_path / 'hf2')
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], hf2(x).logits.float(), rtol=1e-5, atol=1e-5)
 

@@ -266,7 +266,7 @@ def test_unknown_and_mistyped_keys_are_errors():
 
 
 def test_presets_resolve():
-    """Every pretrain / midtrain preset loads with only known keys; the paper one has SPEC §4's numbers."""
+    """Every pretrain / midtrain preset loads with only known keys; the paper one has STUDY.md §4's numbers."""
     names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py'))
     pre = [n for n in names if 'pretrain' in n]
     mid = [n for n in names if 'midtrain' in n]

@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import interop  # noqa: E402
 import model as M  # noqa: E402
 
 RELEASE = os.path.join(ROOT, 'reference', 'paper_release')
@@ -23,19 +24,19 @@ def test_import_released_layout_gives_a_run_dir_with_the_same_logits(tmp_path):
         hf_cfg = json.load(f)
     hf_cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
-    cfg = M.config_from_hf(hf_cfg)
+    cfg = interop.config_from_hf(hf_cfg)
     torch.manual_seed(0)
     ours = M.Qwen2(cfg).eval()
     hf_dir = tmp_path / 'released'
-    M.export_hf(ours, str(hf_dir))
+    interop.export_hf(ours, str(hf_dir))
     with open(os.path.join(RELEASE, 'tokenizer.json')) as f:
         (hf_dir / 'tokenizer.json').write_text(f.read())
-    r = subprocess.run([sys.executable, 'model.py', 'import_hf', f'--hf_dir={hf_dir}', f'--out={tmp_path}/run'],
+    r = subprocess.run([sys.executable, 'interop.py', 'import_hf', f'--hf_dir={hf_dir}', f'--out={tmp_path}/run'],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ck = M.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))
     tok = data.Tokenizer.load(str(tmp_path / 'run' / 'tokenizer.json'))
-    assert ck['tokenizer_identity'] == tok.identity == data.load_original_tokenizer().identity
+    assert ck['tokenizer_identity'] == tok.identity == interop.load_original_tokenizer().identity
     row = data.read_jsonl(data.FIXTURE_PATH)[0]
     ids = torch.tensor([tok.encode(data.prompt_text(row))])
     assert ids.max() < cfg.vocab_size
@@ -44,6 +45,6 @@ def test_import_released_layout_gives_a_run_dir_with_the_same_logits(tmp_path):
 
 
 def test_import_without_a_tokenizer_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, 'model.py', 'import_hf', f'--hf_dir={tmp_path}', f'--out={tmp_path}/run'],
+    r = subprocess.run([sys.executable, 'interop.py', 'import_hf', f'--hf_dir={tmp_path}', f'--out={tmp_path}/run'],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and 'Traceback' not in r.stderr and 'tokenizer.json not found' in r.stderr and 'reference/paper_release' in r.stderr
