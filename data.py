@@ -1503,11 +1503,8 @@ class Tokenizer:
                 'rank_ids': sorted(self.mergeable_ranks.values())}
 
     def save(self, path):
-        """Atomic write of the JSON form (tmp + rename)."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False)
-        os.replace(tmp, path)
+        """Atomic write of the JSON form."""
+        model.write_json(self.to_dict(), path, indent=None)
 
     @classmethod
     def load(cls, path):

@@ -257,8 +257,7 @@ def export_hf(model: nn.Module, path, dtype=torch.float32, tokenizer_files: dict
     save_file(sd, os.path.join(path, 'model.safetensors'), metadata={'format': 'pt'})
     hf = hf_config_dict(m.config)
     hf['torch_dtype'] = str(dtype).replace('torch.', '')
-    with open(os.path.join(path, 'config.json'), 'w') as f:
-        json.dump(hf, f, indent=2)
+    M.write_json(hf, os.path.join(path, 'config.json'), indent=2)
     for name, text in (tokenizer_files or {}).items():
         with open(os.path.join(path, name), 'w') as f:
             f.write(text)

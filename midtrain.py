@@ -21,7 +21,6 @@ Re-running the same command resumes {out_dir}/ckpt.pt exactly, as in pretrain.py
 """
 import json
 import os
-import sys
 
 import model
 import pretrain
@@ -40,12 +39,6 @@ defaults.update(
 )
 
 
-def base_paths(init_from):
-    """(checkpoint path, tokenizer.json of the base run)."""
-    ckpt = pretrain.resolve_ckpt(init_from)
-    return ckpt, os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'tokenizer.json')
-
-
 def tokens_for_flops(flops, n_params):
     """Training tokens that cost `flops` at 6N FLOPs per token (STUDY.md §4)."""
     return int(flops // (6 * n_params))
@@ -53,37 +46,37 @@ def tokens_for_flops(flops, n_params):
 
 def resolve(cfg):
     """Check the base checkpoint and turn a FLOP budget into a token budget (in place); returns cfg."""
-    if cfg['init_from'] == 'scratch':
-        raise SystemExit("config error: mid-training starts from a base checkpoint: set --init_from=out/RUN")
-    ckpt, _ = base_paths(cfg['init_from'])
-    if not os.path.exists(ckpt):
-        raise SystemExit(f"config error: no base checkpoint at {ckpt} (run pretrain.py first or set --init_from)")
-    if cfg['flops_budget'] > 0:
-        base = model.load_checkpoint(ckpt, device='cpu')
-        n = base['model'].num_params()
-        cfg['max_tokens'] = tokens_for_flops(cfg['flops_budget'], n)
-        if cfg['max_tokens'] < cfg['batch_tokens']:
-            raise SystemExit(f"config error: flops_budget={cfg['flops_budget']:.3g} buys {cfg['max_tokens']:,} tokens "
-                             f"(6N = {6 * n:,} FLOPs/token), less than one batch of {cfg['batch_tokens']:,}")
+    if cfg.init_from == 'scratch':
+        raise model.UsageError("config error: mid-training starts from a base checkpoint: set --init_from=out/RUN")
+    ckpt = model.resolve_ckpt(cfg.init_from, 'base checkpoint')
+    if cfg.flops_budget > 0:
+        n = model.load_checkpoint(ckpt, device='cpu')['model'].num_params()
+        cfg.max_tokens = tokens_for_flops(cfg.flops_budget, n)
+        if cfg.max_tokens < cfg.batch_tokens:
+            raise model.UsageError(f"config error: flops_budget={cfg.flops_budget:.3g} buys {cfg.max_tokens:,} "
+                                   f"tokens (6N = {6 * n:,} FLOPs/token), less than one batch of "
+                                   f"{cfg.batch_tokens:,}")
     return cfg
 
 
 def ensure_dataset(cfg):
     """Build the mid-training data with the base run's tokenizer if it is missing."""
-    if os.path.exists(os.path.join(cfg['data_dir'], 'meta.json')):
+    if os.path.exists(os.path.join(cfg.data_dir, 'meta.json')):
         return
-    _, tok_path = base_paths(cfg['init_from'])
-    if not os.path.exists(tok_path):  # a checkpoint outside a run directory: fall back to its data_dir
-        base_cfg = model.load_checkpoint(pretrain.resolve_ckpt(cfg['init_from']))['config']
-        tok_path = os.path.join(base_cfg['data_dir'], 'tokenizer.json')
+    ckpt = model.resolve_ckpt(cfg.init_from, 'base checkpoint')
+    tok_path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'tokenizer.json')
+    if not os.path.exists(tok_path):  # a checkpoint outside a run directory: its data_dir's tokenizer
+        tok_path = model.run_tokenizer_path(ckpt, model.load_checkpoint(ckpt)['config'])
+    if tok_path is None:
+        raise model.UsageError(f"no tokenizer for the base checkpoint {ckpt} (none beside it or in its data_dir)")
     pretrain.ensure_dataset(cfg, tokenizer=tok_path)
 
 
 def main(argv):
     cfg = resolve(model.configure(defaults, argv))
-    if cfg['prepare_only'] or int(os.environ.get('WORLD_SIZE', '1')) == 1:
+    if cfg.prepare_only or int(os.environ.get('WORLD_SIZE', '1')) == 1:
         ensure_dataset(cfg)
-    if cfg['prepare_only']:
+    if cfg.prepare_only:
         return None
     log = pretrain.train(cfg)
     if log is not None and 'summary' in log:
@@ -92,4 +85,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    model.cli('midtrain.py', main)

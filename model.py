@@ -153,22 +153,10 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
-try:  # enable_gqa lets SDPA read the shared KV heads without materialising copies (torch >= 2.5)
-    F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2),
-                                   enable_gqa=True)
-    _HAS_GQA = True
-except TypeError:
-    _HAS_GQA = False
-
-
 def sdpa(q, k, v, mask=None, is_causal=False):
-    if _HAS_GQA:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              enable_gqa=k.size(1) != q.size(1))
-    rep = q.size(1) // k.size(1)
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    # enable_gqa lets SDPA read the shared KV heads without materialising copies (torch >= 2.5)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=k.size(1) != q.size(1))
 
 
 def generation_sdpa_backends(device):
@@ -581,6 +569,15 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def _plain(obj):
+    """dict subclasses (a Config) as plain dicts, recursively: weights_only=True loads only plain containers."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path, model, run_config: dict, tokenizer_identity: str, step: int, optimizer=None,
                     extra: dict | None = None):
     """Write everything needed to resume or to start the next stage, atomically: the file is
@@ -592,11 +589,11 @@ def save_checkpoint(path, model, run_config: dict, tokenizer_identity: str, step
         'format': 'qwen2-ckpt-v1',
         'model': clean_state_dict(m.state_dict()),
         'model_config': m.config.to_dict(),
-        'config': dict(run_config),
+        'config': _plain(run_config),
         'tokenizer_identity': tokenizer_identity,
         'step': int(step),
         'optimizer': optimizer.state_dict() if optimizer is not None else None,
-        'extra': extra if extra is not None else {},
+        'extra': _plain(extra) if extra is not None else {},
     }
     for key in ('config', 'extra', 'model_config'):
         _check_safe(ckpt[key], key)

@@ -33,7 +33,6 @@ log.json (every step's loss/lr/tok/s/MFU and every held-out evaluation), loss.pn
 midtrain.py reuses train() below with its own defaults (init_from a base run, fresh optimizer/schedule).
 """
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -108,11 +107,6 @@ RESUME_SAFE_KEYS = {'resume_override', 'log_interval', 'progress', 'compile', 'p
 
 # -----------------------------------------------------------------------------------------------
 # helpers
-
-def resolve_ckpt(path):
-    """A checkpoint path, or a run directory holding ckpt.pt."""
-    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-
 
 def lr_at(step, cfg, max_steps):
     """Linear warmup for warmup_frac of the run, then cosine from lr to min_lr at the last step."""
@@ -219,11 +213,64 @@ def save_plot(log, path):
     plt.close(fig)
 
 
-def write_json(obj, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def load_model(cfg, tok, ckpt_path, say):
+    """The model to train, on the CPU, and the checkpoint to resume (None for a new run):
+    {out_dir}/ckpt.pt if it exists, else the weights of init_from, else a fresh init. The tokenizer
+    identity of either checkpoint must be the data's."""
+    if os.path.exists(ckpt_path):
+        ck = model.load_checkpoint(ckpt_path, device='cpu', expect_tokenizer=tok.identity)
+        diff = config_diff(ck['config'], cfg)
+        lines = '\n'.join(f"  {k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
+        if diff and not cfg['resume_override']:
+            raise ValueError(f"{ckpt_path} was written by a different config:\n{lines}\n"
+                             f"use the checkpoint's values, another --out_dir, or --resume_override=True")
+        if diff:
+            say(f"resume_override: continuing {ckpt_path} with a changed config:\n{lines}")
+        return ck['model'], ck
+    if cfg['init_from'] != 'scratch':
+        # weights only: the optimizer, LR schedule and data order start fresh
+        init = model.load_checkpoint(model.resolve_ckpt(cfg['init_from'], 'init_from checkpoint'), device='cpu',
+                                     expect_tokenizer=tok.identity)
+        if init['model'].config.max_seq_len < cfg['seq_len']:
+            raise ValueError(f"seq_len={cfg['seq_len']} exceeds the base model's max_seq_len="
+                             f"{init['model'].config.max_seq_len}")
+        return init['model'], None
+    torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts rank 0's weights)
+    return model.Qwen2(model_config_for(cfg, tok.vocab_size)), None
+
+
+def restore_state(ck, cfg, optimizer, loader, dist, say):
+    """Continue a run from its checkpoint: optimizer, data-loader position, this rank's RNG state and
+    the log so far. Returns (start step, log)."""
+    optimizer.load_state_dict(ck['optimizer'])
+    # the loader state is global (any rank's resumes every rank, at any world size); RNG states are per rank
+    loader.load_state_dict(ck['extra']['loader'])
+    rngs = ck['extra']['rng']
+    if len(rngs) != dist.world_size:
+        say(f"note: the checkpoint was written by {len(rngs)} process(es), resuming with {dist.world_size}: "
+            f"same data order, but bitwise equality with an uninterrupted run is not guaranteed")
+    model.set_rng_state(rngs[dist.rank % len(rngs)])
+    log = ck['extra']['log']
+    log['config'] = cfg
+    return ck['step'], log
+
+
+def summarize(log, cfg, raw, max_steps, device, world_size):
+    """The end-of-run numbers (log['summary']): budget, FLOPs, losses, throughput and MFU. The first
+    step is left out of the throughput: it pays for compilation and warm-up."""
+    tr = log['train'][1:] or log['train']
+    n_params, tokens, fpt = raw.num_params(), max_steps * cfg['batch_tokens'], raw.flops_per_token(cfg['seq_len'])
+    tok_s = len(tr) * cfg['batch_tokens'] / max(1e-9, sum(r['dt'] for r in tr))
+    return {
+        'steps': max_steps, 'tokens': tokens, 'params': n_params,
+        'flops_per_token': fpt, 'train_flops': fpt * tokens,
+        'train_flops_6n': 6 * n_params * tokens,  # STUDY.md §4's budget accounting
+        'final_train_loss': log['train'][-1]['loss'] if log['train'] else None,
+        'final_val_loss': log['val'][-1]['loss'], 'initial_val_loss': log['val'][0]['loss'],
+        'tok_s': tok_s,
+        'mfu': raw.estimate_mfu(tok_s / world_size, device, seq_len=cfg['seq_len'], peak_flops=cfg['peak_flops'] or None),
+        'train_s': sum(r['dt'] for r in log['train']),  # optimizer steps only (no eval / checkpoint time)
+    }
 
 
 # -----------------------------------------------------------------------------------------------
@@ -250,32 +297,8 @@ def train(cfg):
         raise ValueError(f"max_tokens={cfg['max_tokens']} is less than one batch of batch_tokens={cfg['batch_tokens']}")
 
     # ---- model: resume > init_from > scratch
-    resume = os.path.exists(ckpt_path)
-    ck = None
-    if resume:
-        ck = model.load_checkpoint(ckpt_path, device='cpu')
-        diff = config_diff(ck['config'], cfg)
-        lines = '\n'.join(f"  {k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
-        if diff and not cfg['resume_override']:
-            raise ValueError(f"{ckpt_path} was written by a different config:\n{lines}\n"
-                             f"use the checkpoint's values, another --out_dir, or --resume_override=True")
-        if diff:
-            say(f"resume_override: continuing {ckpt_path} with a changed config:\n{lines}")
-        if ck['tokenizer_identity'] != tok.identity:
-            raise ValueError(f"{ckpt_path} uses tokenizer {ck['tokenizer_identity']}, {data_dir} uses {tok.identity}")
-        raw = ck['model']
-    elif cfg['init_from'] != 'scratch':
-        # weights only: the optimizer, LR schedule and data order start fresh
-        init = model.load_checkpoint(resolve_ckpt(cfg['init_from']), device='cpu', expect_tokenizer=tok.identity)
-        raw = init['model']
-        if raw.config.max_seq_len < cfg['seq_len']:
-            raise ValueError(f"seq_len={cfg['seq_len']} exceeds the base model's max_seq_len={raw.config.max_seq_len}")
-        del init
-    else:
-        torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts rank 0's weights)
-        raw = model.Qwen2(model_config_for(cfg, tok.vocab_size))
+    raw, ck = load_model(cfg, tok, ckpt_path, say)
     raw.to(device)
-    n_params = sum(p.numel() for p in raw.parameters())
 
     # ---- optimizer: weight decay on 2-D tensors only; fused kernel on CUDA
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -287,20 +310,9 @@ def train(cfg):
     # ---- data loader (each rank reads its share of every global batch) and resumed state
     loader = ShardLoader(data_dir, 'train', cfg['micro_batch'], cfg['seq_len'], rank=dist.rank,
                          world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity)
-    log = {'config': cfg, 'train': [], 'val': []}
-    start_step = 0
-    if resume:
-        optimizer.load_state_dict(ck['optimizer'])
-        # the loader state is global (any rank's resumes every rank, at any world size); RNG states are per rank
-        loader.load_state_dict(ck['extra']['loader'])
-        rngs = ck['extra']['rng']
-        if len(rngs) != dist.world_size:
-            say(f"note: {ckpt_path} was written by {len(rngs)} process(es), resuming with {dist.world_size}: "
-                f"same data order, but bitwise equality with an uninterrupted run is not guaranteed")
-        model.set_rng_state(rngs[dist.rank % len(rngs)])
-        log = ck['extra']['log']
-        log['config'] = cfg
-        start_step = ck['step']
+    log, start_step = {'config': cfg, 'train': [], 'val': []}, 0
+    if ck is not None:
+        start_step, log = restore_state(ck, cfg, optimizer, loader, dist, say)
         say(f"resuming {ckpt_path} at step {start_step}/{max_steps}")
     del ck
     batches = iter(loader)
@@ -310,12 +322,11 @@ def train(cfg):
     if dist.world_size > 1:
         m = DDP(m, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
 
-    fpt = raw.flops_per_token(cfg['seq_len'])  # 6N + attention, per trained token
-    peak = cfg['peak_flops'] or model.peak_flops_per_s(device) or 0.0
+    peak = cfg['peak_flops'] or None  # per-device peak FLOP/s for MFU (None: looked up from the GPU's name)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         shutil.copyfile(os.path.join(data_dir, 'tokenizer.json'), os.path.join(out_dir, 'tokenizer.json'))
-    say(f"model: {n_params / 1e6:.2f}M params, {raw.config}")
+    say(f"model: {raw.num_params() / 1e6:.2f}M params, {raw.config}")
     say(f"{max_steps} steps x {cfg['batch_tokens']:,} tokens = {max_steps * cfg['batch_tokens'] / 1e6:.1f}M tokens; "
         f"{dist.world_size} process(es) x {grad_accum} micro-steps x {cfg['micro_batch']} x {cfg['seq_len']}; "
         f"device {device}")
@@ -325,7 +336,7 @@ def train(cfg):
         if master:
             model.save_checkpoint(ckpt_path, raw, run_config=cfg, tokenizer_identity=tok.identity, step=step,
                                   optimizer=optimizer, extra={'loader': loader.state_dict(), 'rng': rngs, 'log': log})
-            write_json(log, os.path.join(out_dir, 'log.json'))
+            model.write_json(log, os.path.join(out_dir, 'log.json'))
 
     if start_step == 0:
         val = estimate_val_loss(m, cfg, dist, tok)
@@ -373,7 +384,7 @@ def train(cfg):
         loss_val = loss_sum.item()  # .item() waits for the GPU
         dt = time.time() - t0  # the step alone: evaluations and checkpoints are not charged to tok/s
         tok_s = cfg['batch_tokens'] / dt
-        mfu = tok_s * fpt / (peak * dist.world_size) if peak else None  # None: peak unknown (CPU)
+        mfu = raw.estimate_mfu(tok_s / dist.world_size, device, seq_len=cfg['seq_len'], peak_flops=peak)  # None on CPU
         done = step + 1
         log['train'].append({'step': done, 'loss': loss_val, 'lr': lr, 'grad_norm': float(grad_norm),
                              'tok_s': tok_s, 'mfu': mfu, 'dt': dt})
@@ -394,19 +405,8 @@ def train(cfg):
         bar.close()
 
     if master:
-        tr = log['train'][1:] or log['train']  # the first step pays for compilation / warm-up
-        log['summary'] = {
-            'steps': max_steps, 'tokens': max_steps * cfg['batch_tokens'], 'params': n_params,
-            'flops_per_token': fpt, 'train_flops': fpt * max_steps * cfg['batch_tokens'],
-            'train_flops_6n': 6 * n_params * max_steps * cfg['batch_tokens'],  # STUDY.md §4's budget accounting
-            'final_train_loss': log['train'][-1]['loss'] if log['train'] else None,
-            'final_val_loss': log['val'][-1]['loss'], 'initial_val_loss': log['val'][0]['loss'],
-            'tok_s': len(tr) * cfg['batch_tokens'] / max(1e-9, sum(r['dt'] for r in tr)),
-            'mfu': len(tr) * cfg['batch_tokens'] / max(1e-9, sum(r['dt'] for r in tr)) * fpt / (peak * dist.world_size)
-            if peak else None,
-            'train_s': sum(r['dt'] for r in log['train']),  # optimizer steps only (no eval / checkpoint time)
-        }
-        write_json(log, os.path.join(out_dir, 'log.json'))
+        log['summary'] = summarize(log, cfg, raw, max_steps, device, dist.world_size)
+        model.write_json(log, os.path.join(out_dir, 'log.json'))
         save_plot(log, os.path.join(out_dir, 'loss.png'))
         say(f"done: val loss {log['val'][0]['loss']:.4f} -> {log['val'][-1]['loss']:.4f}; {out_dir}/ckpt.pt")
     if dist.world_size > 1:
@@ -426,4 +426,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    model.cli('pretrain.py', main)

@@ -430,6 +430,25 @@ def test_configure_errors_are_one_line(tmp_path, monkeypatch, argv, message):
     assert message in str(e.value.code) and '\n' not in str(e.value.code)
 
 
+def test_configure_returns_a_dict_with_attribute_access(tmp_path):
+    cfg = M.configure(DEFAULTS, ['--lr=0.5'])
+    assert isinstance(cfg, dict) and cfg.lr == cfg['lr'] == 0.5
+    cfg.batch_size = 3
+    assert cfg['batch_size'] == 3
+    with pytest.raises(AttributeError, match='no config key'):
+        cfg.nope
+    # a Config inside a checkpoint is saved as a plain dict (weights_only=True loads it)
+    m = M.Qwen2(M.ModelConfig(**SMALL))
+    M.save_checkpoint(tmp_path / 'c.pt', m, cfg, 'tok', 0, extra={'log': {'config': cfg}})
+    ck = M.load_checkpoint(tmp_path / 'c.pt')
+    assert type(ck['config']) is dict and ck['config'] == cfg and ck['extra']['log']['config'] == cfg
+
+
+def test_commands_without_presets_reject_bare_arguments():
+    with pytest.raises(M.UsageError, match="'stray' is not --key=value"):
+        M.configure(DEFAULTS, ['stray'], presets=False)
+
+
 def test_configure_help(capsys):
     with pytest.raises(SystemExit) as e:
         M.configure(DEFAULTS, ['--help'])

@@ -207,6 +207,16 @@ def test_midtrain_needs_a_base(tmp_path):
         midtrain.main([f'--init_from={tmp_path}/nothing'])
 
 
+def test_load_run_checks_the_tokenizer(tiny_base, tmp_path):
+    m, tok, ck = model.load_run(tiny_base['out_dir'])
+    assert tok.identity == ck['tokenizer_identity'] and m.num_params() == ck['model'].num_params()
+    other = data.train_tokenizer(['<question> a b </question>'], data.N_FIXED_TOKENS)
+    with pytest.raises(model.UsageError, match='tokenizer mismatch'):
+        model.load_run(tiny_base['ckpt'], tokenizer=other)
+    with pytest.raises(model.UsageError, match='no checkpoint'):
+        model.load_run(str(tmp_path / 'nothing'))
+
+
 def test_tokens_for_flops():
     assert midtrain.tokens_for_flops(6e9, 1_000_000) == 1000
     assert midtrain.tokens_for_flops(6e9 - 1, 1_000_000) == 999

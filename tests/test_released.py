@@ -48,3 +48,10 @@ def test_import_without_a_tokenizer_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, 'interop.py', 'import_hf', f'--hf_dir={tmp_path}', f'--out={tmp_path}/run'],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and 'Traceback' not in r.stderr and 'tokenizer.json not found' in r.stderr and 'reference/paper_release' in r.stderr
+
+
+def test_export_hf_of_a_missing_checkpoint_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, 'interop.py', 'export_hf', f'--ckpt={tmp_path}/none', f'--out={tmp_path}/hf'],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith('interop.py: no checkpoint at')
