@@ -154,6 +154,42 @@ _LETTERS_REV = tuple(c for c in _LETTERS if c not in 'xX')   # x is the unknown 
 VMAX = 1000                                                  # values on the solution path lie in 1..VMAX
 
 
+@dataclass(frozen=True)
+class World:
+    """How big a problem's world is: the places and items per sub-list that a problem may use (the
+    paper's: 5 and 5) and a factor on the mean number of noise statements (the paper's: 1.0). op stays
+    the difficulty axis and the grammar is unchanged; a smaller world only means fewer names and fewer
+    distractor statements to search through. The tiny CPU study uses one (MIXTURES['tiny_*'])."""
+    places: int = 5
+    items: int = 5
+    noise: float = 1.0
+
+    def __post_init__(self):
+        if not (1 <= self.places <= 5 and 1 <= self.items <= 5 and self.noise >= 0):
+            raise ValueError(f'bad world {self}: places and items in 1..5, noise >= 0')
+
+
+PAPER_WORLD = World()
+# Named worlds (the `world` key of the stages). 'tiny': 3 places x 3 items and half the noise
+# statements, for the tiny CPU study (its model could not find a 2-hop chain among the paper's
+# distractors within its CPU budget; see config/tiny_pretrain.py for what was measured).
+WORLDS = {'paper': PAPER_WORLD, 'tiny': World(places=3, items=3, noise=0.5)}
+
+
+def parse_world(s) -> World:
+    """A World from a WORLDS name or 'places,items,noise' ('3,3,0.5')."""
+    if isinstance(s, World):
+        return s
+    if s in WORLDS:
+        return WORLDS[s]
+    try:
+        places, items, noise = str(s).split(',')
+        return World(int(places), int(items), float(noise))
+    except ValueError:
+        raise ValueError(f"cannot read world {s!r}: name one of {', '.join(WORLDS)} or write 'places,items,noise' "
+                         f"(e.g. '3,3,0.5')") from None
+
+
 def _interp(table, op, extrapolate=True):
     keys = sorted(table)
     if op <= keys[0]:
@@ -198,7 +234,7 @@ def _draw_const(rng):
     return ('+', rng.randint(1, 4)) if rng.random() < 0.5 else ('*', rng.randint(2, 4))
 
 
-def _plan(rng, T):
+def _plan(rng, T, max_places=5, max_items=5):
     """Groups [(n_items, closed)] and per-instance op budgets whose ops sum to exactly T, or None."""
     sd = 0.3 + 0.05 * T
     N = max(2, min(T, round(rng.gauss(_interp(_STEPS, T), sd))))
@@ -214,7 +250,7 @@ def _plan(rng, T):
         groups.append((n, closed))
         left -= n + closed
     groups.reverse()
-    if len(groups) > 5:                       # five places per problem
+    if len(groups) > max_places or any(n > max_items for n, _ in groups):   # one place per group
         return None
     budget = T - sum(n for n, c in groups if c)
     caps, j = [], 0                           # an instance node at index j has at most j parents
@@ -317,7 +353,7 @@ def _forms(nodes, u):
 
 def _solution_dag(rng, T, tpl, mode, places, items):
     """The solution nodes in order (last = question), the closed places, unknown index; or None."""
-    plan = _plan(rng, T)
+    plan = _plan(rng, T, len(places), len(items))
     if plan is None:
         return None
     groups, ops = plan
@@ -367,12 +403,13 @@ def _solution_dag(rng, T, tpl, mode, places, items):
     return nodes, closed, unknown
 
 
-def _noise(rng, T, nodes, closed, places, items, tpl):
+def _noise(rng, T, nodes, closed, places, items, tpl, scale=1.0):
     """Statements for other instance parameters (1-4 parents, anything computable; never on the
     solution path) and the totals of the places they complete. Returns the noise nodes."""
     used = {nd.name for nd in nodes}
     slots = [(i, p) for p in places if p not in closed for i in items if f'{i} in {p}' not in used]
-    want = int(rng.expovariate(1.0 / (_interp(_NOISE, T, extrapolate=False) + 0.5)))
+    mean = scale * (_interp(_NOISE, T, extrapolate=False) + 0.5)     # scale: World.noise
+    want = int(rng.expovariate(1.0 / mean)) if mean > 0 else 0
     if not slots or want <= 0:
         return []
     chosen = rng.sample(slots, min(want, len(slots)))
@@ -603,8 +640,9 @@ def _render(rng, T, tpl, mode, nodes, noise, unknown):
     return Problem(problem, question, solution, answer, T, tpl.name, mode, problem_id(problem, question), graph)
 
 
-def generate(rng: random.Random, ops, template: str, mode: str) -> Problem:
-    """One problem at op `ops` (an int, or a list: one is drawn uniformly), built from `rng` alone."""
+def generate(rng: random.Random, ops, template: str, mode: str, world: World = PAPER_WORLD) -> Problem:
+    """One problem at op `ops` (an int, or a list: one is drawn uniformly), built from `rng` alone,
+    in `world` (the paper's by default)."""
     if isinstance(ops, int):
         T = ops
     else:
@@ -618,13 +656,13 @@ def generate(rng: random.Random, ops, template: str, mode: str) -> Problem:
         raise ValueError(f'unknown mode {mode!r}; choose from {", ".join(MODES)}')
     tpl = TEMPLATES[template]
     for _ in range(10000):
-        places = tpl.places[rng.randrange(len(tpl.places))]
-        items = tpl.items[rng.randrange(len(tpl.items))]
+        places = tpl.places[rng.randrange(len(tpl.places))][:world.places]
+        items = tpl.items[rng.randrange(len(tpl.items))][:world.items]
         dag = _solution_dag(rng, T, tpl, mode, places, items)
         if dag is None:
             continue
         nodes, closed, unknown = dag
-        noise = _noise(rng, T, nodes, closed, places, items, tpl)
+        noise = _noise(rng, T, nodes, closed, places, items, tpl, world.noise)
         return _render(rng, T, tpl, mode, nodes, noise, unknown)
     raise RuntimeError(f'could not generate a problem at op {T} ({template}, {mode})')
 
@@ -1149,6 +1187,7 @@ class Mixture:
     templates: tuple = ()
     modes: tuple = ()
     template_ops: tuple = ()
+    world: World = PAPER_WORLD          # the size of each problem's world
 
     def sample(self, rng):
         """(op, template, mode) for one problem."""
@@ -1162,11 +1201,13 @@ class Mixture:
     def to_dict(self):
         return {'ops': [[w, list(o)] for w, o in self.ops], 'templates': dict(self.templates),
                 'modes': dict(self.modes), 'template_ops': {t: [[w, list(o)] for w, o in ops]
-                                                            for t, ops in self.template_ops}}
+                                                            for t, ops in self.template_ops},
+                **({'world': asdict(self.world)} if self.world != PAPER_WORLD else {})}
 
     @classmethod
     def from_dict(cls, d):
-        return mixture(d['ops'], d.get('templates') or None, d.get('modes') or None, d.get('template_ops') or None)
+        return mixture(d['ops'], d.get('templates') or None, d.get('modes') or None, d.get('template_ops') or None,
+                       World(**d['world']) if d.get('world') else None)
 
 
 def _norm_ops(ops):
@@ -1180,9 +1221,10 @@ def _norm_ops(ops):
     return tuple((float(w), tuple(int(o) for o in lst)) for w, lst in ops)
 
 
-def mixture(ops, templates=None, modes=None, template_ops=None) -> Mixture:
+def mixture(ops, templates=None, modes=None, template_ops=None, world=None) -> Mixture:
     """Build a Mixture. ops: '2-10', '2-4:0.5,5-7:0.3,8-10:0.2', an op list, or [(weight, op list), ...].
-    templates / modes: a dict of weights, a list (uniform) or None (all, uniform)."""
+    templates / modes: a dict of weights, a list (uniform) or None (all, uniform). world: a World
+    (None: the paper's)."""
     def weights(x, universe, what):
         if x is None:
             return ()
@@ -1196,7 +1238,8 @@ def mixture(ops, templates=None, modes=None, template_ops=None) -> Mixture:
     tops = tuple((t, _norm_ops(o)) for t, o in (template_ops or {}).items())
     for t, _ in tops:
         weights([t], TEMPLATES, 'template')
-    m = Mixture(_norm_ops(ops), weights(templates, TEMPLATES, 'template'), weights(modes, MODES, 'mode'), tops)
+    m = Mixture(_norm_ops(ops), weights(templates, TEMPLATES, 'template'), weights(modes, MODES, 'mode'), tops,
+                world or PAPER_WORLD)
     for _, lst in m.ops + tuple(x for _, o in tops for x in o):
         for op in lst:
             if not OP_MIN <= op <= OP_MAX:
@@ -1251,9 +1294,9 @@ MIXTURES = {
     # STUDY.md §4: evaluation bands
     'eval_all': mixture(range(2, 21)), 'eval_id': mixture(range(2, 11)),
     'eval_ood_edge': mixture(range(11, 15)), 'eval_ood_hard': mixture(range(15, 21)),
-    # the tiny CPU study (runs/tiny.sh): forward mode only, in distribution op 2-3, edge of competence op 4-5
-    'tiny_pretrain': mixture(range(2, 4), modes=['normalforward']),
-    'tiny_mid': mixture([(0.2, range(2, 4)), (0.8, range(4, 6))], modes=['normalforward']),
+    # the tiny CPU study (runs/tiny.sh): the tiny world, forward mode only, in distribution op 2-4, edge op 5-6
+    'tiny_pretrain': mixture(range(2, 5), modes=['normalforward'], world=WORLDS['tiny']),
+    'tiny_mid': mixture([(0.2, range(2, 5)), (0.8, range(5, 7))], modes=['normalforward'], world=WORLDS['tiny']),
 }
 # STUDY.md §5.2: pre-training on zoo (op 2-10) with a school share, and the variant with school only at op 2
 for _name, _share in (('0pct', 0.0), ('0.1pct', 0.001), ('1pct', 0.01), ('5pct', 0.05), ('10pct', 0.1),
@@ -1297,7 +1340,7 @@ def _row_at(args):
     for retry in range(1000):
         rng = _rng_for(seed, i, retry)
         op, template, mode = mix.sample(rng)
-        p = generate(rng, op, template, mode)
+        p = generate(rng, op, template, mode, mix.world)
         if p.id not in _EXCLUDE:
             return p
     raise RuntimeError(f'problem {i}: 1000 excluded ids in a row; is the exclusion set the whole space?')
@@ -1334,7 +1377,7 @@ def generate_problems(n, mixture, seed=0, workers=1, exclude_ids=()) -> list:
     return _map(_row_at, [(mix, seed, i) for i in range(n)], workers, exclude_ids, 'generate')
 
 
-def make_eval_set(ops, n_per_op_per_template, seed=1234, modes=MODES, templates=None) -> list:
+def make_eval_set(ops, n_per_op_per_template, seed=1234, modes=MODES, templates=None, world=PAPER_WORLD) -> list:
     """Held-out problems: for every op and template, n problems, modes alternating (half each by
     default; the alternation continues across templates, so even n=1 covers both modes at every op),
     no duplicate ids. Seeded apart from training streams ('eval' in the key)."""
@@ -1345,7 +1388,7 @@ def make_eval_set(ops, n_per_op_per_template, seed=1234, modes=MODES, templates=
             for j in range(n_per_op_per_template):
                 for retry in range(1000):
                     rng = _rng_for('eval', seed, op, template, j, retry)
-                    p = generate(rng, op, template, modes[(j + t * n_per_op_per_template) % len(modes)])
+                    p = generate(rng, op, template, modes[(j + t * n_per_op_per_template) % len(modes)], world)
                     if p.id not in seen:
                         break
                 seen.add(p.id)
@@ -1743,9 +1786,15 @@ class ShardLoader:
     last global batch of an epoch is skipped. Iterating never ends (epochs roll over).
 
     state_dict() is the same on every rank (epoch and global position), so any rank's state resumes
-    any rank, and also a run with another batch_size / world_size (at the same window position)."""
+    any rank, and also a run with another batch_size / world_size (at the same window position).
 
-    def __init__(self, dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, tokenizer_identity=None):
+    whole_docs=True packs whole documents instead: each window holds consecutive documents of the
+    stream that fit in seq_len + 1 tokens (a longer document is cut into pieces of its own), the rest
+    of the row is PAD with target -100, and the windows are visited in a random order per epoch. No
+    problem is cut from its question, so short windows (cheap attention) lose nothing but padding."""
+
+    def __init__(self, dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, tokenizer_identity=None,
+                 whole_docs=False):
         meta = load_shard_meta(dir)
         if tokenizer_identity is not None:
             check_identity(tokenizer_identity, meta['tokenizer_identity'], f"the token shards in {dir}")
@@ -1766,13 +1815,44 @@ class ShardLoader:
                              f"one global batch of {batch_size} x {world_size} windows of {seq_len} needs")
         self.epoch, self.pos = 0, 0  # pos: windows of this epoch's order already handed out (all ranks)
         self._plan_epoch = None
+        self.whole_docs, self._eos = whole_docs, int(meta['eos_id'])
+        self._windows = self._doc_windows() if whole_docs else None
+        if whole_docs and len(self._windows) < batch_size * world_size:
+            raise ValueError(f"the {split} split of {dir} has {len(self._windows):,} whole-document windows of "
+                             f"{seq_len} tokens, fewer than one global batch of {batch_size} x {world_size}")
+
+    def _doc_windows(self):
+        """[n, 2] (start, length) of the whole-document windows, greedily in stream order: consecutive
+        documents while they fit in seq_len + 1 tokens; a document longer than that alone, in pieces."""
+        cap = self.seq_len + 1
+        ends = np.concatenate([np.flatnonzero(np.asarray(sh) == self._eos) + st + 1
+                               for sh, st in zip(self._shards, self._starts)]).tolist()
+        if not ends or ends[-1] < self.n_tokens:    # an unterminated tail is a document too
+            ends.append(self.n_tokens)
+        windows, start, w_start = [], 0, 0          # w_start: where the window being filled begins
+        for end in ends:
+            if end - w_start > cap:                 # this document does not fit: close the window
+                if start > w_start:
+                    windows.append((w_start, start - w_start))
+                w_start = start
+                while end - w_start > cap:          # a document longer than a window, in pieces
+                    windows.append((w_start, cap))
+                    w_start += cap
+            start = end
+        if start > w_start:
+            windows.append((w_start, start - w_start))
+        return np.array(windows, dtype=np.int64)
 
     def _plan(self):
         """(offset, window order) of the current epoch, from (seed, epoch) only."""
         if self._plan_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            offset = int(rng.integers(self.seq_len))
-            self._offset, self._order = offset, rng.permutation((self.n_tokens - 1 - offset) // self.seq_len)
+            if self.whole_docs:
+                offset, n_windows = 0, len(self._windows)
+            else:
+                offset = int(rng.integers(self.seq_len))
+                n_windows = (self.n_tokens - 1 - offset) // self.seq_len
+            self._offset, self._order = offset, rng.permutation(n_windows)
             self._plan_epoch = self.epoch
         return self._offset, self._order
 
@@ -1797,20 +1877,32 @@ class ShardLoader:
         rows = order[self.pos + self.rank * self.batch_size:self.pos + (self.rank + 1) * self.batch_size]
         self.pos += gb
         buf = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        if not self.whole_docs:
+            for i, w in enumerate(rows):
+                buf[i] = self._read(offset + int(w) * self.seq_len, self.seq_len + 1)
+            buf = torch.from_numpy(buf)
+            return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        buf.fill(self._eos)                          # padding: EOS inputs (never attended), no targets
+        lens = np.empty(self.batch_size, dtype=np.int64)
         for i, w in enumerate(rows):
-            buf[i] = self._read(offset + int(w) * self.seq_len, self.seq_len + 1)
+            start, n = (int(v) for v in self._windows[w])
+            buf[i, :n], lens[i] = self._read(start, n), n
         buf = torch.from_numpy(buf)
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        y = buf[:, 1:].clone()
+        y[torch.arange(self.seq_len)[None, :] >= torch.from_numpy(lens)[:, None] - 1] = -100
+        return buf[:, :-1].contiguous(), y
 
     def state_dict(self) -> dict:
         return {'split': self.split, 'seq_len': self.seq_len, 'seed': self.seed, 'n_tokens': self.n_tokens,
+                'whole_docs': self.whole_docs,
                 'tokenizer_identity': self.tokenizer_identity, 'epoch': self.epoch, 'pos': self.pos}
 
     def load_state_dict(self, state: dict):
         """Continue where `state` left off. The data (tokens, tokenizer), split, seq_len and seed must be
         the ones the state was taken with; batch_size and world_size may differ."""
         check_identity(self.tokenizer_identity, state['tokenizer_identity'], 'the data-loader state')
-        for key in ('split', 'seq_len', 'seed', 'n_tokens'):
+        state = {'whole_docs': False, **state}       # states written before whole_docs existed
+        for key in ('split', 'seq_len', 'seed', 'n_tokens', 'whole_docs'):
             if state[key] != getattr(self, key):
                 raise ValueError(f"data-loader state has {key}={state[key]!r} but this loader has "
                                  f"{getattr(self, key)!r}; exact resume needs the same data and settings")
@@ -1884,7 +1976,7 @@ def build_dataset(out_dir, mixture, token_budget, seed=0, tokenizer=None, eval_o
     mix = parse_mixture(mixture)
     tok = resolve_tokenizer(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
-    held_out = make_eval_set(list(eval_ops), eval_n, seed=eval_seed) if eval_n else []
+    held_out = make_eval_set(list(eval_ops), eval_n, seed=eval_seed, world=mix.world) if eval_n else []
     write_jsonl(os.path.join(out_dir, 'eval.jsonl'), held_out)
     exclude = frozenset(p.id for p in held_out)
     val = [training_text(p.to_row()) for p in _map(_row_at, [(mix, f'{seed}-val', i) for i in range(val_n)],

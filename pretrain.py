@@ -75,6 +75,9 @@ defaults = dict(
     seq_len=512,                         # packed block length
     doc_mask=False,                      # attend only within each packed document (block-diagonal causal
                                          # mask): no window mixes problems; SDPA leaves its fastest kernels
+    whole_docs=False,                    # windows hold whole documents (rest padded, no loss) instead of cutting
+                                         # the stream every seq_len tokens: no problem loses its question, so
+                                         # short windows (cheap attention, esp. with doc_mask on a CPU) are safe
     loss_on='all',                       # 'all': loss on every token (plain pre-training); 'solution': not on
                                          # the question's tokens (solutions and answers only; val loss too)
     max_tokens=2_000_000,                # training budget in tokens -> max_steps = max_tokens // batch_tokens
@@ -178,9 +181,11 @@ def estimate_val_loss(m, cfg, dist, tok):
     """Mean next-token loss per target token on the first eval_tokens of val.bin, identical on every call
     (fixed loader seed)."""
     loader = ShardLoader(cfg['data_dir'], 'val', cfg['micro_batch'], cfg['seq_len'],
-                         rank=dist.rank, world_size=dist.world_size, seed=0)
+                         rank=dist.rank, world_size=dist.world_size, seed=0, whole_docs=cfg['whole_docs'])
     per_batch = cfg['micro_batch'] * cfg['seq_len'] * dist.world_size
     n = max(1, min(cfg['eval_tokens'], loader.n_tokens - cfg['seq_len']) // per_batch)  # no window twice
+    if cfg['whole_docs']:
+        n = max(1, min(n, len(loader._windows) // (cfg['micro_batch'] * dist.world_size)))
     m.eval()
     total = torch.zeros(2, device=dist.device)  # (loss sum, target count)
     for _, (x, y) in zip(range(n), loader):
@@ -309,7 +314,8 @@ def train(cfg):
 
     # ---- data loader (each rank reads its share of every global batch) and resumed state
     loader = ShardLoader(data_dir, 'train', cfg['micro_batch'], cfg['seq_len'], rank=dist.rank,
-                         world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity)
+                         world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity,
+                         whole_docs=cfg['whole_docs'])
     log, start_step = {'config': cfg, 'train': [], 'val': []}, 0
     if ck is not None:
         start_step, log = restore_state(ck, cfg, optimizer, loader, dist, say)

@@ -664,3 +664,52 @@ def test_generation_speed():
     rate = bench.bench_generate(seconds=3)
     print(f'problems/s (one core, op 2..20): {rate:.0f}')
     assert rate > 1000
+
+
+# --- smaller worlds (data.World) -----------------------------------------------------------------
+
+def test_paper_world_is_unchanged_by_the_world_knob():
+    """The default world draws exactly what the generator drew before World existed (hash of 300
+    problems, op 2-20, both modes, computed with the generator of commit 2cfd73f)."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in data.generate_problems(300, data.mixture(range(2, 21)), seed=7):
+        h.update((p.problem + p.question + p.solution).encode())
+    assert h.hexdigest() == 'e800f45a52e66ee81b381727650a471ec5d048f43f8f7c731fcaf592a9285d94'
+
+
+@pytest.mark.fast
+def test_small_world_uses_only_its_names_and_stays_solvable():
+    world = data.World(places=3, items=3, noise=0.5)
+    allowed = {t.name: ({p for sub in t.places for p in sub[:3]}, {i for sub in t.items for i in sub[:3]})
+               for t in data.TEMPLATES.values()}
+    mix = data.mixture(range(2, 11), modes=[FWD, REV], world=world)
+    for p in data.generate_problems(150, mix, seed=3):
+        places, items = allowed[p.template]
+        for name in p.graph['nodes']:
+            item, _, place = name.rpartition(' in ')
+            assert place in places and (item in items or item.startswith('total')), name
+        check_solver_agrees(p)
+    assert data.parse_mixture(mix.to_dict()) == mix  # the world survives meta.json
+    assert 'world' not in data.mixture('2-4').to_dict()  # paper-world metadata unchanged
+
+
+@pytest.mark.fast
+def test_world_noise_scales_the_distractor_statements():
+    def statements(noise):
+        mix = data.mixture([6], modes=[FWD], world=data.World(5, 5, noise))
+        ps = data.generate_problems(200, mix, seed=1)
+        extra = [p.problem.count('. ') - sum(1 for nd in p.graph['nodes'] if not nd.startswith('total'))
+                 for p in ps]
+        return sum(extra) / len(extra)
+    none, half, full = statements(0.0), statements(0.5), statements(1.0)
+    assert none == 0 and 0 < half < full
+
+
+@pytest.mark.fast
+def test_parse_world_names_and_errors():
+    assert data.parse_world('tiny') == data.WORLDS['tiny']
+    assert data.parse_world('4,2,0.25') == data.World(4, 2, 0.25)
+    for bad in ('huge', '3,3', '0,3,1'):
+        with pytest.raises(ValueError, match='world'):
+            data.parse_world(bad)

@@ -318,3 +318,31 @@ def test_loader_refuses_other_tokenizers_and_settings(tok, shards):
         ShardLoader(d, 'val', 64, 256)
     with pytest.raises(ValueError, match='no .test. split'):
         ShardLoader(d, 'test', 2, 32)
+
+
+def test_whole_document_windows_hold_whole_documents(tok, shards):
+    """whole_docs: every window is whole consecutive documents (a window starts after an EOS, or is a
+    piece of a document longer than a window), the windows tile the stream exactly once per epoch,
+    padding has no targets, and resume is exact."""
+    d, meta, _ = shards
+    stream = np.concatenate([np.fromfile(os.path.join(d, name), dtype=np.uint16)
+                             for name, _ in meta['splits']['train']['files']]).astype(np.int64)
+    T, eos = 96, tok.eos_id
+    loader = ShardLoader(d, 'train', 4, T, seed=3, whole_docs=True)
+    w = loader._windows
+    assert w[0, 0] == 0 and (w[1:, 0] == w[:-1, 0] + w[:-1, 1]).all() and w[-1].sum() == len(stream)
+    assert (w[:, 1] <= T + 1).all()
+    for start, n in w:
+        if start and stream[start - 1] != eos:  # a piece of a long document: its previous piece is full
+            assert (w[:, 0] + w[:, 1] == start).any() and w[w[:, 0] + w[:, 1] == start][0, 1] == T + 1
+    for _ in range(len(w) // 4):
+        x, y = next(loader)
+        for xi, yi in zip(x, y):
+            k = int((yi != -100).sum())  # targets: the window's tokens 1..k; padding after them
+            assert (yi[k:] == -100).all() and torch.equal(yi[:k - 1], xi[1:k])
+    state = json.loads(json.dumps(loader.state_dict()))
+    again = ShardLoader(d, 'train', 4, T, seed=3, whole_docs=True)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(next(loader), next(again)))
+    with pytest.raises(ValueError, match='whole_docs'):
+        ShardLoader(d, 'train', 4, T, seed=3).load_state_dict(state)
