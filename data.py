@@ -1823,7 +1823,7 @@ class ShardLoader:
 
     def _doc_windows(self):
         """[n, 2] (start, length) of the whole-document windows, greedily in stream order: consecutive
-        documents while they fit in seq_len + 1 tokens; a document longer than that alone, in pieces."""
+        documents while they fit in seq_len + 1 tokens; a document longer than that in pieces."""
         cap = self.seq_len + 1
         ends = np.concatenate([np.flatnonzero(np.asarray(sh) == self._eos) + st + 1
                                for sh, st in zip(self._shards, self._starts)]).tolist()
@@ -1835,9 +1835,9 @@ class ShardLoader:
                 if start > w_start:
                     windows.append((w_start, start - w_start))
                 w_start = start
-                while end - w_start > cap:          # a document longer than a window, in pieces
-                    windows.append((w_start, cap))
-                    w_start += cap
+                while end - w_start > cap:          # a document longer than a window, in pieces that
+                    windows.append((w_start, cap))  # overlap by one token, so every token is a target once
+                    w_start += cap - 1
             start = end
         if start > w_start:
             windows.append((w_start, start - w_start))

@@ -327,14 +327,19 @@ def test_whole_document_windows_hold_whole_documents(tok, shards):
     d, meta, _ = shards
     stream = np.concatenate([np.fromfile(os.path.join(d, name), dtype=np.uint16)
                              for name, _ in meta['splits']['train']['files']]).astype(np.int64)
-    T, eos = 96, tok.eos_id
+    T, eos = 256, tok.eos_id
     loader = ShardLoader(d, 'train', 4, T, seed=3, whole_docs=True)
     w = loader._windows
-    assert w[0, 0] == 0 and (w[1:, 0] == w[:-1, 0] + w[:-1, 1]).all() and w[-1].sum() == len(stream)
-    assert (w[:, 1] <= T + 1).all()
-    for start, n in w:
-        if start and stream[start - 1] != eos:  # a piece of a long document: its previous piece is full
-            assert (w[:, 0] + w[:, 1] == start).any() and w[w[:, 0] + w[:, 1] == start][0, 1] == T + 1
+    assert w[0, 0] == 0 and w[-1].sum() == len(stream) and (w[:, 1] >= 2).all() and (w[:, 1] <= T + 1).all()
+    pieces = 0
+    for (s0, n0), (s1, n1) in zip(w[:-1], w[1:]):
+        if stream[s1 - 1] == eos:  # a window of whole documents starts where the previous one ended
+            assert s1 == s0 + n0
+        else:                      # a piece of a long document: after a full piece, overlapping by one
+            assert n0 == T + 1 and s1 == s0 + T
+            pieces += 1
+    assert 0 < pieces < len(w)  # the fixture has documents longer than a window, and shorter ones
+    assert any((stream[s:s + n - 1] == eos).any() for s, n in w)  # some windows hold several documents
     for _ in range(len(w) // 4):
         x, y = next(loader)
         for xi, yi in zip(x, y):
