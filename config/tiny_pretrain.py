@@ -1,5 +1,5 @@
 # The tiny study's base model on CPU (2 cores): the tiny Qwen2 (1.41M parameters) on op 2..4 of the
-# tiny world (data.WORLDS['tiny']: 3 places x 3 items, half the distractor statements), all templates,
+# tiny world (data.WORLDS["tiny"]: 3 places x 3 items, no distractor statements), all templates,
 # forward mode only. Builds its data dir on first use (~30 s), then trains on 4.5M tokens (1100 steps
 # of 4096 tokens).
 #   python pretrain.py tiny_pretrain
