@@ -67,10 +67,10 @@ def test_advantages_hand_computed():
     assert torch.equal(a[4:8], torch.zeros(4))  # all-equal group: no signal
     s3 = math.sqrt(((.25 ** 2) * 3 + .75 ** 2) / 3)  # [1, 1, 1, 0]: mean .75
     torch.testing.assert_close(a[8:], torch.tensor([.25, .25, .25, -.75]) / (s3 + 1e-6))
-    # Dr.GRPO: r - mean; batch: r - group mean over the std of all 12 rewards (6 ones: sqrt(12 * .25 / 11))
+    # Dr.GRPO: r - mean; batch: r - group mean over the std of all 12 rewards (5 ones: sqrt(5 * 7 / 12 / 11))
     none = rl.compute_advantages(r, 4, norm='none')
     torch.testing.assert_close(none, torch.tensor([.5, -.5, -.5, .5, 0, 0, 0, 0, .25, .25, .25, -.75]))
-    sb = math.sqrt(12 * .25 / 11)
+    sb = math.sqrt(5 * 7 / 12 / 11)
     torch.testing.assert_close(rl.compute_advantages(r, 4, norm='batch'), none / (sb + 1e-6))
     assert rl.global_std(r, 1) == pytest.approx(sb)
     torch.testing.assert_close(rl.compute_advantages(r, 4, norm='batch', batch_std=2.0), none / (2 + 1e-6))
@@ -127,7 +127,7 @@ def test_clip_higher_hand_computed():
         loss, st = rl.policy_loss(logp, old, adv, mask, clip_eps_low=0.2, clip_eps_high=high, kl_coef=0.0)
         # tokens: -A r or -A clip(r): [-1.2 | -1.25, -0.7], [0.8 (clipped from .75), 1.0]
         first = -1.2 if high == 0.2 else -1.25
-        assert loss.item() == pytest.approx((first - 0.7 + 0.8 + 1.0) / 4)
+        assert loss.item() == pytest.approx((first - 0.7 + 0.8 + 1.0) / 4, abs=1e-6)
         assert st['clipped'].item() == (2 if high == 0.2 else 1)
         loss.backward()
         grads[high] = logp.grad
@@ -219,7 +219,7 @@ def _fake_draw(rounds_rewards, G):
         n = len(rew)
         v = types.SimpleNamespace(outcome=False, process_acc=0.0, perfect=False)
         return {'row': [f'r{r}g{k // G}' for k in range(n)], 'prompt': [[1, 2]] * n, 'response': [[3]] * n,
-                'finished': [True] * n, 'text': [''] * n, 'verdict': [v] * n, 'reward': torch.tensor(rew),
+                'finished': [True] * n, 'text': [''] * n, 'verdict': [v] * n, 'reward': torch.tensor(rew, dtype=torch.float32),
                 'train_mask': torch.ones(n, dtype=torch.bool)}
     return draw, calls
 
@@ -486,3 +486,231 @@ def test_prompt_stream_from_released_jsonl_and_gold_gets_full_reward():
     assert rewards.tolist() == [1.0] * 24
 
 
+# -----------------------------------------------------------------------------
+# distributed: the update does not depend on the world size
+
+
+def _half_update_worker(rank, world, init_file, out_file):
+    import torch.distributed as tdist
+    tdist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    m = _tiny_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(m)
+    prompts, responses = _toy_batch(8)
+    mine = slice(rank * 4, rank * 4 + 4)
+    ref = _tiny_model(seed=1)
+    batch = {'prompt': prompts[mine], 'response': responses[mine], 'adv': ADV8[mine],
+             'old_logp': rl.batch_logprobs(m, prompts[mine], responses[mine], 20, 1.0, 'cpu'),
+             'ref_logp': rl.batch_logprobs(ref, prompts[mine], responses[mine], 30, 1.0, 'cpu')}
+    cfg = rl.config(prompts_per_step=4, minibatch_prompts=2, micro_batch_tokens=1, kl_coef=0.5, entropy_coef=0.01,
+                    grad_clip=0.0)
+    st = rl.update_policy(ddp, torch.optim.SGD(m.parameters(), lr=1.0), batch, cfg)
+    vec = torch.tensor([st['tokens'], st['clipped']])
+    tdist.all_reduce(vec)
+    if rank == 0:
+        torch.save({'params': m.state_dict(), 'tokens': vec[0].item()}, out_file)
+    tdist.destroy_process_group()
+
+
+def test_update_matches_across_world_sizes(tmp_path):
+    """2 gloo ranks with half the groups each == 1 process with all (2 mini-batches: each rank
+    holds the same halves of each mini-batch the single process holds)."""
+    import torch.multiprocessing as mp
+    out = tmp_path / 'ddp.pt'
+    mp.spawn(_half_update_worker, args=(2, str(tmp_path / 'init'), str(out)), nprocs=2)
+    got = torch.load(out)
+    # single process: mini-batch j = samples of both ranks' j-th halves, in the same order
+    prompts, responses = _toy_batch(8)
+    order = [0, 1, 4, 5, 2, 3, 6, 7]
+    m = _tiny_model()
+    p, r = [prompts[i] for i in order], [responses[i] for i in order]
+    batch = {'prompt': p, 'response': r, 'adv': ADV8[order], 'old_logp': rl.batch_logprobs(m, p, r, 20, 1.0, 'cpu'),
+             'ref_logp': rl.batch_logprobs(_tiny_model(seed=1), p, r, 30, 1.0, 'cpu')}
+    cfg = rl.config(prompts_per_step=4, minibatch_prompts=2, micro_batch_tokens=40, kl_coef=0.5, entropy_coef=0.01,
+                    grad_clip=0.0)
+    st = rl.update_policy(m, torch.optim.SGD(m.parameters(), lr=1.0), batch, cfg)
+    assert got['tokens'] == st['tokens']
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(got['params'][k], v, atol=1e-6, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# whole runs from the tiny pre-trained base
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-model work runs faster on one thread, and much faster on a loaded machine (OpenMP
+    threads spin-waiting for a busy core: 17x slower decoding measured on the shared dev box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def edge_base(tiny_base, tmp_path_factory):
+    """tiny_base mid-trained for 60 steps on op 2 (midtrain.py, the pipeline's own stage), so that it
+    writes well-formed solutions that end in an answer. tiny_base itself writes no answers (pass@1 0
+    and 98% no answer at op 2-5, measured), which gives GRPO no reward to work with."""
+    import midtrain
+    d = tmp_path_factory.mktemp('edge')
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        midtrain.main([f"--init_from={tiny_base['out_dir']}", f'--out_dir={d}/run', f'--data_dir={d}/data',
+                       '--mixture=2', '--data_tokens=250000', '--max_steps=60', '--seq_len=256', '--micro_batch=16',
+                       '--batch_tokens=4096', '--lr=3e-3', '--min_lr=1e-3', '--warmup_frac=0.05',
+                       '--eval_interval=1000', '--eval_tokens=4096', '--progress=False', '--log_interval=20'])
+    finally:
+        torch.set_num_threads(n)
+    return str(d / 'run')
+
+
+def test_tiny_run_learns(edge_base, tmp_path, one_thread):
+    """GRPO with the outcome reward on reverse-mode op 2 problems under a 96-token budget (the gold
+    solutions take ~135). The edge base writes the right format but mostly runs past the budget
+    (~60% truncated; held-out outcome pass@1 ~2% at temperature 0.7). Within 12 steps GRPO must raise
+    the mean reward and the held-out outcome pass@1 (problems never used as prompts): it learns what
+    this reward pays for, finishing short solutions within the budget. The reasoning stays wrong
+    (process-verified pass@1 ~0 before and after: at this size, outcome reward buys the reward hacking
+    of SPEC §5.4), so the assertions are on outcome, and the log shows the hacking."""
+    out = tmp_path / 'rl'
+    res = rl.main(['tiny_rl', f'--init_from={edge_base}', f'--out_dir={out}', '--op_min=2', '--op_max=2',
+                   '--reverse_frac=1.0', '--eval_modes=forwardreverse', '--prompts_per_step=16',
+                   '--minibatch_prompts=8', '--max_response_len=96', '--max_prompt_len=192', '--lr=2e-4',
+                   '--max_steps=12', '--eval_every=12', '--eval_per_op_template=16', '--sample_every=6'])
+    log = _read_jsonl(out / 'log.jsonl')
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    before, after = res['eval'][0], res['eval'][-1]
+    print(f"reward {mean(log[:3], 'reward'):.3f} -> {mean(log[-4:], 'reward'):.3f}; truncated "
+          f"{mean(log[:3], 'truncated'):.2f} -> {mean(log[-4:], 'truncated'):.2f}; held-out outcome pass@1 "
+          f"{before['eval/all/outcome_pass@1']:.3f} -> {after['eval/all/outcome_pass@1']:.3f} (process-verified "
+          f"{before['eval/all/pass@1']:.3f} -> {after['eval/all/pass@1']:.3f}); "
+          f"{mean(log, 'gen_tok_per_s'):.0f} generated tok/s, {mean(log, 'step_s'):.1f} s/step")
+    # calibrated on 4 seeds: reward +0.06..+0.09, pass@1 +0.16..+0.29, truncation -0.3..-0.6
+    assert mean(log[-4:], 'reward') > mean(log[:3], 'reward') + 0.04
+    assert after['eval/all/outcome_pass@1'] > before['eval/all/outcome_pass@1'] + 0.1
+    assert mean(log[-4:], 'truncated') < mean(log[:3], 'truncated') - 0.2
+    assert 0 < log[-1]['kl'] < 1.0 and log[-1]['clip_frac'] >= 0 and log[-1]['flops'] > log[0]['flops'] > 0
+    assert (out / 'ckpt.pt').exists() and (out / 'tokenizer.json').exists() and (out / 'samples.jsonl').exists()
+
+
+SMALL = ['tiny_rl', '--prompts_per_step=4', '--minibatch_prompts=2', '--group_size=2', '--max_response_len=24',
+         '--micro_batch_tokens=400', '--eval_every=0', '--sample_every=1', '--log_every=1']
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_rerun_resumes_a_half_finished_run_and_exits_on_a_finished_one(tiny_base, tmp_path, one_thread, monkeypatch,
+                                                                         capsys):
+    """The same command twice: a run that crashed after step 2 (checkpoint at 1) resumes and ends
+    exactly as an uninterrupted one (weights, optimizer, prompts, logs, FLOPs); a finished run says so
+    and changes nothing; a changed config is refused, naming the key."""
+    cmd = SMALL + [f"--init_from={tiny_base['out_dir']}", '--ckpt_every=1', '--max_steps=3']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    ra = rl.main(cmd + [f'--out_dir={a}'])
+    log_step = rl.log_step
+
+    def crash_after_logging_step_2(S, C, m, ro):
+        log_step(S, C, m, ro)
+        if m['step'] == 2:
+            S.ckpt_every = None
+            raise _Crash  # after its log lines, before its checkpoint
+
+    monkeypatch.setattr(rl, 'log_step', crash_after_logging_step_2)
+    monkeypatch.setattr(rl, 'save', lambda S, C, save=rl.save: save(S, C) if S.step < 2 else None)
+    with pytest.raises(_Crash):
+        rl.main(cmd + [f'--out_dir={b}'])
+    monkeypatch.undo()
+    assert torch.load(b / 'ckpt.pt', weights_only=True)['step'] == 1 and len(_read_jsonl(b / 'log.jsonl')) == 2
+    rb = rl.main(cmd + [f'--out_dir={b}'])
+    assert ra['step'] == rb['step'] == 3 and ra['flops'] == rb['flops']
+    ca, cb = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (a, b))
+    for k in ca['model']:
+        assert torch.equal(ca['model'][k], cb['model'][k]), k
+    for sa, sb in zip(ca['optimizer']['state'].values(), cb['optimizer']['state'].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ca['extra']['stream'] == cb['extra']['stream'] == {'next': 12, 'seed': '7919'}
+    la, lb = _read_jsonl(a / 'log.jsonl'), _read_jsonl(b / 'log.jsonl')
+    drop = ('gen_tok_per_s', 'tok_per_s', 'step_s')
+    assert [{k: v for k, v in r.items() if k not in drop} for r in la] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in lb]
+    sa, sb = _read_jsonl(a / 'samples.jsonl'), _read_jsonl(b / 'samples.jsonl')
+    assert [s['response'] for s in sa] == [s['response'] for s in sb]
+    # finished: the same command again does nothing and says so
+    capsys.readouterr()
+    mtime = os.path.getmtime(b / 'ckpt.pt')
+    rc = rl.main(cmd + [f'--out_dir={b}'])
+    assert rc['step'] == 3 and 'finished' in capsys.readouterr().out
+    assert os.path.getmtime(b / 'ckpt.pt') == mtime and len(_read_jsonl(b / 'log.jsonl')) == 3
+    # a longer run continues it (max_steps may change); another learning rate may not
+    with pytest.raises(SystemExit) as e:
+        rl.main(cmd + [f'--out_dir={b}', '--lr=1e-3'])
+    assert 'lr' in str(e.value) and 'resume_override' in str(e.value)
+    # FLOPs: 2N per rollout token, 2N per old/ref token, 6N per trained token
+    n = M.load_checkpoint(a / 'ckpt.pt')['model'].num_params()
+    f = ra['flops']
+    assert f['train'] == pytest.approx(3 * f['ref']) and f['old'] == pytest.approx(f['ref'])
+    assert f['total'] == pytest.approx(f['rollout'] + f['ref'] + f['old'] + f['train'])
+    assert f['rollout'] % (2 * n) == 0 and f['rollout'] < f['ref']  # prompts prefilled once per group
+
+
+def test_flop_budget_is_respected_from_the_first_step(tiny_base, tmp_path, one_thread):
+    base = SMALL + [f"--init_from={tiny_base['out_dir']}"]
+    ra = rl.main(base + ['--max_steps=2', f'--out_dir={tmp_path / "a"}'])
+    first = _read_jsonl(tmp_path / 'a' / 'log.jsonl')[0]['step_flops']
+    # below one step: not even the first is taken (its cost is bounded before it runs)
+    r0 = rl.main(base + ['--max_steps=10', f'--out_dir={tmp_path / "z"}', f'--flops_budget={0.9 * first}'])
+    assert r0['step'] == 0 and r0['flops']['total'] == 0
+    # a budget of 2.5 first steps: the run stops as soon as one more step, at the mean cost so far,
+    # would exceed it (SPEC §5.3 splits one budget between mid-training and RL)
+    budget = 2.5 * first
+    rc = rl.main(base + ['--max_steps=10', f'--out_dir={tmp_path / "c"}', f'--flops_budget={budget}'])
+    lc = _read_jsonl(tmp_path / 'c' / 'log.jsonl')
+    assert 2 <= rc['step'] < 10 and rc['flops']['total'] == pytest.approx(lc[-1]['flops']) <= budget
+    projected = [r['flops'] + r['flops'] / r['step'] for r in lc]  # used + the mean step
+    assert all(p <= budget for p in projected[:-1]) and projected[-1] > budget
+    assert ra['flops']['total'] > 0
+
+
+def test_variants_run_end_to_end(tiny_base, tmp_path, one_thread):
+    """DAPO (clip-higher, dynamic sampling, overlong penalty and masking) and GSPO run through the
+    loop and log what they did."""
+    out = tmp_path / 'dapo'
+    rl.main(SMALL + [f"--init_from={tiny_base['out_dir']}", '--max_steps=2', f'--out_dir={out}', '--loss_type=dapo',
+                     '--dynamic_sampling=True', '--max_rollouts=2', '--overlong_buffer=8', '--mask_truncated=True',
+                     '--ratio_level=sequence', '--adv_norm=batch'])
+    log = _read_jsonl(out / 'log.jsonl')
+    assert [r['step'] for r in log] == [1, 2]
+    for r in log:
+        assert r['drawn'] in (4, 8) and r['dropped'] == r['drawn'] - 4 and 0 <= r['no_signal'] <= 1
+        assert r['topped_up'] <= 4 and r['reward'] <= 1
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ck['config']['clip_eps_high'] == 0.28 and ck['extra']['stream']['next'] == 4 * sum(
+        r['drawn'] // 4 for r in log)
+
+
+def test_two_process_run_gloo(tiny_base, tmp_path):
+    """torchrun with 2 CPU processes: each rank rolls out its half of the prompts, rank 0 writes;
+    dynamic sampling keeps the ranks in lockstep; re-running the finished command is a no-op."""
+    from conftest import run_pretrain
+    out = tmp_path / 'ddp'
+    cmd = SMALL + [f"--init_from={tiny_base['out_dir']}", '--max_steps=2', f'--out_dir={out}',
+                   '--dynamic_sampling=True', '--max_rollouts=2']
+    run_pretrain(cmd, script='rl.py', nproc=2)
+    log = _read_jsonl(out / 'log.jsonl')
+    assert [r['step'] for r in log] == [1, 2]
+    assert all(r['resp_len'] > 0 and 0 <= r['reward'] <= 1 for r in log)
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ck['step'] == 2 and len(ck['extra']['rng']) == 2  # every rank's RNG state
+    assert ck['extra']['stream']['next'] == sum(r['drawn'] for r in log)  # 4 prompts per round over 2 ranks
+    p = run_pretrain(cmd, script='rl.py', nproc=2)
+    assert 'finished' in p.stdout and len(_read_jsonl(out / 'log.jsonl')) == 2
