@@ -344,7 +344,7 @@ def rollout_sums(ro, group_size):
             'prompt_once': sum(len(p) for p in ro['prompt'][::group_size])}  # prefilled once per group
 
 
-def fill_step(draw, n_groups, group_size, dynamic=False, max_rounds=1, world_size=1):
+def fill_step(draw, n_groups, group_size, dynamic=False, max_rounds=1, world_size=1, device='cpu'):
     """The rollouts of one step: n_groups groups (this rank's share). draw(r) rolls out and scores
     round r's prompts (n_groups of them). Without dynamic sampling that is one round. With it (DAPO),
     groups whose rewards are all equal are set aside and further rounds drawn until every rank holds
@@ -371,9 +371,9 @@ def fill_step(draw, n_groups, group_size, dynamic=False, max_rounds=1, world_siz
         rounds += 1
         if rounds >= (max_rounds if dynamic else 1):
             break
-        need = torch.tensor([float(n_groups - n_kept)])
+        need = torch.tensor([float(n_groups - n_kept)], device=device)  # on the device: nccl needs CUDA tensors
         if world_size > 1:
-            tdist.all_reduce(need, op=tdist.ReduceOp.MAX)  # gloo and nccl (a CPU tensor needs gloo)
+            tdist.all_reduce(need, op=tdist.ReduceOp.MAX)
         if need.item() == 0:
             break
     topped_up = n_groups - n_kept
@@ -398,9 +398,10 @@ def compute_advantages(rewards, group_size, norm='group', eps=1e-6, batch_std=No
     return a.reshape(-1)
 
 
-def global_std(x, world_size):
+def global_std(x, world_size, device='cpu'):
     """Unbiased std of x's entries over every rank."""
-    s = torch.tensor([x.sum().item(), (x.double() ** 2).sum().item(), x.numel()], dtype=torch.float64)
+    x = x.double()
+    s = torch.tensor([x.sum().item(), (x ** 2).sum().item(), x.numel()], dtype=torch.float64, device=device)
     if world_size > 1:
         tdist.all_reduce(s)
     return math.sqrt(max(0.0, (s[1] - s[0] ** 2 / s[2]).item() / max(s[2].item() - 1, 1)))
@@ -826,13 +827,13 @@ def collect_rollouts(S, C):
         with M.autocast_ctx(S.device):
             return score(rollout(S.policy, S.tok, rows, C, gen), C)
 
-    ro, sums, info = fill_step(draw, P, C.group_size, C.dynamic_sampling, C.max_rollouts, S.W)
+    ro, sums, info = fill_step(draw, P, C.group_size, C.dynamic_sampling, C.max_rollouts, S.W, S.device)
     S.stream.next += info['rounds'] * C.prompts_per_step
     return ro, sums, info
 
 
 def advantages(S, C, ro):
-    std = global_std(ro['reward'], S.W) if C.adv_norm == 'batch' else None
+    std = global_std(ro['reward'], S.W, S.device) if C.adv_norm == 'batch' else None
     return compute_advantages(ro['reward'], C.group_size, C.adv_norm, batch_std=std)
 
 

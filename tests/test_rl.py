@@ -622,7 +622,6 @@ def test_rerun_resumes_a_half_finished_run_and_exits_on_a_finished_one(tiny_base
     def crash_after_logging_step_2(S, C, m, ro):
         log_step(S, C, m, ro)
         if m['step'] == 2:
-            S.ckpt_every = None
             raise _Crash  # after its log lines, before its checkpoint
 
     monkeypatch.setattr(rl, 'log_step', crash_after_logging_step_2)
