@@ -141,7 +141,8 @@ defaults = dict(
     log_every=1,                # print one line every N steps (the JSONL log gets every step)
     sample_every=10,            # print / save a few sample texts every N steps (0 = never)
     n_samples_show=2,           # how many of them to print
-    eval_every=50,              # held-out evaluation every N steps (0 = never); also before the first and after the last step
+    eval_every=50,              # held-out evaluation every N steps (0 = never); also before the first and after
+                                # the last step
     eval_data='',               # held-out JSONL; '' = {init run's data_dir}/eval.jsonl if present, else generated
                                 # (data.make_eval_set, as evaluate.py). Every id in it is excluded from the RL prompts.
     eval_op_min=0,              # evaluate op in [eval_op_min, eval_op_max]; 0 = op_min / op_max
@@ -610,7 +611,8 @@ def update_policy(model, optimizer, batch, cfg):
                     T = mask.size(1)
                     old = logp.detach() if batch['old_logp'] is None else \
                         pad_stack([batch['old_logp'][i] for i in mb], T, device)
-                    ref = None if batch['ref_logp'] is None else pad_stack([batch['ref_logp'][i] for i in mb], T, device)
+                    ref = None if batch['ref_logp'] is None else \
+                        pad_stack([batch['ref_logp'][i] for i in mb], T, device)
                     loss, st = policy_loss(logp, old, batch['adv'][mb].to(device), mask, ref, ent, **loss_kwargs(cfg),
                                            n_tokens=n_tokens, n_seqs=n_seqs, max_len=cfg.max_response_len)
                     loss.backward()
@@ -874,7 +876,8 @@ def step_metrics(S, C, ro, sums, info, st, old_lp, t_gen, t_step):
             'dual_clip_frac': tot['dual_clipped'] / T, 'ratio': tot['ratio'] / T,
             'pg_loss': tot['pg_loss'] / W, 'grad_norm': tot['grad_norm'] / W,
             # cost
-            'gen_tok_per_s': tot['resp_tokens'] / (tot['t_gen'] / W), 'tok_per_s': tot['seq_tokens'] / (tot['t_step'] / W),
+            'gen_tok_per_s': tot['resp_tokens'] / (tot['t_gen'] / W),  # generated tokens / rollout time
+            'tok_per_s': tot['seq_tokens'] / (tot['t_step'] / W),       # prompt + response tokens / step time
             'step_s': tot['t_step'] / W, 'flops': S.flops['total'], 'step_flops': step_flops}
 
 

@@ -34,7 +34,8 @@ def test_loss_type_presets_and_overrides():
     g = rl.config(loss_type='grpo')
     assert (g.loss_agg, g.adv_norm) == ('seq-mean-token-mean', 'group')
     dr = rl.config(loss_type='dr_grpo', clip_eps_high=0.3)  # a key given explicitly wins over the preset
-    assert (dr.loss_agg, dr.adv_norm, dr.clip_eps_low, dr.clip_eps_high) == ('seq-mean-token-sum-norm', 'none', 0.2, 0.3)
+    assert (dr.loss_agg, dr.adv_norm, dr.clip_eps_low, dr.clip_eps_high) == \
+        ('seq-mean-token-sum-norm', 'none', 0.2, 0.3)
 
 
 @pytest.mark.parametrize('kw, words', [({'loss_type': 'ppo'}, 'loss_type'), ({'reward': 'nope'}, 'reward'),
@@ -219,7 +220,8 @@ def _fake_draw(rounds_rewards, G):
         n = len(rew)
         v = types.SimpleNamespace(outcome=False, process_acc=0.0, perfect=False)
         return {'row': [f'r{r}g{k // G}' for k in range(n)], 'prompt': [[1, 2]] * n, 'response': [[3]] * n,
-                'finished': [True] * n, 'text': [''] * n, 'verdict': [v] * n, 'reward': torch.tensor(rew, dtype=torch.float32),
+                'finished': [True] * n, 'text': [''] * n, 'verdict': [v] * n,
+                'reward': torch.tensor(rew, dtype=torch.float32),
                 'train_mask': torch.ones(n, dtype=torch.bool)}
     return draw, calls
 
