@@ -1,16 +1,18 @@
 """
 RL post-training with GRPO (SPEC §4 "RL"), a handwritten loop in one file.
 
-One step, read top to bottom in `main`:
-  PromptStream.take()   the prompts of this step: generated on the fly (op range, template weights,
-                        reverse share) or read from a JSONL (ours or the released format)
-  rollout()             G samples per prompt with the KV-cache sampler (Qwen2.generate, num_samples=G)
-  compute_rewards()     data.verify(text, gold graph) -> data.reward(verdict, kind)
-  compute_advantages()  (r - group mean) / (group std + 1e-6)
-  forward_logprobs()    "old" log-probs of the current policy and the reference model's, no grad
-  update_policy()       prompts_per_step / minibatch_prompts optimizer steps, each a sum over
-                        length-sorted micro-batches of policy_loss():
-                        PPO ratio clip + dual clip, k3 KL to the frozen start model, entropy bonus
+One step of `main`, each phase a function a fork can replace:
+  take prompts     PromptStream.take(): generated on the fly (op range, template weights, reverse
+                   share) or read from a JSONL (ours or the released format)
+  rollout          rollout(): one Qwen2.generate(all of this rank's prompts, num_samples=G) call
+  rewards          compute_rewards(): data.verify(text, gold graph) -> data.reward(verdict, kind),
+                   plus DAPO's soft overlong penalty if asked; with dynamic sampling, groups whose
+                   rewards are all equal are dropped and more prompts drawn (collect_rollouts())
+  advantages       compute_advantages(): (r - group mean) / group std (or none, or the batch std)
+  old / reference  rollout_logprobs(): "old" log-probs of the current policy and the reference's
+  update           update_policy(model, optimizer, batch, cfg): prompts_per_step / minibatch_prompts
+                   optimizer steps of policy_loss() (PPO clip + dual clip, k3 KL, entropy bonus)
+  metrics, log     step_metrics(), log_step(); held-out evaluation and checkpoints
 
 Run:
   python rl.py tiny_rl                                  # CPU, minutes (from out/tiny_base)
@@ -18,8 +20,24 @@ Run:
   python rl.py paper_rl_op7-10 --reward=strict --out_dir=out/rl_op7-10_strict
   torchrun --standalone --nproc_per_node=8 rl.py paper_rl
   torchrun --standalone --nproc_per_node=2 rl.py tiny_rl   # CPU, gloo
-  python rl.py tiny_rl --resume=True                    # exact resume from out_dir/ckpt.pt
   python rl.py paper_rl --init_from=out/mid_80 --flops_budget=1.2e17 --max_steps=100000   # SPEC §5.3
+  python rl.py tiny_rl --loss_type=dapo --dynamic_sampling=True --overlong_buffer=48       # a DAPO ablation
+Re-running a command continues from out_dir/ckpt.pt (same prompts, RNG and optimizer: exact); a
+finished run says so and exits. A changed config is an error (naming the keys) unless
+--resume_override=True; max_steps, flops_budget and how often we log/evaluate/save may change.
+
+The paper's recipe is the default: loss_type='paper' (verl's GRPO as the paper ran it: token-mean
+loss, group-std advantages, symmetric clip 0.2, dual clip 3.0, k3 KL 0.001), no dynamic sampling,
+no overlong shaping, token-level ratio. The variants people ablate, each a key (README has a table):
+  loss_type          'paper' | 'grpo' (DeepSeekMath: seq-mean-token-mean) | 'dr_grpo' (constant
+                     normaliser, no std) | 'dapo' (token-mean, clip-higher 0.2/0.28): sets loss_agg,
+                     adv_norm, clip_eps_low/high unless those are given
+  clip_eps_low/high  asymmetric ratio clip [1 - low, 1 + high] (DAPO clip-higher)
+  adv_norm           group (GRPO) | none (Dr.GRPO) | batch (std over the step's rewards, as TRL)
+  ratio_level        token (PPO) | sequence (GSPO: exp of the mean token log-ratio; use small clips)
+  dynamic_sampling   DAPO: only groups with signal, up to max_rollouts rollouts per step
+  mask_truncated     DAPO overlong filtering: truncated responses carry no loss
+  overlong_buffer    DAPO soft overlong penalty, linear to -overlong_penalty over the last N tokens
 
 Choices, and where we differ from verl (the paper's code):
 - Old log-probs are recomputed by a forward pass of the current policy before the updates (as verl
@@ -29,100 +47,161 @@ Choices, and where we differ from verl (the paper's code):
   minibatch_prompts, ppo_epochs 1) the pass is skipped: old = current, detached (ratio == 1).
 - Log-probs (policy, old and reference) are taken from logits / temperature, as verl does, so the
   ratio is measured against the distribution that was actually sampled.
-- Advantages use the unbiased group std (torch.std, as verl); `adv_std_norm=False` gives
-  Dr.GRPO's r - mean.
+- Advantages use the unbiased group std (torch.std, as verl).
 - Losses are normalised over the whole mini-batch across micro-batches and ranks (the token count
   is all-reduced), so the gradient does not depend on micro-batch size or world size.
 - Weights stay fp32 with bf16 autocast on CUDA: at lr 1e-6 bf16 weights would drop most updates.
 - The prompt stream is a pure function of (prompt_seed, index) and the sampler's noise of
-  (seed, step, rank); together with the optimizer state this makes resume exact.
+  (seed, step, rank); with the optimizer and per-rank RNG states this makes resume exact.
+- Dynamic sampling works per rank: each rank keeps the first groups with signal of its own slices
+  until it holds its share of prompts_per_step (ranks roll out in lockstep, so every rank draws the
+  same number of rounds). If max_rollouts rounds do not yield enough, the step is topped up with
+  no-signal groups (advantage 0: no policy gradient, only KL), so a step always has the same shape.
+  Reward metrics are over every drawn sample (the policy's health, not the filtered batch's).
 - FLOPs follow SPEC §4: 2N per token of every forward-only pass (rollout: each prompt once per
-  group -- it is prefilled once -- plus every generated token; old and reference passes: prompt +
-  response per sample) and 6N per trained token (prompt + response, per PPO epoch), N =
-  num_params(). Held-out evaluation is not counted.
+  group -- it is prefilled once -- plus every generated token, over all dynamic-sampling rounds;
+  old and reference passes: prompt + response per sample) and 6N per trained token (prompt +
+  response, per PPO epoch), N = num_params(). Held-out evaluation is not counted. The FLOP budget
+  stops the run before a step would exceed it: the mean step so far, or before the first step a
+  bound (every response at the budget).
 """
 
 import json
+import math
 import os
 import random
 import sys
 import time
+import types
 from contextlib import nullcontext
-
-# -----------------------------------------------------------------------------
-# Defaults (paper values, SPEC §4). Presets in config/*rl*.py override them, then --key=value.
-
-# I/O
-init_from = 'out/base'      # starting run dir or ckpt.pt (pre/mid-training); also the frozen KL reference
-tokenizer = ''              # tokenizer.json; '' = the one in init_from's run dir (else its data_dir)
-out_dir = 'out/rl'          # ckpt.pt, log.jsonl, samples.jsonl go here (rank 0 only)
-resume = False              # continue from out_dir/ckpt.pt: step, optimizer, RNG, prompt stream, FLOPs
-# RL prompts
-prompts = ''                # JSONL of problems (ours or the released format); '' = generate on the fly
-op_min = 11                 # prompts have op in [op_min, op_max] (generated uniformly, or a JSONL filtered)
-op_max = 14
-templates = {'crazy_zootopia': 1.0, 'teachers_in_school': 1.0, 'movie_festival_awards': 1.0}  # weights (0 = never)
-reverse_frac = 0.5          # share of forwardreverse problems (generated prompts)
-mixture = ''                # a data.MIXTURES name or ops spec (e.g. 'rl_ctx_zoo0.9'); replaces the 4 keys above
-                            # for generated prompts (a JSONL is then not filtered by op)
-prompt_seed = 7919          # seeds the prompt stream (held-out ids are excluded whatever the seed)
-exclude = ''                # comma-separated JSONL files whose ids must never be RL prompts (besides the held-out sets)
-# GRPO
-group_size = 6              # G samples per prompt
-prompts_per_step = 1024     # prompts per rollout, over all ranks
-minibatch_prompts = 256     # prompts per optimizer step (-> 4 updates per rollout)
-ppo_epochs = 1              # passes over each rollout
-micro_batch = 16            # sequences per forward/backward on one rank (memory knob only)
-gen_batch = 0               # prompts per generate() call on one rank (0 = all at once; memory knob)
-max_prompt_len = 1024       # longer prompts are skipped
-max_response_len = 1024     # generation budget; unfinished responses are "truncated"
-temperature = 1.0           # sampling temperature (also divides the logits of the loss, as verl)
-reward = 'outcome'          # outcome | blend_0.2_0.8 | blend_0.5_0.5 | strict (data.REWARDS)
-adv_std_norm = True         # divide by the group std (GRPO); False = Dr.GRPO's r - mean
-clip_eps = 0.2              # PPO ratio clip
-dual_clip = 3.0             # dual clip for negative advantages (Ye et al. 2020); 0 = off
-kl_coef = 0.001             # k3 ("low_var_kl") KL loss to the reference model; 0 = no reference pass
-entropy_coef = 0.0          # entropy bonus
-loss_agg = 'token-mean'     # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)
-# optimizer
-lr = 1e-6                   # AdamW, constant after warmup
-warmup_steps = 0
-weight_decay = 0.01
-beta1 = 0.9
-beta2 = 0.999
-grad_clip = 1.0             # global grad-norm clip (0 = off)
-# run length
-max_steps = 200             # rollout steps
-flops_budget = 0.0          # stop before the RL FLOPs would exceed this (0 = no budget); SPEC §5.3
-# logging, evaluation, checkpoints
-log_every = 1               # print one line every N steps (the JSONL log gets every step)
-sample_every = 10           # print / save a few sample texts every N steps (0 = never)
-n_samples_show = 2          # how many of them to print
-eval_every = 50             # held-out evaluation every N steps (0 = never); also before the first and after the last step
-eval_data = ''              # held-out JSONL; '' = {init run's data_dir}/eval.jsonl if present, else generated
-                            # (data.make_eval_set, as evaluate.py). Every id in it is excluded from the RL prompts.
-eval_op_min = 0             # evaluate op in [eval_op_min, eval_op_max]; 0 = op_min / op_max
-eval_op_max = 0
-eval_modes = ''              # '' = both; 'normalforward' or 'forwardreverse' to evaluate one mode only
-eval_per_op_template = 8    # held-out problems per (op, template)
-eval_samples = 4            # samples per problem (pass@1 is their mean)
-eval_temperature = 0.7      # SPEC §4 evaluation temperature
-eval_seed = 1234            # seed of a generated held-out set (evaluate.py's default)
-eval_batch = 256            # sequences per generate() call in the evaluation
-ckpt_every = 50             # checkpoint every N steps (0 = only at the end)
-# system
-seed = 1337                 # sampler noise is seeded by (seed, step, rank)
-device = ''                 # '' = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
-compile = False             # torch.compile the training forward
-
-DEFAULTS = {k: v for k, v in dict(globals()).items()
-            if not k.startswith('_') and isinstance(v, (bool, int, float, str, dict, list, tuple))}
 
 import torch
 import torch.distributed as tdist
 
 import data
 import model as M
+import pretrain  # config_diff, gather
+
+# -----------------------------------------------------------------------------
+# Defaults (paper values, SPEC §4). Presets in config/*rl*.py override them, then --key=value.
+defaults = dict(
+    # I/O
+    init_from='out/base',       # starting run dir or ckpt.pt (pre/mid-training); also the frozen KL reference
+    tokenizer='',               # tokenizer.json; '' = the one in init_from's run dir (else its data_dir)
+    out_dir='out/rl',           # ckpt.pt, log.jsonl, eval.jsonl, samples.jsonl (rank 0); re-running resumes
+    resume_override=False,      # allow resuming out_dir/ckpt.pt with a changed config
+    # RL prompts
+    prompts='',                 # JSONL of problems (ours or the released format); '' = generate on the fly
+    op_min=11,                  # prompts have op in [op_min, op_max] (generated uniformly, or a JSONL filtered)
+    op_max=14,
+    templates={'crazy_zootopia': 1.0, 'teachers_in_school': 1.0, 'movie_festival_awards': 1.0},  # weights (0 = never)
+    reverse_frac=0.5,           # share of forwardreverse problems (generated prompts)
+    mixture='',                 # a data.MIXTURES name or ops spec (e.g. 'rl_ctx_zoo0.9'); replaces the 4 keys
+                                # above for generated prompts (a JSONL is then not filtered by op)
+    prompt_seed=7919,           # seeds the prompt stream (held-out ids are excluded whatever the seed)
+    exclude='',                 # comma-separated JSONL files whose ids must never be RL prompts (besides held-out sets)
+    # rollout and reward
+    group_size=6,               # G samples per prompt
+    prompts_per_step=1024,      # prompts per step (groups trained on), over all ranks
+    max_prompt_len=1024,        # longer prompts are skipped
+    max_response_len=1024,      # generation budget; unfinished responses are "truncated"
+    temperature=1.0,            # sampling temperature (also divides the logits of the loss, as verl)
+    reward='outcome',           # outcome | blend_0.2_0.8 | blend_0.5_0.5 | strict (data.REWARDS)
+    # GRPO loss: loss_type sets the three keys marked (L) unless they are given
+    loss_type='paper',          # paper | grpo | dr_grpo | dapo (LOSS_TYPES; 'paper' = the study's recipe)
+    loss_agg='',                # (L) token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)
+    adv_norm='',                # (L) group: / group std (GRPO) | none: r - mean (Dr.GRPO) | batch: / step std
+    clip_eps_low=0.0,           # (L) ratio clipped to [1 - low, 1 + high] (DAPO clip-higher 0.2 / 0.28)
+    clip_eps_high=0.0,          # (L)
+    ratio_level='token',        # token (PPO/GRPO) | sequence (GSPO: exp(mean token log-ratio); clips ~3e-4/4e-4)
+    dual_clip=3.0,              # dual clip for negative advantages (Ye et al. 2020); 0 = off
+    kl_coef=0.001,              # k3 ("low_var_kl") KL loss to the reference model; 0 = no reference pass
+    entropy_coef=0.0,           # entropy bonus
+    # DAPO's sampling and length shaping (all off in the paper's recipe)
+    dynamic_sampling=False,     # drop groups whose rewards are all equal; draw more prompts to fill the step
+    max_rollouts=3,             # dynamic sampling: at most this many rollouts (of prompts_per_step prompts) a step
+    mask_truncated=False,       # truncated responses get no loss (their rewards still count in the group)
+    overlong_buffer=0,          # soft overlong penalty over the last N tokens of the budget (0 = off)
+    overlong_penalty=1.0,       # the penalty at the budget: linear from 0 at max_response_len - overlong_buffer
+    # update
+    minibatch_prompts=256,      # prompts per optimizer step (-> prompts_per_step / minibatch_prompts updates)
+    ppo_epochs=1,               # passes over each rollout
+    micro_batch_tokens=32768,   # padded tokens per forward/backward on one rank (memory knob only)
+    # optimizer
+    lr=1e-6,                    # AdamW, constant after warmup
+    warmup_steps=0,
+    weight_decay=0.01,
+    beta1=0.9,
+    beta2=0.999,
+    grad_clip=1.0,              # global grad-norm clip (0 = off)
+    # run length
+    max_steps=200,              # rollout steps
+    flops_budget=0.0,           # stop before the RL FLOPs would exceed this (0 = no budget); SPEC §5.3
+    # logging, evaluation, checkpoints
+    log_every=1,                # print one line every N steps (the JSONL log gets every step)
+    sample_every=10,            # print / save a few sample texts every N steps (0 = never)
+    n_samples_show=2,           # how many of them to print
+    eval_every=50,              # held-out evaluation every N steps (0 = never); also before the first and after
+                                # the last step
+    eval_data='',               # held-out JSONL; '' = {init run's data_dir}/eval.jsonl if present, else generated
+                                # (data.make_eval_set, as evaluate.py). Every id in it is excluded from the RL prompts.
+    eval_op_min=0,              # evaluate op in [eval_op_min, eval_op_max]; 0 = op_min / op_max
+    eval_op_max=0,
+    eval_modes='',              # '' = both; 'normalforward' or 'forwardreverse' to evaluate one mode only
+    eval_per_op_template=8,     # held-out problems per (op, template)
+    eval_samples=4,             # samples per problem (pass@1 is their mean)
+    eval_temperature=0.7,       # SPEC §4 evaluation temperature
+    eval_seed=1234,             # seed of a generated held-out set (evaluate.py's default)
+    ckpt_every=50,              # checkpoint every N steps (0 = only at the end)
+    # system
+    seed=1337,                  # sampler noise is seeded by (seed, step, rank)
+    device='',                  # '' = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
+    compile=False,              # torch.compile the training forward (dynamic shapes)
+)
+
+# loss_type presets: (aggregation, advantage normalisation, clip low, clip high)
+LOSS_TYPES = {
+    'paper': dict(loss_agg='token-mean', adv_norm='group', clip_eps_low=0.2, clip_eps_high=0.2),    # verl GRPO
+    'grpo': dict(loss_agg='seq-mean-token-mean', adv_norm='group', clip_eps_low=0.2, clip_eps_high=0.2),
+    'dr_grpo': dict(loss_agg='seq-mean-token-sum-norm', adv_norm='none', clip_eps_low=0.2, clip_eps_high=0.2),
+    'dapo': dict(loss_agg='token-mean', adv_norm='group', clip_eps_low=0.2, clip_eps_high=0.28),
+}
+LOSS_AGGS = ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm')
+# keys that may change on resume: they do not change the trajectory (the lr has no schedule to stretch)
+RESUME_SAFE_KEYS = {'resume_override', 'max_steps', 'flops_budget', 'log_every', 'sample_every', 'n_samples_show',
+                    'eval_every', 'ckpt_every', 'compile'}
+
+
+def _fail(msg):
+    raise SystemExit(f"rl.py: {msg}")
+
+
+def resolve(cfg: dict) -> types.SimpleNamespace:
+    """Fill the loss_type keys left unset, check the choices; -> attribute access (C.lr)."""
+    cfg = dict(cfg)
+    if cfg['loss_type'] not in LOSS_TYPES:
+        _fail(f"unknown --loss_type={cfg['loss_type']!r}; choose one of {', '.join(LOSS_TYPES)}")
+    for k, v in LOSS_TYPES[cfg['loss_type']].items():
+        if not cfg[k]:
+            cfg[k] = v
+    for key, allowed in (('reward', data.REWARDS), ('loss_agg', LOSS_AGGS), ('adv_norm', ('group', 'none', 'batch')),
+                         ('ratio_level', ('token', 'sequence'))):
+        if cfg[key] not in allowed:
+            _fail(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
+    if cfg['prompts_per_step'] % cfg['minibatch_prompts']:
+        _fail(f"prompts_per_step={cfg['prompts_per_step']} is not a multiple of minibatch_prompts="
+              f"{cfg['minibatch_prompts']}")
+    if not 0 <= cfg['overlong_buffer'] < cfg['max_response_len']:
+        _fail(f"overlong_buffer={cfg['overlong_buffer']} must be in [0, max_response_len={cfg['max_response_len']})")
+    if cfg['max_rollouts'] < 1:
+        _fail(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
+    return types.SimpleNamespace(**cfg)
+
+
+def config(**overrides) -> types.SimpleNamespace:
+    """The defaults with overrides, resolved: what update_policy() and friends take (tests, notebooks)."""
+    return resolve({**defaults, **overrides})
+
 
 # -----------------------------------------------------------------------------
 # Prompts
@@ -192,29 +271,24 @@ class PromptStream:
         self.next = state['next']
 
 
+
 # -----------------------------------------------------------------------------
-# Rollout, rewards, advantages
+# Rollout, rewards, dynamic sampling, advantages
 
 
-def rollout(model, tok, rows, group_size, max_new_tokens, temperature=1.0, generator=None, gen_batch=0):
-    """G samples per row with the KV-cache sampler. Samples are prompt-major: sample k answers
-    rows[k // G]. Returns {'prompt', 'response' (token lists, stop token kept), 'text' (the
-    response decoded, EOS dropped), 'finished' (hit </answer> or EOS), 'row' (index into rows)}."""
-    raw = M.unwrap(model)
+def rollout(model, tok, rows, cfg, generator=None):
+    """G = cfg.group_size samples per row in one generate() call (the sampler schedules its own
+    memory). Samples are prompt-major: sample k answers row k // G. Returns per-sample lists:
+    'row' (the problem), 'prompt', 'response' (token lists, stop token kept), 'text' (the response
+    decoded, EOS dropped), 'finished' (hit </answer> or EOS; False = truncated)."""
+    G = cfg.group_size
     prompts = [tok.encode(data.prompt_text(r)) for r in rows]
-    stop = (tok.id_of('</answer>'), tok.eos_id)
-    step = gen_batch or len(prompts)
-    out = {'prompt': [], 'response': [], 'finished': []}
-    for s in range(0, len(prompts), step):
-        chunk = prompts[s:s + step]
-        gen = raw.generate(chunk, max_new_tokens, temperature=temperature, stop_ids=stop, generator=generator,
-                           num_samples=group_size, pad_id=tok.pad_id)
-        out['prompt'] += [p for p in chunk for _ in range(group_size)]
-        out['response'] += gen.tokens
-        out['finished'] += gen.finished
-    out['text'] = [tok.decode([t for t in r if t != tok.eos_id]) for r in out['response']]
-    out['row'] = [k // group_size for k in range(len(out['response']))]
-    return out
+    gen = M.unwrap(model).generate(prompts, cfg.max_response_len, temperature=cfg.temperature,
+                                   stop_ids=(tok.id_of('</answer>'), tok.eos_id), generator=generator,
+                                   num_samples=G, pad_id=tok.pad_id)
+    return {'row': [r for r in rows for _ in range(G)], 'prompt': [p for p in prompts for _ in range(G)],
+            'response': gen.tokens, 'finished': list(gen.finished),
+            'text': [tok.decode([t for t in r if t != tok.eos_id]) for r in gen.tokens]}
 
 
 def compute_rewards(texts, golds, kind):
@@ -223,14 +297,115 @@ def compute_rewards(texts, golds, kind):
     return torch.tensor([data.reward(v, kind) for v in verdicts], dtype=torch.float32), verdicts
 
 
-def compute_advantages(rewards, group_size, std_norm=True, eps=1e-6):
-    """GRPO: (r - group mean) / (group std + eps), unbiased std as torch.std (verl). A group whose
-    rewards are all equal gets advantage 0 (no signal). rewards [N] prompt-major -> [N]."""
+def overlong_penalty(lengths, max_len, buffer, penalty=1.0):
+    """DAPO's soft overlong punishment, added to the reward: 0 up to max_len - buffer tokens, then
+    linear down to -penalty at max_len (the budget). buffer 0 = off. -> [N] float tensor."""
+    L = torch.tensor(lengths, dtype=torch.float32)
+    if buffer <= 0:
+        return torch.zeros_like(L)
+    return -penalty * ((L - (max_len - buffer)) / buffer).clamp(0, 1)
+
+
+def score(ro, cfg):
+    """Add 'reward' [N], 'verdict' and 'train_mask' [N] bool (False: no loss, a masked truncated
+    response) to a rollout."""
+    ro['reward'], ro['verdict'] = compute_rewards(ro['text'], [r['graph'] for r in ro['row']], cfg.reward)
+    if cfg.overlong_buffer:
+        ro['reward'] = ro['reward'] + overlong_penalty([len(r) for r in ro['response']], cfg.max_response_len,
+                                                       cfg.overlong_buffer, cfg.overlong_penalty)
+    ro['train_mask'] = torch.tensor([f or not cfg.mask_truncated for f in ro['finished']])
+    return ro
+
+
+def has_signal(rewards, group_size):
+    """[groups] bool: the group's rewards are not all equal (else every advantage is 0)."""
+    r = rewards.view(-1, group_size)
+    return r.max(1).values != r.min(1).values
+
+
+def select_groups(ro, groups, group_size):
+    """The samples of these groups (indices into the rollout's prompts), in that order."""
+    idx = [g * group_size + k for g in groups for k in range(group_size)]
+    return {key: v[idx] if torch.is_tensor(v) else [v[i] for i in idx] for key, v in ro.items()}
+
+
+def concat(ros):
+    return {key: torch.cat([r[key] for r in ros]) if torch.is_tensor(ros[0][key]) else
+            [x for r in ros for x in r[key]] for key in ros[0]}
+
+
+def rollout_sums(ro, group_size):
+    """What the metrics need from a scored rollout, as sums (all-reduced later)."""
+    v = ro['verdict']
+    return {'samples': len(v), 'groups': len(v) // group_size, 'reward': float(ro['reward'].sum()),
+            'outcome': sum(x.outcome for x in v), 'process_acc': sum(x.process_acc for x in v),
+            'perfect': sum(x.perfect for x in v), 'hacked': sum(x.outcome and not x.perfect for x in v),
+            'no_signal': int((~has_signal(ro['reward'], group_size)).sum()),
+            'resp_tokens': sum(len(r) for r in ro['response']), 'truncated': sum(not f for f in ro['finished']),
+            'prompt_once': sum(len(p) for p in ro['prompt'][::group_size])}  # prefilled once per group
+
+
+def fill_step(draw, n_groups, group_size, dynamic=False, max_rounds=1, world_size=1, device='cpu'):
+    """The rollouts of one step: n_groups groups (this rank's share). draw(r) rolls out and scores
+    round r's prompts (n_groups of them). Without dynamic sampling that is one round. With it (DAPO),
+    groups whose rewards are all equal are set aside and further rounds drawn until every rank holds
+    n_groups groups with signal, or max_rounds rounds were drawn; a short step is then topped up
+    with set-aside groups (advantage 0), so every step has the same shape. A rank already full draws
+    nothing but keeps the lockstep. Returns (batch, rollout sums over every draw,
+    {'rounds', 'topped_up'}); groups keep their draw order."""
+    kept, spare, sums = [], [], {}
+    n_kept = n_spare = rounds = 0
+    while True:
+        if n_kept < n_groups:
+            ro = draw(rounds)
+            for k, v in rollout_sums(ro, group_size).items():
+                sums[k] = sums.get(k, 0) + v
+            if not dynamic:
+                kept, n_kept = [ro], n_groups
+            else:
+                sig = has_signal(ro['reward'], group_size).tolist()
+                take = [g for g, s in enumerate(sig) if s][:n_groups - n_kept]
+                rest = [g for g, s in enumerate(sig) if not s][:n_groups - n_spare]
+                kept.append(select_groups(ro, take, group_size))
+                spare.append(select_groups(ro, rest, group_size))
+                n_kept, n_spare = n_kept + len(take), n_spare + len(rest)
+        rounds += 1
+        if rounds >= (max_rounds if dynamic else 1):
+            break
+        need = torch.tensor([float(n_groups - n_kept)], device=device)  # on the device: nccl needs CUDA tensors
+        if world_size > 1:
+            tdist.all_reduce(need, op=tdist.ReduceOp.MAX)
+        if need.item() == 0:
+            break
+    topped_up = n_groups - n_kept
+    if topped_up:
+        kept.append(select_groups(concat(spare), list(range(topped_up)), group_size))
+    return concat(kept), sums, {'rounds': rounds, 'topped_up': topped_up}
+
+
+def compute_advantages(rewards, group_size, norm='group', eps=1e-6, batch_std=None):
+    """r - group mean, divided by: the group's std ('group', GRPO; unbiased as torch.std, verl), nothing
+    ('none', Dr.GRPO), or the std of all the step's rewards ('batch', as TRL; batch_std: that std over
+    every rank, default this batch's). A group whose rewards are all equal gets advantage 0 (no
+    signal). rewards [N] prompt-major -> [N]."""
     r = rewards.view(-1, group_size)
     a = r - r.mean(dim=1, keepdim=True)
-    if std_norm:
+    if norm == 'group':
         a = a / (r.std(dim=1, keepdim=True) + eps)
+    elif norm == 'batch':
+        a = a / ((rewards.std() if batch_std is None else batch_std) + eps)
+    elif norm != 'none':
+        raise ValueError(f"unknown adv_norm {norm!r}")
     return a.reshape(-1)
+
+
+def global_std(x, world_size, device='cpu'):
+    """Unbiased std of x's entries over every rank."""
+    x = x.double()
+    s = torch.tensor([x.sum().item(), (x ** 2).sum().item(), x.numel()], dtype=torch.float64, device=device)
+    if world_size > 1:
+        tdist.all_reduce(s)
+    return math.sqrt(max(0.0, (s[1] - s[0] ** 2 / s[2]).item() / max(s[2].item() - 1, 1)))
 
 
 # -----------------------------------------------------------------------------
@@ -263,23 +438,29 @@ def aggregate(mat, mask, mode, n_tokens=None, n_seqs=None, max_len=None):
     raise ValueError(f"unknown loss_agg {mode!r}")
 
 
-def policy_loss(logp, old_logp, adv, mask, ref_logp=None, entropy=None, *, clip_eps=0.2, dual_clip=3.0,
-                kl_coef=0.001, entropy_coef=0.0, agg='token-mean', n_tokens=None, n_seqs=None, max_len=None):
+def policy_loss(logp, old_logp, adv, mask, ref_logp=None, entropy=None, *, clip_eps_low=0.2, clip_eps_high=0.2,
+                dual_clip=3.0, kl_coef=0.001, entropy_coef=0.0, agg='token-mean', ratio_level='token',
+                n_tokens=None, n_seqs=None, max_len=None):
     """GRPO loss of one batch of responses, tensors [B, T] over response tokens (mask 1 = real).
     adv [B] (one advantage per sequence) or [B, T].
-      ratio = exp(logp - old_logp)                                (log-ratio clamped to +-20)
-      pg    = max(-A*ratio, -A*clip(ratio, 1-eps, 1+eps))         PPO clip
-      pg    = min(pg, -A*dual_clip) where A < 0                   dual clip: bounds the loss when
-                                                                  the ratio explodes on a bad sample
+      ratio = exp(logp - old_logp)                                 (log-ratio clamped to +-20)
+              ratio_level='sequence' (GSPO): exp(mean over the sequence's tokens of logp - old_logp),
+              the same for every token of a sequence
+      pg    = max(-A*ratio, -A*clip(ratio, 1-low, 1+high))         PPO clip (DAPO: high > low)
+      pg    = min(pg, -A*dual_clip) where A < 0                    dual clip: bounds the loss when
+                                                                   the ratio explodes on a bad sample
       loss  = agg(pg) + kl_coef * agg(k3(logp, ref)) - entropy_coef * agg(entropy)
     Returns (loss, stats): stats hold detached token sums ('clipped', 'dual_clipped', 'kl', 'entropy',
     'ratio', 'tokens') and the aggregated parts ('pg_loss', 'kl_loss', 'entropy_loss')."""
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(logp)
     m = mask.to(logp.dtype)
-    ratio = (logp - old_logp).clamp(-20, 20).exp()
+    log_ratio = logp - old_logp
+    if ratio_level == 'sequence':
+        log_ratio = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(logp)
+    ratio = log_ratio.clamp(-20, 20).exp()
     pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    pg2 = -adv * ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high)
     pg = torch.maximum(pg1, pg2)
     clipped = (pg2 > pg1) & mask.bool()
     dual_clipped = torch.zeros_like(clipped)
@@ -304,6 +485,12 @@ def policy_loss(logp, old_logp, adv, mask, ref_logp=None, entropy=None, *, clip_
             loss = loss - entropy_coef * ent_loss
         stats['entropy_loss'], stats['entropy'] = ent_loss.detach(), (entropy * m).sum().detach()
     return loss, stats
+
+
+def loss_kwargs(cfg):
+    """The policy_loss() keywords a config sets."""
+    return dict(clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
+                kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg, ratio_level=cfg.ratio_level)
 
 
 # -----------------------------------------------------------------------------
@@ -340,18 +527,24 @@ def forward_logprobs(model, prompts, responses, temperature=1.0, device='cpu', e
     return logp * mask, entropy * mask, mask
 
 
-def micro_batches(indices, lengths, size):
-    """Split `indices` into chunks of <= size, sorted by length so each chunk pads little."""
-    order = sorted(indices, key=lambda i: lengths[i])
-    return [order[s:s + size] for s in range(0, len(order), size)]
+def micro_batches(indices, lengths, max_tokens):
+    """Split `indices` into length-sorted chunks whose padded size (rows x longest row) stays within
+    max_tokens (one row at least), so short responses travel many to a forward and long ones few."""
+    out, cur = [], []
+    for i in sorted(indices, key=lambda i: lengths[i]):
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
 
 
 @torch.no_grad()
-def batch_logprobs(model, prompts, responses, micro_batch, temperature, device):
-    """Per-sample log-prob tensors [len(response)] (on device), computed in length-sorted micro-batches."""
+def batch_logprobs(model, prompts, responses, max_tokens, temperature, device):
+    """Per-sample log-prob tensors [len(response)] (on device), in length-sorted micro-batches."""
     out = [None] * len(prompts)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    for mb in micro_batches(range(len(prompts)), lengths, micro_batch):
+    for mb in micro_batches(range(len(prompts)), lengths, max_tokens):
         logp, _, _ = forward_logprobs(model, [prompts[i] for i in mb], [responses[i] for i in mb],
                                       temperature, device)
         for k, i in enumerate(mb):
@@ -372,73 +565,79 @@ def pad_stack(seqs, width, device):
     return out
 
 
-def update_policy(model, optimizer, batch, *, n_minibatches, micro_batch, temperature=1.0, clip_eps=0.2,
-                  dual_clip=3.0, kl_coef=0.001, entropy_coef=0.0, loss_agg='token-mean', max_len=1024,
-                  grad_clip=1.0, ppo_epochs=1, world_size=1, device='cpu'):
-    """PPO-style updates on one rollout. batch: 'prompt', 'response' (token lists), 'adv' [N]
-    tensor, 'old_logp' (list of per-sample tensors, or None: on-policy, old = current detached),
-    'ref_logp' (list or None). Samples are prompt-major; mini-batch j is the j-th contiguous slice
-    (whole groups). Each mini-batch is one optimizer step: its micro-batches are accumulated with
-    DDP's gradient sync only on the last, and every micro-batch loss is normalised by mini-batch
-    totals all-reduced over ranks (x world_size, since DDP averages gradients).
-    Returns summed stats (for all-reducing) plus 'grad_norm' (mean) and 'updates'."""
+STAT_KEYS = ('tokens', 'ratio', 'clipped', 'dual_clipped', 'kl', 'entropy', 'pg_loss')
+
+
+def update_policy(model, optimizer, batch, cfg):
+    """PPO-style updates on one rollout; every hyperparameter comes from cfg (see config()).
+    batch: 'prompt', 'response' (token lists), 'adv' [N] tensor, 'old_logp' (list of per-sample
+    tensors, or None: on-policy, old = current detached), 'ref_logp' (list or None), 'train_mask'
+    ([N] bool, optional: False = no loss for that sample). Samples are prompt-major; there are
+    prompts_per_step / minibatch_prompts mini-batches, mini-batch j the j-th contiguous slice (whole
+    groups), each one optimizer step. Its micro-batches (micro_batch_tokens) are accumulated with DDP's
+    gradient sync only on the last, and every micro-batch loss is normalised by mini-batch totals
+    all-reduced over ranks (x world_size, since DDP averages gradients). Statistics stay on the
+    device until one host sync at the end. Returns summed stats (for all-reducing) plus 'grad_norm'
+    (mean over updates), 'pg_loss' (mean mini-batch loss, this rank's share) and 'updates'."""
     N = len(batch['prompt'])
-    assert N % n_minibatches == 0, f"{N} samples do not split into {n_minibatches} mini-batches"
-    size = N // n_minibatches
-    lengths = [len(p) + len(r) for p, r in zip(batch['prompt'], batch['response'])]
-    resp_len = [len(r) for r in batch['response']]
+    n_mb = cfg.prompts_per_step // cfg.minibatch_prompts
+    assert N % n_mb == 0, f"{N} samples do not split into {n_mb} mini-batches"
+    size = N // n_mb
+    W = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    device = next(model.parameters()).device
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    sums, grad_norms = {}, []
+    lengths = [len(p) + len(r) for p, r in zip(batch['prompt'], batch['response'])]
+    keep = batch.get('train_mask')
+    keep = torch.ones(N, dtype=torch.bool) if keep is None else keep.bool().cpu()
+    resp_len = [len(r) * bool(k) for r, k in zip(batch['response'], keep.tolist())]
+    minibatches = [list(range(j * size, (j + 1) * size)) for j in range(n_mb)]
+    # the totals each mini-batch's loss is normalised by (tokens, sequences trained on): one all-reduce
+    totals = torch.tensor([[sum(resp_len[i] for i in idx), sum(resp_len[i] > 0 for i in idx)] for idx in minibatches],
+                          dtype=torch.float64, device=device)
+    totals = (all_reduce_sum(totals, W) / W).clamp(min=1 / W).tolist()  # per-rank share: DDP averages
+    keep = keep.to(device)
+    acc = torch.zeros(len(STAT_KEYS), device=device)
+    grad_norms = []
     model.train()
-    for _ in range(ppo_epochs):
-        for j in range(n_minibatches):
-            idx = list(range(j * size, (j + 1) * size))
-            totals = torch.tensor([sum(resp_len[i] for i in idx), len(idx)], dtype=torch.float64, device=device)
-            all_reduce_sum(totals, world_size)
-            n_tokens, n_seqs = (totals / world_size).tolist()  # per-rank share: DDP averages over ranks
-            mbs = micro_batches(idx, lengths, micro_batch)
+    for _ in range(cfg.ppo_epochs):
+        for idx, (n_tokens, n_seqs) in zip(minibatches, totals):
+            mbs = micro_batches(idx, lengths, cfg.micro_batch_tokens)
             for k, mb in enumerate(mbs):
-                sync = nullcontext() if (not ddp or k == len(mbs) - 1) else model.no_sync()
-                with sync:
+                with nullcontext() if (not ddp or k == len(mbs) - 1) else model.no_sync():
                     logp, ent, mask = forward_logprobs(model, [batch['prompt'][i] for i in mb],
-                                                       [batch['response'][i] for i in mb], temperature, device,
-                                                       entropy_grad=entropy_coef != 0)
-                    W = mask.size(1)
+                                                       [batch['response'][i] for i in mb], cfg.temperature, device,
+                                                       entropy_grad=cfg.entropy_coef != 0)
+                    mask = mask & keep[mb][:, None]
+                    T = mask.size(1)
                     old = logp.detach() if batch['old_logp'] is None else \
-                        pad_stack([batch['old_logp'][i] for i in mb], W, device)
-                    ref = None if batch['ref_logp'] is None else pad_stack([batch['ref_logp'][i] for i in mb], W, device)
-                    adv = batch['adv'][mb].to(device)
-                    loss, st = policy_loss(logp, old, adv, mask, ref, ent, clip_eps=clip_eps, dual_clip=dual_clip,
-                                           kl_coef=kl_coef, entropy_coef=entropy_coef, agg=loss_agg,
-                                           n_tokens=n_tokens, n_seqs=n_seqs, max_len=max_len)
+                        pad_stack([batch['old_logp'][i] for i in mb], T, device)
+                    ref = None if batch['ref_logp'] is None else \
+                        pad_stack([batch['ref_logp'][i] for i in mb], T, device)
+                    loss, st = policy_loss(logp, old, batch['adv'][mb].to(device), mask, ref, ent, **loss_kwargs(cfg),
+                                           n_tokens=n_tokens, n_seqs=n_seqs, max_len=cfg.max_response_len)
                     loss.backward()
-                for key in ('tokens', 'ratio', 'clipped', 'dual_clipped', 'kl', 'entropy'):
-                    if key in st:
-                        sums[key] = sums.get(key, 0.0) + float(st[key])
-                sums['pg_loss'] = sums.get('pg_loss', 0.0) + float(st['pg_loss'])  # sums over micro-batches
-            if grad_clip > 0:
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            else:
-                gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
-            grad_norms.append(float(gn))
+                acc += torch.stack([st[key].float() if key in st else torch.zeros((), device=device)
+                                    for key in STAT_KEYS])
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf')))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    sums['grad_norm'] = sum(grad_norms) / len(grad_norms)
-    sums['updates'] = len(grad_norms)
-    sums['pg_loss'] /= len(grad_norms)  # mean mini-batch loss (per-rank share)
-    return sums
+    vals = torch.cat([acc, torch.stack(grad_norms).float().mean()[None].to(device)]).tolist()  # the host sync
+    out = dict(zip(STAT_KEYS + ('grad_norm',), vals))
+    out['updates'] = len(grad_norms)
+    out['pg_loss'] /= len(grad_norms)
+    return out
 
 
 # -----------------------------------------------------------------------------
-# Evaluation, logging helpers
+# Evaluation, checkpoints, logging helpers
 
 
-def held_out_eval(model, tok, rows, n, temperature, max_new_tokens, batch_size, dist):
-    """pass@1 (process-verified and outcome) etc. on held-out rows: evaluate.quick_eval, rows
-    sharded across ranks (every rank gets the same numbers). Keys 'eval/all/pass@1', ..."""
+def held_out_eval(model, tok, rows, n, temperature, max_new_tokens, dist):
+    """pass@1 (process-verified and outcome) etc. on held-out rows: evaluate.quick_eval in one
+    generate() call per rank (rows sharded across ranks; every rank gets the same numbers)."""
     import evaluate
     res = evaluate.quick_eval(model, tok, rows, n, temperature, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, dist=dist)
+                              batch_size=max(1, len(rows) * n), dist=dist)
     return {f'eval/{k}': float(v) for k, v in res.items()}
 
 
@@ -452,7 +651,7 @@ def load_tokenizer(path, init_from, run_config):
     for c in cands:
         if c and os.path.exists(c):
             return data.Tokenizer.load(c)
-    raise FileNotFoundError(f"no tokenizer found (tried {cands}); pass --tokenizer=PATH")
+    _fail(f"no tokenizer found (tried {cands}); pass --tokenizer=PATH")
 
 
 def resolve_ckpt(path):
@@ -464,36 +663,45 @@ def lr_at(step, base, warmup):
     return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
 
 
+def log_jsonl(path, rec):
+    with open(path, 'a') as f:
+        f.write(json.dumps(rec) + '\n')
+
+
+def trim_jsonl(path, last_step):
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line).get('step', 0) <= last_step]
+        with open(path, 'w') as f:
+            f.writelines(keep)
+
+
 # -----------------------------------------------------------------------------
-# The loop
+# The phases of a step (each a function a fork can replace) and the loop
 
 
-def main(argv=None):
-    cfg = M.configure(DEFAULTS, sys.argv[1:] if argv is None else argv)
-    C = type('Config', (), cfg)  # attribute access: C.lr
-    assert C.reward in data.REWARDS, f"reward must be one of {data.REWARDS}, got {C.reward!r}"
-    assert C.loss_agg in ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'), C.loss_agg
+def setup(C):
+    """Models, optimizer, tokenizer, held-out rows, prompt stream; resume out_dir/ckpt.pt if it
+    exists. -> S, the run's state (S.step, S.flops, ...)."""
     dist = M.setup_distributed()
     device = C.device or dist.device
-    W, rank = dist.world_size, dist.rank
-    assert C.prompts_per_step % C.minibatch_prompts == 0, "prompts_per_step must be a multiple of minibatch_prompts"
-    assert C.minibatch_prompts % W == 0, "minibatch_prompts must be a multiple of the world size"
-    P_local = C.prompts_per_step // W
-    n_minibatches = C.prompts_per_step // C.minibatch_prompts
-    torch.manual_seed(C.seed + rank)
+    if C.minibatch_prompts % dist.world_size:
+        _fail(f"minibatch_prompts={C.minibatch_prompts} is not a multiple of the world size {dist.world_size}")
+    torch.manual_seed(C.seed + dist.rank)
 
     # models: the policy (start or resume) and the frozen reference (always the start)
     init_path = resolve_ckpt(C.init_from)
+    if not os.path.isfile(init_path):
+        what = f"{C.init_from} has no ckpt.pt" if os.path.isdir(C.init_from) else f"{C.init_from} does not exist"
+        _fail(f"--init_from: {what}; point it at a pre/mid-training run dir (e.g. out/base) or its ckpt.pt")
     start = M.load_checkpoint(init_path, device=device)
     tok = load_tokenizer(C.tokenizer, init_path, start['config'])
-    assert tok.identity == start['tokenizer_identity'], "tokenizer does not match the starting checkpoint"
+    if tok.identity != start['tokenizer_identity']:
+        _fail(f"tokenizer {tok.identity} does not match {init_path}'s {start['tokenizer_identity']}")
     policy = start['model']
-    ref = None
-    if C.kl_coef > 0:
-        ref = M.load_checkpoint(init_path, device=device)['model'].eval().requires_grad_(False)
+    ref = M.load_checkpoint(init_path, device=device)['model'].eval().requires_grad_(False) if C.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=C.lr, betas=(C.beta1, C.beta2), weight_decay=C.weight_decay,
                                   fused='cuda' in str(device))
-    N_params = policy.num_params()
 
     # held-out rows and the prompt stream (never a held-out id)
     import evaluate
@@ -509,198 +717,248 @@ def main(argv=None):
     for path in {p.strip() for p in held_out if p.strip() and os.path.isfile(p.strip())}:
         excluded |= {r['id'] for r in data.read_jsonl(path)}
     keep = lambda row: len(tok.encode(data.prompt_text(row))) <= C.max_prompt_len
-    stream = PromptStream.from_config(C, excluded, keep)
+    S = types.SimpleNamespace(
+        dist=dist, device=device, W=dist.world_size, rank=dist.rank, policy=policy, ref=ref, optimizer=optimizer,
+        tok=tok, eval_rows=eval_rows, stream=PromptStream.from_config(C, excluded, keep), N=policy.num_params(),
+        step=0, flops={'rollout': 0.0, 'ref': 0.0, 'old': 0.0, 'train': 0.0, 'total': 0.0}, history=[],
+        last_eval=-1, resumed=False, ckpt_path=os.path.join(C.out_dir, 'ckpt.pt'),
+        run_config=dict(vars(C), data_dir=data_dir),  # data_dir: evaluate.py / a later stage find the base's eval set
+        say=lambda s: None, pbar=None)
+    if os.path.exists(S.ckpt_path):
+        resume(S, C)
 
-    step, flops, history = 0, {'rollout': 0.0, 'ref': 0.0, 'old': 0.0, 'train': 0.0, 'total': 0.0}, []
-    ckpt_path = os.path.join(C.out_dir, 'ckpt.pt')
-    if not C.resume and os.path.exists(ckpt_path):
-        raise SystemExit(f"{ckpt_path} exists: pass --resume=True to continue that run, or pick another --out_dir")
-    if C.resume:
-        ck = M.load_checkpoint(ckpt_path, device=device, expect_tokenizer=tok.identity)
-        policy.load_state_dict(ck['model'].state_dict())
-        optimizer.load_state_dict(ck['optimizer'])
-        step, flops = ck['step'], dict(ck['extra']['flops'])
-        stream.load_state_dict(ck['extra']['stream'])
-        M.set_rng_state(ck['extra']['rng'])
-        history = list(ck['extra'].get('step_flops', []))
-        if dist.is_master:  # drop log lines of steps after the checkpoint (a crash between log and save)
-            for name in ('log.jsonl', 'eval.jsonl', 'samples.jsonl'):
-                trim_jsonl(os.path.join(C.out_dir, name), step)
-    train_model = torch.compile(policy) if C.compile else policy
+    S.train_model = torch.compile(policy, dynamic=True) if C.compile else policy
     if dist.ddp:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[dist.local_rank] if 'cuda' in str(device) else None)
-
-    def save(step):
-        if not dist.is_master:
-            return
-        # data_dir rides along so evaluate.py / a later stage find the held-out set of the base run
-        M.save_checkpoint(ckpt_path, policy, dict(cfg, data_dir=data_dir), tok.identity, step, optimizer,
-                          extra={'flops': flops, 'stream': stream.state_dict(), 'rng': M.rng_state(),
-                                 'step_flops': history, 'init_from': C.init_from})
-
-    def evaluate_now(step):
-        res = held_out_eval(policy, tok, eval_rows, C.eval_samples, C.eval_temperature, C.max_response_len,
-                            C.eval_batch, dist)
-        res['step'] = step
-        if dist.is_master:
-            log_jsonl(os.path.join(C.out_dir, 'eval.jsonl'), res)
-            say(f"eval step {step}: pass@1 {res['eval/all/pass@1']:.3f} (process-verified) | "
-                f"outcome pass@1 {res['eval/all/outcome_pass@1']:.3f} | hack {res['eval/all/hack_rate']:.3f} "
-                f"| {len(eval_rows)} problems x {C.eval_samples}")
-        return res
-
-    pbar = None
+        S.train_model = torch.nn.parallel.DistributedDataParallel(
+            S.train_model, device_ids=[dist.local_rank] if 'cuda' in str(device) else None)
     if dist.is_master:
         os.makedirs(C.out_dir, exist_ok=True)
         tok.save(os.path.join(C.out_dir, 'tokenizer.json'))  # the run dir is self-contained for evaluate.py
-        if not C.resume:  # logs of an earlier attempt that never reached a checkpoint
+        if not S.resumed:  # logs of an earlier attempt that never reached a checkpoint
             for name in ('log.jsonl', 'eval.jsonl', 'samples.jsonl'):
                 if os.path.exists(os.path.join(C.out_dir, name)):
                     os.remove(os.path.join(C.out_dir, name))
         from tqdm import tqdm
-        pbar = tqdm(total=C.max_steps, initial=step, desc='rl', dynamic_ncols=True, file=sys.stdout)
-        say = pbar.write
-        say(f"held-out: {len(eval_rows)} problems from {eval_source}; {len(excluded)} ids excluded from RL prompts")
-        say(f"rl: {N_params / 1e6:.2f}M params | world {W} | {C.prompts_per_step} prompts x G={C.group_size} per step, "
-            f"{n_minibatches} updates | reward {C.reward} | prompts {C.prompts or C.mixture or f'op {C.op_min}-{C.op_max}'} "
-            f"| out {C.out_dir}")
-    else:
-        say = lambda s: None
-    results = {'eval': []}
-    if C.eval_every and not C.resume:
-        results['eval'].append(evaluate_now(step))
+        S.pbar = tqdm(total=C.max_steps, initial=S.step, desc='rl', dynamic_ncols=True, file=sys.stdout)
+        S.say = S.pbar.write
+        S.say(f"held-out: {len(eval_rows)} problems from {eval_source}; {len(excluded)} ids excluded from RL prompts")
+        S.say(f"rl: {S.N / 1e6:.2f}M params | world {S.W} | {C.prompts_per_step} prompts x G={C.group_size} per step, "
+              f"{C.prompts_per_step // C.minibatch_prompts} updates | reward {C.reward} | loss {C.loss_type} "
+              f"({C.loss_agg}, adv {C.adv_norm}, clip {C.clip_eps_low}/{C.clip_eps_high}, ratio {C.ratio_level})"
+              f"{' | dynamic sampling' if C.dynamic_sampling else ''} | prompts "
+              f"{C.prompts or C.mixture or f'op {C.op_min}-{C.op_max}'} | out {C.out_dir}"
+              + (f" | resumed at step {S.step}" if S.resumed else ''))
+    return S
 
-    while step < C.max_steps:
-        if C.flops_budget and history and flops['total'] + sum(history) / len(history) > C.flops_budget:
-            say(f"FLOP budget {C.flops_budget:.3g} reached: {flops['total']:.3g} used, a step costs ~{sum(history) / len(history):.3g}")
-            break
-        t0 = time.time()
-        for g in optimizer.param_groups:
-            g['lr'] = lr_at(step, C.lr, C.warmup_steps)
 
-        # 1. rollout: this rank's slice of the step's prompts, G samples each
-        rows = stream.take(stream.next + rank * P_local, P_local)
-        stream.next += C.prompts_per_step
-        gen = torch.Generator(device=device).manual_seed((C.seed * 1_000_003 + step * 1009 + rank) % 2**63)
-        policy.eval()
-        with M.autocast_ctx(device):
-            ro = rollout(policy, tok, rows, C.group_size, C.max_response_len, C.temperature, gen, C.gen_batch)
-        t_gen = time.time() - t0
+def resume(S, C):
+    """Continue out_dir/ckpt.pt: weights, optimizer, step, FLOPs, prompt stream and this rank's RNG
+    state. A changed config (but for RESUME_SAFE_KEYS) is an error unless --resume_override=True."""
+    ck = M.load_checkpoint(S.ckpt_path, device=S.device)
+    if ck['tokenizer_identity'] != S.tok.identity:
+        _fail(f"{S.ckpt_path} uses tokenizer {ck['tokenizer_identity']}, init_from uses {S.tok.identity}")
+    diff = {k: v for k, v in pretrain.config_diff(ck['config'], S.run_config).items() if k not in RESUME_SAFE_KEYS}
+    if diff:
+        lines = '; '.join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        if not C.resume_override:
+            _fail(f"{S.ckpt_path} was written by a different config ({lines}); use its values, another --out_dir, "
+                  f"or --resume_override=True")
+        if S.dist.is_master:
+            print(f"resume_override: continuing {S.ckpt_path} with a changed config ({lines})")
+    S.policy.load_state_dict(ck['model'].state_dict())
+    S.optimizer.load_state_dict(ck['optimizer'])
+    S.step, S.flops, S.history = ck['step'], dict(ck['extra']['flops']), list(ck['extra'].get('step_flops', []))
+    S.stream.load_state_dict(ck['extra']['stream'])
+    rngs = ck['extra']['rng'] if isinstance(ck['extra']['rng'], list) else [ck['extra']['rng']]
+    M.set_rng_state(rngs[S.rank % len(rngs)])  # each rank its own (another world size: not bitwise exact)
+    S.last_eval, S.resumed = ck['extra'].get('last_eval', -1), True
+    if S.dist.is_master:  # drop log lines of steps after the checkpoint (a crash between log and save)
+        for name in ('log.jsonl', 'eval.jsonl', 'samples.jsonl'):
+            trim_jsonl(os.path.join(C.out_dir, name), S.step)
 
-        # 2. rewards and advantages
-        golds = [rows[k]['graph'] for k in ro['row']]
-        rewards, verdicts = compute_rewards(ro['text'], golds, C.reward)
-        adv = compute_advantages(rewards, C.group_size, C.adv_std_norm)
 
-        # 3. old (current policy) and reference log-probs, no grad
-        single_update = n_minibatches == 1 and C.ppo_epochs == 1
-        old_lp = None if single_update else batch_logprobs(policy, ro['prompt'], ro['response'], C.micro_batch,
-                                                           C.temperature, device)
-        ref_lp = None if ref is None else batch_logprobs(ref, ro['prompt'], ro['response'], C.micro_batch,
-                                                         C.temperature, device)
-        # 4. policy updates
-        st = update_policy(train_model, optimizer, {'prompt': ro['prompt'], 'response': ro['response'], 'adv': adv,
-                                                     'old_logp': old_lp, 'ref_logp': ref_lp},
-                           n_minibatches=n_minibatches, micro_batch=C.micro_batch, temperature=C.temperature,
-                           clip_eps=C.clip_eps, dual_clip=C.dual_clip, kl_coef=C.kl_coef, entropy_coef=C.entropy_coef,
-                           loss_agg=C.loss_agg, max_len=C.max_response_len, grad_clip=C.grad_clip,
-                           ppo_epochs=C.ppo_epochs, world_size=W, device=device)
-        step += 1
-        dt = time.time() - t0
+def save(S, C):
+    """Checkpoint (rank 0 writes; every rank's RNG state rides along)."""
+    rngs = pretrain.gather(M.rng_state(), S.W)
+    if S.dist.is_master:
+        M.save_checkpoint(S.ckpt_path, S.policy, S.run_config, S.tok.identity, S.step, S.optimizer,
+                          extra={'flops': S.flops, 'stream': S.stream.state_dict(), 'rng': rngs,
+                                 'step_flops': S.history, 'init_from': C.init_from, 'last_eval': S.last_eval})
 
-        # 5. metrics: sums over this rank, all-reduced, then ratios
+
+def step_flops_bound(C, N, prompt_lens, has_ref):
+    """A step's FLOPs if every response ran to the budget (and dynamic sampling drew all its rounds):
+    the estimate before the first step. prompt_lens: the step's prompts (all ranks)."""
+    G, R, n, P = C.group_size, C.max_response_len, len(prompt_lens), sum(prompt_lens)
+    seq = G * P + n * G * R
+    passes = has_ref + (not single_update(C))
+    return 2 * N * (P + n * G * R) * (C.max_rollouts if C.dynamic_sampling else 1) + 2 * N * seq * passes + \
+        6 * N * seq * C.ppo_epochs
+
+
+def single_update(C):
+    return C.prompts_per_step == C.minibatch_prompts and C.ppo_epochs == 1
+
+
+def stop_reason(S, C):
+    """Why the run stops before the next step ('' = it does not): max_steps, or a FLOP budget the
+    next step would exceed (its cost: the mean step so far, or the bound before the first)."""
+    if S.step >= C.max_steps:
+        return f"max_steps={C.max_steps} reached"
+    if C.flops_budget:
+        if S.history:
+            est = sum(S.history) / len(S.history)
+        else:
+            lens = [len(S.tok.encode(data.prompt_text(r))) for r in S.stream.take(S.stream.next, C.prompts_per_step)]
+            est = step_flops_bound(C, S.N, lens, S.ref is not None)
+        if S.flops['total'] + est > C.flops_budget:
+            return f"FLOP budget {C.flops_budget:.3g} reached ({S.flops['total']:.3g} used, a step costs ~{est:.3g})"
+    return ''
+
+
+def collect_rollouts(S, C):
+    """Take prompts -> rollout -> rewards, for one step (several rounds under dynamic sampling).
+    This rank reads its slice of each round's prompts_per_step prompts of the stream."""
+    P = C.prompts_per_step // S.W
+    gen = torch.Generator(device=S.device).manual_seed((C.seed * 1_000_003 + S.step * 1009 + S.rank) % 2**63)
+    first = S.stream.next
+
+    def draw(r):
+        rows = S.stream.take(first + r * C.prompts_per_step + S.rank * P, P)
+        S.policy.eval()
+        with M.autocast_ctx(S.device):
+            return score(rollout(S.policy, S.tok, rows, C, gen), C)
+
+    ro, sums, info = fill_step(draw, P, C.group_size, C.dynamic_sampling, C.max_rollouts, S.W, S.device)
+    S.stream.next += info['rounds'] * C.prompts_per_step
+    return ro, sums, info
+
+
+def advantages(S, C, ro):
+    std = global_std(ro['reward'], S.W, S.device) if C.adv_norm == 'batch' else None
+    return compute_advantages(ro['reward'], C.group_size, C.adv_norm, batch_std=std)
+
+
+def rollout_logprobs(S, C, ro):
+    """'Old' log-probs of the current policy (None with a single update: old = current) and the
+    reference model's (None without KL), no grad."""
+    args = (ro['prompt'], ro['response'], C.micro_batch_tokens, C.temperature, S.device)
+    old = None if single_update(C) else batch_logprobs(S.policy, *args)
+    ref = None if S.ref is None else batch_logprobs(S.ref, *args)
+    return old, ref
+
+
+def step_metrics(S, C, ro, sums, info, st, old_lp, t_gen, t_step):
+    """Sums over this rank, all-reduced, then ratios; adds the step's FLOPs to S.flops."""
+    N, seq = S.N, sum(len(p) + len(r) for p, r in zip(ro['prompt'], ro['response']))
+    local = dict(sums, topped_up=info['topped_up'], seq_tokens=seq, t_gen=t_gen, t_step=t_step,
+                 flops_rollout=2 * N * (sums['prompt_once'] + sums['resp_tokens']),
+                 flops_ref=2 * N * seq * (S.ref is not None), flops_old=2 * N * seq * (old_lp is not None),
+                 flops_train=6 * N * seq * C.ppo_epochs,
+                 **{k: st.get(k, 0.0) for k in STAT_KEYS + ('grad_norm',)})
+    keys = list(local)
+    vec = all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=S.device), S.W)
+    tot = dict(zip(keys, vec.tolist()))
+    step_flops = sum(tot['flops_' + k] for k in ('rollout', 'ref', 'old', 'train'))
+    for k in ('rollout', 'ref', 'old', 'train'):
+        S.flops[k] += tot['flops_' + k]
+    S.flops['total'] += step_flops
+    S.history.append(step_flops)
+    D, T, W = tot['samples'], max(tot['tokens'], 1), S.W
+    return {'step': S.step, 'lr': S.optimizer.param_groups[0]['lr'],
+            # the rollouts (every sample drawn): is the policy improving, and how long does it write?
+            'reward': tot['reward'] / D, 'outcome_acc': tot['outcome'] / D, 'process_acc': tot['process_acc'] / D,
+            'perfect': tot['perfect'] / D, 'hack': tot['hacked'] / D, 'resp_len': tot['resp_tokens'] / D,
+            'truncated': tot['truncated'] / D, 'no_signal': tot['no_signal'] / tot['groups'],
+            'drawn': tot['groups'], 'dropped': tot['groups'] - C.prompts_per_step, 'topped_up': tot['topped_up'],
+            # the update (trained tokens): how far the policy moves
+            'kl': tot['kl'] / T, 'entropy': tot['entropy'] / T, 'clip_frac': tot['clipped'] / T,
+            'dual_clip_frac': tot['dual_clipped'] / T, 'ratio': tot['ratio'] / T,
+            'pg_loss': tot['pg_loss'] / W, 'grad_norm': tot['grad_norm'] / W,
+            # cost
+            'gen_tok_per_s': tot['resp_tokens'] / (tot['t_gen'] / W),  # generated tokens / rollout time
+            'tok_per_s': tot['seq_tokens'] / (tot['t_step'] / W),       # prompt + response tokens / step time
+            'step_s': tot['t_step'] / W, 'flops': S.flops['total'], 'step_flops': step_flops}
+
+
+def log_step(S, C, m, ro):
+    """log.jsonl every step, a console line every log_every, a few samples every sample_every (rank 0)."""
+    if not S.dist.is_master:
+        return
+    log_jsonl(os.path.join(C.out_dir, 'log.jsonl'), m)
+    S.pbar.update(1)
+    S.pbar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2g}")
+    if m['step'] % C.log_every == 0:
+        S.say(f"step {m['step']} | reward {m['reward']:.3f} | acc {m['outcome_acc']:.3f} | proc {m['process_acc']:.3f} "
+              f"| hack {m['hack']:.3f} | kl {m['kl']:.2e} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} "
+              f"| no-signal {m['no_signal']:.2f}" + (f" (drew {m['drawn']:.0f})" if C.dynamic_sampling else '')
+              + f" | len {m['resp_len']:.0f} | trunc {m['truncated']:.2f} | {m['gen_tok_per_s']:.0f} gen tok/s "
+              f"| {m['step_s']:.1f}s | {m['flops']:.3g} FLOPs")
+    if C.sample_every and m['step'] % C.sample_every == 0:
         G = C.group_size
-        n_resp = sum(len(r) for r in ro['response'])
-        n_seq_tok = sum(len(p) + len(r) for p, r in zip(ro['prompt'], ro['response']))
-        n_prompt_once = sum(len(ro['prompt'][k]) for k in range(0, len(ro['prompt']), G))
-        r_view = rewards.view(-1, G)
-        local = {
-            'samples': len(verdicts), 'groups': r_view.size(0),
-            'reward': float(rewards.sum()),
-            'outcome': sum(v.outcome for v in verdicts),
-            'process_acc': sum(v.process_acc for v in verdicts),
-            'perfect': sum(v.perfect for v in verdicts),
-            'hacked': sum(v.outcome and not v.perfect for v in verdicts),
-            'zero_adv_groups': float((r_view.max(1).values == r_view.min(1).values).sum()),
-            'resp_tokens': n_resp, 'seq_tokens': n_seq_tok, 'truncated': sum(not f for f in ro['finished']),
-            'flops_rollout': 2 * N_params * (n_prompt_once + n_resp),
-            'flops_ref': 2 * N_params * n_seq_tok if ref is not None else 0,
-            'flops_old': 2 * N_params * n_seq_tok * (old_lp is not None),
-            'flops_train': 6 * N_params * n_seq_tok * C.ppo_epochs,
-            't_gen': t_gen, 't_step': dt,
-            **{k: st.get(k, 0.0) for k in ('tokens', 'ratio', 'clipped', 'dual_clipped', 'kl', 'entropy', 'pg_loss',
-                                             'grad_norm')},
-        }
-        keys = list(local)
-        vec = all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=device), W)
-        tot = dict(zip(keys, vec.tolist()))
-        step_flops = tot['flops_rollout'] + tot['flops_ref'] + tot['flops_old'] + tot['flops_train']
-        for k in ('rollout', 'ref', 'old', 'train'):
-            flops[k] += tot['flops_' + k]
-        flops['total'] += step_flops
-        history.append(step_flops)
-        S, T = tot['samples'], max(tot['tokens'], 1)
-        m = {'step': step, 'lr': optimizer.param_groups[0]['lr'],
-             'reward': tot['reward'] / S, 'outcome_acc': tot['outcome'] / S, 'process_acc': tot['process_acc'] / S,
-             'perfect': tot['perfect'] / S, 'hack': tot['hacked'] / S,
-             'hack_of_correct': tot['hacked'] / max(tot['outcome'], 1),
-             'kl': tot['kl'] / T, 'entropy': tot['entropy'] / T, 'clip_frac': tot['clipped'] / T,
-             'dual_clip_frac': tot['dual_clipped'] / T, 'ratio': tot['ratio'] / T,
-             'pg_loss': tot['pg_loss'] / W, 'grad_norm': tot['grad_norm'] / W,
-             'zero_adv_groups': tot['zero_adv_groups'] / tot['groups'],
-             'resp_len': tot['resp_tokens'] / S, 'truncated': tot['truncated'] / S,
-             'gen_tok_per_s': tot['resp_tokens'] / (tot['t_gen'] / W),  # generated tokens / rollout time
-             'tok_per_s': tot['seq_tokens'] / (tot['t_step'] / W),       # prompt+response tokens / step time
-             'step_s': tot['t_step'] / W, 'flops': flops['total'], 'step_flops': step_flops}
+        for j, k in enumerate(range(0, len(ro['text']), G)[:max(C.n_samples_show, 4)]):  # 1 per prompt
+            row = ro['row'][k]
+            rec = {'step': m['step'], 'id': row['id'], 'op': row['op'], 'mode': row['mode'],
+                   'reward': float(ro['reward'][k]), 'verdict': ro['verdict'][k].to_dict(), 'response': ro['text'][k],
+                   'gold': row['solution']}
+            log_jsonl(os.path.join(C.out_dir, 'samples.jsonl'), rec)
+            if j < C.n_samples_show:
+                S.say(f"  [op {row['op']} {row['mode']}] reward {rec['reward']:.2f}: {ro['text'][k][:300]!r}")
 
-        if dist.is_master:
-            log_jsonl(os.path.join(C.out_dir, 'log.jsonl'), m)
-            pbar.update(1)
-            pbar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2g}")
-            if step % C.log_every == 0:
-                say(f"step {step} | reward {m['reward']:.3f} | acc {m['outcome_acc']:.3f} | proc {m['process_acc']:.3f} "
-                    f"| perfect {m['perfect']:.3f} | hack {m['hack']:.3f} | kl {m['kl']:.2e} | ent {m['entropy']:.3f} "
-                    f"| clip {m['clip_frac']:.3f} | zero-adv {m['zero_adv_groups']:.2f} | len {m['resp_len']:.0f} "
-                    f"| trunc {m['truncated']:.2f} | {m['gen_tok_per_s']:.0f} gen tok/s | {m['step_s']:.1f}s "
-                    f"| {flops['total']:.3g} FLOPs")
-            if C.sample_every and step % C.sample_every == 0:
-                for j, k in enumerate(range(0, len(ro['text']), G)[:max(C.n_samples_show, 4)]):  # 1 per prompt
-                    row = rows[ro['row'][k]]
-                    rec = {'step': step, 'id': row['id'], 'op': row['op'], 'mode': row['mode'],
-                           'reward': float(rewards[k]), 'verdict': verdicts[k].to_dict(), 'response': ro['text'][k],
-                           'gold': row['solution']}
-                    log_jsonl(os.path.join(C.out_dir, 'samples.jsonl'), rec)
-                    if j < C.n_samples_show:
-                        say(f"  [op {row['op']} {row['mode']}] reward {rec['reward']:.2f}: {ro['text'][k][:300]!r}")
-        results['last'] = m
-        if C.eval_every and (step % C.eval_every == 0 or step == C.max_steps):
-            results['eval'].append(evaluate_now(step))
-        if C.ckpt_every and step % C.ckpt_every == 0:
-            save(step)
 
-    if C.eval_every and step % C.eval_every and step != C.max_steps:  # stopped early (FLOP budget)
-        results['eval'].append(evaluate_now(step))
-    save(step)
-    if pbar is not None:
-        pbar.close()
-    results.update(step=step, flops=flops, out_dir=C.out_dir)
-    if dist.ddp:
+def evaluate_now(S, C):
+    res = held_out_eval(S.policy, S.tok, S.eval_rows, C.eval_samples, C.eval_temperature, C.max_response_len, S.dist)
+    res['step'] = S.last_eval = S.step
+    if S.dist.is_master:
+        log_jsonl(os.path.join(C.out_dir, 'eval.jsonl'), res)
+        S.say(f"eval step {S.step}: pass@1 {res['eval/all/pass@1']:.3f} (process-verified) | outcome pass@1 "
+              f"{res['eval/all/outcome_pass@1']:.3f} | hack {res['eval/all/hack_rate']:.3f} | "
+              f"{len(S.eval_rows)} problems x {C.eval_samples}")
+    return res
+
+
+def main(argv=None):
+    C = resolve(M.configure(defaults, sys.argv[1:] if argv is None else argv))
+    S = setup(C)
+    results = {'eval': [], 'out_dir': C.out_dir}
+    reason = stop_reason(S, C)
+    if reason and S.resumed:
+        S.say(f"{C.out_dir} is finished at step {S.step}: {reason}; nothing to do")
+        return finish(S, results)
+    if C.eval_every and S.step == 0:
+        results['eval'].append(evaluate_now(S, C))
+
+    while not (reason := stop_reason(S, C)):
+        t0 = time.time()
+        for g in S.optimizer.param_groups:
+            g['lr'] = lr_at(S.step, C.lr, C.warmup_steps)
+        ro, sums, info = collect_rollouts(S, C)                 # take prompts -> rollout -> rewards
+        t_gen = time.time() - t0
+        ro['adv'] = advantages(S, C, ro)
+        ro['old_logp'], ro['ref_logp'] = rollout_logprobs(S, C, ro)
+        st = update_policy(S.train_model, S.optimizer, ro, C)
+        S.step += 1
+        results['last'] = m = step_metrics(S, C, ro, sums, info, st, ro['old_logp'], t_gen, time.time() - t0)
+        log_step(S, C, m, ro)
+        if C.eval_every and (S.step % C.eval_every == 0 or S.step == C.max_steps):
+            results['eval'].append(evaluate_now(S, C))
+        if C.ckpt_every and S.step % C.ckpt_every == 0:
+            save(S, C)
+
+    S.say(f"stopping at step {S.step}: {reason}")
+    if C.eval_every and S.last_eval != S.step:  # stopped between evaluations (FLOP budget)
+        results['eval'].append(evaluate_now(S, C))
+    save(S, C)
+    return finish(S, results)
+
+
+def finish(S, results):
+    if S.pbar is not None:
+        S.pbar.close()
+    results.update(step=S.step, flops=S.flops)
+    if S.dist.ddp:
         M.cleanup_distributed()
     return results
-
-
-def log_jsonl(path, rec):
-    with open(path, 'a') as f:
-        f.write(json.dumps(rec) + '\n')
-
-
-def trim_jsonl(path, last_step):
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line).get('step', 0) <= last_step]
-        with open(path, 'w') as f:
-            f.writelines(keep)
 
 
 if __name__ == '__main__':

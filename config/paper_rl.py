@@ -1,6 +1,6 @@
 # GRPO at paper scale (SPEC §4): the defaults of rl.py are the paper's values (group 6, 1024 prompts
 # per step in 4 mini-batches of 256, lr 1e-6 constant, wd 0.01, clip 1.0, PPO clip 0.2 / dual clip 3.0,
-# k3 KL 0.001, no entropy bonus, token-mean, temperature 1.0, prompt/response up to 1024 tokens,
+# k3 KL 0.001, no entropy bonus, token-mean (loss_type='paper'), temperature 1.0, prompt/response up to 1024 tokens,
 # ~200 steps). This preset sets the run around them: RL on the OOD edge, op 11-14 (SPEC §5.1).
 #   python rl.py paper_rl                                               # one GPU
 #   torchrun --standalone --nproc_per_node=8 rl.py paper_rl
@@ -14,8 +14,7 @@ out_dir = 'out/rl_op11-14'
 op_min = 11
 op_max = 14
 max_steps = 200                 # ~1 epoch of 200k prompts
-micro_batch = 16                # sequences per forward/backward per GPU (up to 2048 tokens each)
-gen_batch = 128                 # prompts per generate() call per GPU (x6 samples; KV cache ~10 GB in bf16)
+micro_batch_tokens = 32768      # padded tokens per forward/backward per GPU (16 sequences of up to 2048)
 eval_every = 20
 eval_per_op_template = 16       # 4 ops x 3 templates x 16 = 192 held-out problems x 4 samples
 eval_samples = 4

@@ -16,7 +16,7 @@ reverse_frac = 0.0              # the tiny world is forward mode only
 group_size = 6
 prompts_per_step = 12
 minibatch_prompts = 6           # 2 updates per rollout
-micro_batch = 16
+micro_batch_tokens = 8192        # padded tokens per forward/backward (~16 prompt + response rows)
 max_prompt_len = 512
 max_response_len = 192          # gold forward solutions: ~50 tokens at op 4, ~120 at op 10
 lr = 2e-4
@@ -26,6 +26,5 @@ eval_data = 'generate'          # fresh held-out problems at the RL ops (the bas
 eval_per_op_template = 6        # 2 ops x 3 templates x 6 = 36 forward problems x 4 samples
 eval_samples = 4
 eval_modes = 'normalforward'
-eval_batch = 192
 ckpt_every = 8
 sample_every = 8

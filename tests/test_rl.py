@@ -1,14 +1,13 @@
-"""Tests of rl.py: the GRPO math against hand-computed values, the plumbing (log-prob indexing,
-micro-batch and world-size invariance of the update, exact resume), rewards, and a tiny run that
-must learn."""
-import copy
+"""Tests of rl.py: the GRPO math and each variant against hand-computed values, the defaults against
+numbers pinned from the code before the variants (commit 2cfd73f), the plumbing (log-prob indexing,
+micro-batch, world-size and torch.compile invariance of the update, dynamic sampling, resume), rewards,
+and a tiny run that must learn."""
 import json
 import math
 import os
 import random
 import re
-import subprocess
-import sys
+import types
 
 import pytest
 import torch
@@ -22,7 +21,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -----------------------------------------------------------------------------
-# advantages and losses, by hand
+# config: the loss_type presets and one-line errors
+
+
+def test_loss_type_presets_and_overrides():
+    c = rl.config()  # the paper's recipe (verl's GRPO as the study ran it)
+    assert (c.loss_type, c.loss_agg, c.adv_norm, c.clip_eps_low, c.clip_eps_high) == \
+        ('paper', 'token-mean', 'group', 0.2, 0.2)
+    assert (c.ratio_level, c.dynamic_sampling, c.mask_truncated, c.overlong_buffer) == ('token', False, False, 0)
+    d = rl.config(loss_type='dapo')
+    assert (d.loss_agg, d.adv_norm, d.clip_eps_low, d.clip_eps_high) == ('token-mean', 'group', 0.2, 0.28)
+    g = rl.config(loss_type='grpo')
+    assert (g.loss_agg, g.adv_norm) == ('seq-mean-token-mean', 'group')
+    dr = rl.config(loss_type='dr_grpo', clip_eps_high=0.3)  # a key given explicitly wins over the preset
+    assert (dr.loss_agg, dr.adv_norm, dr.clip_eps_low, dr.clip_eps_high) == \
+        ('seq-mean-token-sum-norm', 'none', 0.2, 0.3)
+
+
+@pytest.mark.parametrize('kw, words', [({'loss_type': 'ppo'}, 'loss_type'), ({'reward': 'nope'}, 'reward'),
+                                       ({'adv_norm': 'std'}, 'adv_norm'), ({'ratio_level': 'seq'}, 'ratio_level')])
+def test_bad_choice_is_a_one_line_error(kw, words):
+    with pytest.raises(SystemExit) as e:
+        rl.config(**kw)
+    assert words in str(e.value) and '\n' not in str(e.value)
+
+
+def test_missing_or_empty_init_from_is_a_one_line_error(tmp_path):
+    for path, words in ((tmp_path / 'nope', 'does not exist'), (tmp_path, 'has no ckpt.pt')):
+        with pytest.raises(SystemExit) as e:
+            rl.main(['tiny_rl', f'--init_from={path}', f'--out_dir={tmp_path / "out"}'])
+        assert words in str(e.value) and '\n' not in str(e.value)
+    with pytest.raises(SystemExit) as e:  # an unknown reward fails before anything is loaded
+        rl.main(['tiny_rl', '--reward=outcome_strict', f'--out_dir={tmp_path / "out"}'])
+    assert 'reward' in str(e.value) and 'strict' in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# advantages, rewards and losses, by hand
 
 
 def test_advantages_hand_computed():
@@ -33,7 +68,20 @@ def test_advantages_hand_computed():
     assert torch.equal(a[4:8], torch.zeros(4))  # all-equal group: no signal
     s3 = math.sqrt(((.25 ** 2) * 3 + .75 ** 2) / 3)  # [1, 1, 1, 0]: mean .75
     torch.testing.assert_close(a[8:], torch.tensor([.25, .25, .25, -.75]) / (s3 + 1e-6))
-    torch.testing.assert_close(rl.compute_advantages(r, 4, std_norm=False)[:4], torch.tensor([.5, -.5, -.5, .5]))
+    # Dr.GRPO: r - mean; batch: r - group mean over the std of all 12 rewards (5 ones: sqrt(5 * 7 / 12 / 11))
+    none = rl.compute_advantages(r, 4, norm='none')
+    torch.testing.assert_close(none, torch.tensor([.5, -.5, -.5, .5, 0, 0, 0, 0, .25, .25, .25, -.75]))
+    sb = math.sqrt(5 * 7 / 12 / 11)
+    torch.testing.assert_close(rl.compute_advantages(r, 4, norm='batch'), none / (sb + 1e-6))
+    assert rl.global_std(r, 1) == pytest.approx(sb)
+    torch.testing.assert_close(rl.compute_advantages(r, 4, norm='batch', batch_std=2.0), none / (2 + 1e-6))
+
+
+def test_overlong_penalty_hand_computed():
+    # budget 10, buffer 4: no penalty up to 6 tokens, then linear to -penalty at 10
+    p = rl.overlong_penalty([3, 6, 7, 8, 10], max_len=10, buffer=4, penalty=0.5)
+    torch.testing.assert_close(p, torch.tensor([0., 0., -.125, -.25, -.5]))
+    assert torch.equal(rl.overlong_penalty([3, 10], 10, 0), torch.zeros(2))  # buffer 0: off
 
 
 def _example():
@@ -52,7 +100,7 @@ def test_policy_loss_clip_and_dual_clip_hand_computed():
     # per-token PPO losses max(-A r, -A clip(r, .8, 1.2)):
     #   seq 0 (A=+1): r=1 -> -1; r=1.5 -> -1.2 (clipped); r=.5 -> -.5 (the unclipped term is larger)
     #   seq 1 (A=-1): r=4 -> 4, dual clip -> min(4, 3) = 3; r=.5 -> .8 (clipped); r=1.1 masked out
-    loss, st = rl.policy_loss(logp, old, adv, mask, clip_eps=0.2, dual_clip=3.0, kl_coef=0.0)
+    loss, st = rl.policy_loss(logp, old, adv, mask, dual_clip=3.0, kl_coef=0.0)
     assert loss.item() == pytest.approx((-1 - 1.2 - .5 + 3 + .8) / 5)  # token-mean over 5 real tokens
     assert st['clipped'].item() == 2 and st['dual_clipped'].item() == 1 and st['tokens'].item() == 5
     loss.backward()
@@ -67,9 +115,53 @@ def test_policy_loss_clip_and_dual_clip_hand_computed():
     torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, 0.0, -0.5], [4.0, 0.0, 0.0]]) / 5)
 
 
+def test_clip_higher_hand_computed():
+    """DAPO's clip-higher: [1 - .2, 1 + .28]. A = +1, ratio 1.25: clipped at 1.2 symmetrically (no
+    gradient), inside 1.28 asymmetrically (gradient -1.25); ratio .7 (A = +1) and .75 (A = -1) are
+    treated alike by both (the low side is unchanged)."""
+    ratios = torch.tensor([[1.25, 0.7], [0.75, 1.0]])
+    old = torch.full((2, 2), math.log(.3))
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 2, dtype=torch.bool)
+    grads = {}
+    for high in (0.2, 0.28):
+        logp = (old + ratios.log()).requires_grad_(True)
+        loss, st = rl.policy_loss(logp, old, adv, mask, clip_eps_low=0.2, clip_eps_high=high, kl_coef=0.0)
+        # tokens: -A r or -A clip(r): [-1.2 | -1.25, -0.7], [0.8 (clipped from .75), 1.0]
+        first = -1.2 if high == 0.2 else -1.25
+        assert loss.item() == pytest.approx((first - 0.7 + 0.8 + 1.0) / 4, abs=1e-6)
+        assert st['clipped'].item() == (2 if high == 0.2 else 1)
+        loss.backward()
+        grads[high] = logp.grad
+    torch.testing.assert_close(grads[0.2], torch.tensor([[0.0, -0.7], [0.0, 1.0]]) / 4)
+    torch.testing.assert_close(grads[0.28], torch.tensor([[-1.25, -0.7], [0.0, 1.0]]) / 4)
+
+
+def test_gspo_sequence_ratio_hand_computed():
+    """GSPO: one ratio per sequence, exp(mean token log-ratio), with seq-mean-token-mean:
+    loss = mean_i max(-A_i s_i, -A_i clip(s_i)); d loss / d logp_t = -A_i s_i / (n_seqs |y_i|) unclipped."""
+    old = torch.log(torch.tensor([[.5, .2, .4], [.1, .6, .3]]))
+    lr_ = torch.tensor([[0.1, 0.3, -0.1], [0.5, 0.1, 7.0]])  # the 7.0 is padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    s0, s1 = math.exp(0.1), math.exp(0.3)
+    logp = (old + lr_).requires_grad_(True)
+    loss, st = rl.policy_loss(logp, old, adv, mask, kl_coef=0.0, agg='seq-mean-token-mean', ratio_level='sequence')
+    assert loss.item() == pytest.approx((-s0 + s1) / 2)  # both inside [.8, 1.2]... s1 = 1.35 > 1.2 but A < 0
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s0 / 6] * 3, [s1 / 4, s1 / 4, 0.0]]))
+    assert st['ratio'].item() == pytest.approx(3 * s0 + 2 * s1, rel=1e-5)
+    # a tight clip (GSPO uses ~3e-4 / 4e-4): s0 = 1.105 > 1.05 with A > 0 -> clipped, no gradient
+    logp = (old + lr_).requires_grad_(True)
+    loss, st = rl.policy_loss(logp, old, adv, mask, kl_coef=0.0, agg='seq-mean-token-mean', ratio_level='sequence',
+                              clip_eps_low=0.05, clip_eps_high=0.05)
+    assert loss.item() == pytest.approx((-1.05 + s1) / 2)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0] * 3, [s1 / 4, s1 / 4, 0.0]]))
+
+
 def test_loss_aggregation_modes_hand_computed():
     logp, old, adv, mask = _example()
-    kw = dict(clip_eps=0.2, dual_clip=3.0, kl_coef=0.0)
+    kw = dict(dual_clip=3.0, kl_coef=0.0)
     # per-sequence sums: seq 0 -2.7 over 3 tokens, seq 1 3.8 over 2 tokens
     tm, _ = rl.policy_loss(logp, old, adv, mask, agg='token-mean', **kw)
     sm, _ = rl.policy_loss(logp, old, adv, mask, agg='seq-mean-token-mean', **kw)
@@ -77,6 +169,12 @@ def test_loss_aggregation_modes_hand_computed():
     assert tm.item() == pytest.approx(1.1 / 5)
     assert sm.item() == pytest.approx((-2.7 / 3 + 3.8 / 2) / 2)
     assert dr.item() == pytest.approx(1.1 / (2 * 4))
+    # gradients: token-mean 1/5 per token, seq-mean 1/(2 |y_i|), Dr.GRPO 1/(2 * 4)
+    for agg, scale in (('token-mean', [[1 / 5] * 3, [1 / 5] * 3]), ('seq-mean-token-mean', [[1 / 6] * 3, [1 / 4] * 3]),
+                       ('seq-mean-token-sum-norm', [[1 / 8] * 3, [1 / 8] * 3])):
+        lp = logp.detach().clone().requires_grad_(True)
+        rl.policy_loss(lp, old, adv, mask, agg=agg, max_len=4, **kw)[0].backward()
+        torch.testing.assert_close(lp.grad, torch.tensor([[-1.0, 0.0, -0.5], [0.0, 0.0, 0.0]]) * torch.tensor(scale))
     # micro-batch shares with the mini-batch totals add up to the whole-batch value
     for agg, whole in (('token-mean', tm), ('seq-mean-token-mean', sm), ('seq-mean-token-sum-norm', dr)):
         parts = [rl.policy_loss(logp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], agg=agg, n_tokens=5,
@@ -109,6 +207,54 @@ def test_entropy_bonus_sign():
 
 
 # -----------------------------------------------------------------------------
+# dynamic sampling (DAPO), on scripted rewards
+
+
+def _fake_draw(rounds_rewards, G):
+    """draw(r) -> a scored rollout whose group rewards are rounds_rewards[r] (one list per group)."""
+    calls = []
+
+    def draw(r):
+        calls.append(r)
+        rew = [x for g in rounds_rewards[r] for x in g]
+        n = len(rew)
+        v = types.SimpleNamespace(outcome=False, process_acc=0.0, perfect=False)
+        return {'row': [f'r{r}g{k // G}' for k in range(n)], 'prompt': [[1, 2]] * n, 'response': [[3]] * n,
+                'finished': [True] * n, 'text': [''] * n, 'verdict': [v] * n,
+                'reward': torch.tensor(rew, dtype=torch.float32),
+                'train_mask': torch.ones(n, dtype=torch.bool)}
+    return draw, calls
+
+
+def test_dynamic_sampling_keeps_exactly_the_groups_with_signal():
+    G = 2
+    rounds = [[[1, 1], [0, 1], [0, 0]],   # 1 group with signal
+              [[1, 0], [1, 1], [1, 0]],   # 2 more: 3 = enough, stop
+              [[0, 1], [0, 1], [0, 1]]]   # never drawn
+    draw, calls = _fake_draw(rounds, G)
+    ro, sums, info = rl.fill_step(draw, 3, G, dynamic=True, max_rounds=3)
+    assert calls == [0, 1] and info == {'rounds': 2, 'topped_up': 0}
+    assert ro['row'][::G] == ['r0g1', 'r1g0', 'r1g2'] and len(ro['reward']) == 3 * G
+    assert rl.has_signal(ro['reward'], G).all()
+    assert sums['groups'] == 6 and sums['no_signal'] == 3  # metrics see every drawn group
+    # without dynamic sampling: the first round as it is
+    draw, calls = _fake_draw(rounds, G)
+    ro, sums, info = rl.fill_step(draw, 3, G)
+    assert calls == [0] and ro['row'][::G] == ['r0g0', 'r0g1', 'r0g2'] and info['rounds'] == 1
+
+
+def test_dynamic_sampling_stops_at_its_bound():
+    G = 2
+    rounds = [[[1, 1], [0, 1], [0, 0]], [[1, 1], [0, 0], [1, 1]], [[1, 0], [1, 0], [1, 0]]]
+    draw, calls = _fake_draw(rounds, G)
+    ro, sums, info = rl.fill_step(draw, 3, G, dynamic=True, max_rounds=2)
+    # 2 rounds drawn, 1 group with signal: topped up with the first 2 no-signal groups (advantage 0)
+    assert calls == [0, 1] and info == {'rounds': 2, 'topped_up': 2}
+    assert ro['row'][::G] == ['r0g1', 'r0g0', 'r0g2']
+    assert rl.compute_advantages(ro['reward'], G)[G:].abs().sum() == 0
+
+
+# -----------------------------------------------------------------------------
 # log-prob indexing and the update on a tiny random model
 
 
@@ -127,6 +273,9 @@ def _toy_batch(n=6, seed=0):
     return prompts, responses
 
 
+ADV8 = torch.tensor([1., -1., .5, -.5, 2., 0., -2., 1.])
+
+
 def test_forward_logprobs_matches_per_sequence_forward():
     m = _tiny_model()
     prompts, responses = _toy_batch()
@@ -140,39 +289,113 @@ def test_forward_logprobs_matches_per_sequence_forward():
         assert mask[i].sum() == len(r) and (logp[i, len(r):] == 0).all()
 
 
-def _update(m, prompts, responses, adv, micro, agg, n_minibatches=1, kl=True):
-    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+def test_micro_batches_respect_the_token_budget():
+    lengths = [5, 17, 3, 9, 9, 30, 2, 11]
+    mbs = rl.micro_batches(range(8), lengths, 20)
+    assert sorted(i for mb in mbs for i in mb) == list(range(8))
+    assert all(len(mb) * max(lengths[i] for i in mb) <= 20 or len(mb) == 1 for mb in mbs)
+    assert [lengths[i] for mb in mbs for i in mb] == sorted(lengths)  # length-sorted: little padding
+    assert rl.micro_batches(range(3), [50, 60, 70], 10) == [[0], [1], [2]]  # one row at least
+
+
+def _perturbed_old(m, prompts, responses):
+    """Old log-probs away from the current policy, so the clips and the dual clip engage."""
+    lps = rl.batch_logprobs(m, prompts, responses, 40, 1.0, 'cpu')
+    return [lp - 1.2 * torch.sin(torch.arange(len(lp), dtype=torch.float32) + i) for i, lp in enumerate(lps)]
+
+
+# update_policy at commit 2cfd73f (before the variants), on this batch with SGD lr 1, 2 mini-batches, KL 0.5,
+# entropy 0.01: stats and two checksums of the weight change (sum |dw| and sum dw * sin(1..n))
+PINNED_2CFD73F = {
+    'token-mean': ({'tokens': 50.0, 'ratio': 70.4965391159, 'clipped': 19.0, 'dual_clipped': 4.0,
+                    'kl': 1.7085249424, 'entropy': 180.6233062744, 'pg_loss': 0.63480822, 'grad_norm': 2.6332550049},
+                   180.96760577260056, 4.141865664464462),
+    'seq-mean-token-mean': ({'tokens': 50.0, 'ratio': 70.4124412537, 'clipped': 21.0, 'dual_clipped': 4.0,
+                             'kl': 0.6221328974, 'entropy': 182.3971366882, 'pg_loss': 0.2278873622,
+                             'grad_norm': 1.6595808268}, 107.19686665189329, 2.00765313621844),
+    'seq-mean-token-sum-norm': ({'tokens': 50.0, 'ratio': 72.2861719131, 'clipped': 21.0, 'dual_clipped': 4.0,
+                                 'kl': 0.4728351831, 'entropy': 183.5248756409, 'pg_loss': 0.2459466364,
+                                 'grad_norm': 0.8108963966}, 46.49436008009144, 0.9944311724129588),
+}
+
+
+@pytest.mark.parametrize('agg', list(PINNED_2CFD73F))
+def test_defaults_reproduce_the_update_before_the_variants(agg):
+    """Regression: the default config (loss_type 'paper', token ratio, no masking) gives the loss,
+    statistics and gradients of the code before the variants (commit 2cfd73f, pinned above)."""
+    prompts, responses = _toy_batch(8)
+    m = _tiny_model()
+    before = [p.detach().clone() for p in m.parameters()]
+    batch = {'prompt': prompts, 'response': responses, 'adv': ADV8, 'old_logp': _perturbed_old(m, prompts, responses),
+             'ref_logp': rl.batch_logprobs(_tiny_model(seed=1), prompts, responses, 60, 1.0, 'cpu')}
+    cfg = rl.config(prompts_per_step=2, minibatch_prompts=1, loss_agg=agg, kl_coef=0.5, entropy_coef=0.01,
+                    grad_clip=0.0, max_response_len=16, micro_batch_tokens=50)
+    st = rl.update_policy(m, torch.optim.SGD(m.parameters(), lr=1.0), batch, cfg)
+    stats, abs_sum, weighted = PINNED_2CFD73F[agg]
+    for k, v in stats.items():
+        assert st[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    d = [(a - b).detach().double() for a, b in zip(m.parameters(), before)]
+    assert float(sum(x.abs().sum() for x in d)) == pytest.approx(abs_sum, rel=1e-5)
+    w = lambda t: (t.flatten() * torch.arange(1, t.numel() + 1, dtype=torch.float64).sin()).sum()
+    assert float(sum(w(x) for x in d)) == pytest.approx(weighted, rel=1e-5)
+
+
+def _update(m, prompts, responses, adv, agg='token-mean', budget=1000, n_minibatches=1, kl=True, **kw):
     ref = _tiny_model(seed=1)
     batch = {'prompt': prompts, 'response': responses, 'adv': adv,
-             'old_logp': rl.batch_logprobs(m, prompts, responses, 2, 1.0, 'cpu') if n_minibatches > 1 else None,
-             'ref_logp': rl.batch_logprobs(ref, prompts, responses, 3, 1.0, 'cpu') if kl else None}
-    return rl.update_policy(m, opt, batch, n_minibatches=n_minibatches, micro_batch=micro, loss_agg=agg,
-                            kl_coef=0.5 if kl else 0.0, entropy_coef=0.01, grad_clip=0.0, max_len=16)
+             'old_logp': rl.batch_logprobs(m, prompts, responses, 30, 1.0, 'cpu') if n_minibatches > 1 else None,
+             'ref_logp': rl.batch_logprobs(ref, prompts, responses, 45, 1.0, 'cpu') if kl else None, **kw}
+    cfg = rl.config(prompts_per_step=n_minibatches, minibatch_prompts=1, loss_agg=agg, micro_batch_tokens=budget,
+                    kl_coef=0.5 if kl else 0.0, entropy_coef=0.01, grad_clip=0.0, max_response_len=16)
+    return rl.update_policy(m, torch.optim.SGD(m.parameters(), lr=1.0), batch, cfg)
 
 
 @pytest.mark.parametrize('agg', ['token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'])
 def test_update_is_invariant_to_micro_batch_size(agg):
     prompts, responses = _toy_batch(8)
-    adv = torch.tensor([1., -1., .5, -.5, 2., 0., -2., 1.])
     a, b = _tiny_model(), _tiny_model()
-    sa = _update(a, prompts, responses, adv, micro=8, agg=agg)
-    sb = _update(b, prompts, responses, adv, micro=3, agg=agg)
+    sa = _update(a, prompts, responses, ADV8, agg, budget=1000)  # one micro-batch
+    sb = _update(b, prompts, responses, ADV8, agg, budget=25)    # many
     assert sa['updates'] == 1 and sa['grad_norm'] > 0
     assert sa['pg_loss'] == pytest.approx(sb['pg_loss'], abs=1e-6)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
 
 
+def test_masked_truncated_responses_contribute_no_gradient():
+    """mask_truncated: a masked sample changes nothing, whatever its advantage: the update equals
+    the one on the batch without it (the normalisers count only the trained tokens)."""
+    prompts, responses = _toy_batch(8)
+    keep = torch.tensor([True, False, True, True, False, True, True, True])
+    a, b, c = _tiny_model(), _tiny_model(), _tiny_model()
+    adv2 = ADV8.clone()
+    adv2[~keep] = 5.0
+    sa = _update(a, prompts, responses, ADV8, train_mask=keep)
+    _update(b, prompts, responses, adv2, train_mask=keep, budget=25)
+    idx = keep.nonzero().squeeze(1).tolist()
+    sc = _update(c, [prompts[i] for i in idx], [responses[i] for i in idx], ADV8[idx])
+    assert sa['tokens'] == sc['tokens'] == sum(len(responses[i]) for i in idx)
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+        torch.testing.assert_close(pa, pc, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(pb, pc, atol=1e-6, rtol=1e-5)
+    # score() masks exactly the truncated responses when asked
+    row = data.generate(random.Random(0), 3, 'crazy_zootopia', 'normalforward').to_row()
+    ro = {'row': [row] * 2, 'text': ['', ''], 'response': [[1], [1, 2]], 'finished': [True, False]}
+    assert rl.score(dict(ro), rl.config(mask_truncated=True))['train_mask'].tolist() == [True, False]
+    assert rl.score(dict(ro), rl.config())['train_mask'].tolist() == [True, True]
+
+
 def test_update_moves_logprobs_with_the_advantage():
     m = _tiny_model()
     prompts, responses = _toy_batch(4)
     adv = torch.tensor([1., -1., 1., -1.])
-    before = rl.batch_logprobs(m, prompts, responses, 4, 1.0, 'cpu')
+    before = rl.batch_logprobs(m, prompts, responses, 100, 1.0, 'cpu')
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     batch = {'prompt': prompts, 'response': responses, 'adv': adv, 'old_logp': None, 'ref_logp': None}
+    cfg = rl.config(prompts_per_step=1, minibatch_prompts=1, kl_coef=0.0, micro_batch_tokens=30)
     for _ in range(3):
-        rl.update_policy(m, opt, batch, n_minibatches=1, micro_batch=2, kl_coef=0.0)
-    after = rl.batch_logprobs(m, prompts, responses, 4, 1.0, 'cpu')
+        rl.update_policy(m, opt, batch, cfg)
+    after = rl.batch_logprobs(m, prompts, responses, 100, 1.0, 'cpu')
     delta = [float((a - b).sum()) for a, b in zip(after, before)]
     assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0
 
@@ -180,10 +403,23 @@ def test_update_moves_logprobs_with_the_advantage():
 def test_several_minibatches_use_old_logprobs():
     """With 2 mini-batches the second update's ratio is against the rollout policy, not 1."""
     prompts, responses = _toy_batch(8)
-    adv = torch.tensor([1., -1., .5, -.5, 2., 0., -2., 1.])
-    st = _update(_tiny_model(), prompts, responses, adv, micro=4, agg='token-mean', n_minibatches=2, kl=False)
+    st = _update(_tiny_model(), prompts, responses, ADV8, budget=40, n_minibatches=2, kl=False)
     assert st['updates'] == 2
     assert st['ratio'] / st['tokens'] != pytest.approx(1.0, abs=1e-7)  # the 2nd mini-batch moved
+
+
+def test_update_under_torch_compile_matches_eager():
+    """compile=True wraps the training forward in torch.compile(dynamic=True): the update goes through
+    dynamo and autograd tracing on CPU (aot_eager here: inductor's C++ build of even this model took
+    minutes on the shared 2-core machine) and must give the eager weights."""
+    prompts, responses = _toy_batch(6)
+    a, b = _tiny_model(), _tiny_model()
+    cfg = rl.config(prompts_per_step=1, minibatch_prompts=1, kl_coef=0.0, grad_clip=1.0, micro_batch_tokens=40)
+    for m, wrap in ((a, lambda m: m), (b, lambda m: torch.compile(m, dynamic=True, backend='aot_eager'))):
+        batch = {'prompt': prompts, 'response': responses, 'adv': ADV8[:6], 'old_logp': None, 'ref_logp': None}
+        rl.update_policy(wrap(m), torch.optim.AdamW(m.parameters(), lr=1e-2), batch, cfg)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +450,7 @@ def test_strict_reward_zero_for_right_answer_with_a_wrong_step():
 
 
 def _cfg(**kw):
-    return type('C', (), {**rl.DEFAULTS, **kw})
+    return rl.config(**kw)
 
 
 def test_prompt_stream_deterministic_sliceable_and_filtered():
@@ -263,14 +499,14 @@ def _half_update_worker(rank, world, init_file, out_file):
     m = _tiny_model()
     ddp = torch.nn.parallel.DistributedDataParallel(m)
     prompts, responses = _toy_batch(8)
-    adv = torch.tensor([1., -1., .5, -.5, 2., 0., -2., 1.])
     mine = slice(rank * 4, rank * 4 + 4)
     ref = _tiny_model(seed=1)
-    batch = {'prompt': prompts[mine], 'response': responses[mine], 'adv': adv[mine],
-             'old_logp': rl.batch_logprobs(m, prompts[mine], responses[mine], 2, 1.0, 'cpu'),
-             'ref_logp': rl.batch_logprobs(ref, prompts[mine], responses[mine], 3, 1.0, 'cpu')}
-    st = rl.update_policy(ddp, torch.optim.SGD(m.parameters(), lr=1.0), batch, n_minibatches=2, micro_batch=1,
-                          kl_coef=0.5, entropy_coef=0.01, grad_clip=0.0, world_size=world)
+    batch = {'prompt': prompts[mine], 'response': responses[mine], 'adv': ADV8[mine],
+             'old_logp': rl.batch_logprobs(m, prompts[mine], responses[mine], 20, 1.0, 'cpu'),
+             'ref_logp': rl.batch_logprobs(ref, prompts[mine], responses[mine], 30, 1.0, 'cpu')}
+    cfg = rl.config(prompts_per_step=4, minibatch_prompts=2, micro_batch_tokens=1, kl_coef=0.5, entropy_coef=0.01,
+                    grad_clip=0.0)
+    st = rl.update_policy(ddp, torch.optim.SGD(m.parameters(), lr=1.0), batch, cfg)
     vec = torch.tensor([st['tokens'], st['clipped']])
     tdist.all_reduce(vec)
     if rank == 0:
@@ -287,14 +523,14 @@ def test_update_matches_across_world_sizes(tmp_path):
     got = torch.load(out)
     # single process: mini-batch j = samples of both ranks' j-th halves, in the same order
     prompts, responses = _toy_batch(8)
-    adv = torch.tensor([1., -1., .5, -.5, 2., 0., -2., 1.])
     order = [0, 1, 4, 5, 2, 3, 6, 7]
     m = _tiny_model()
     p, r = [prompts[i] for i in order], [responses[i] for i in order]
-    batch = {'prompt': p, 'response': r, 'adv': adv[order], 'old_logp': rl.batch_logprobs(m, p, r, 2, 1.0, 'cpu'),
-             'ref_logp': rl.batch_logprobs(_tiny_model(seed=1), p, r, 3, 1.0, 'cpu')}
-    st = rl.update_policy(m, torch.optim.SGD(m.parameters(), lr=1.0), batch, n_minibatches=2, micro_batch=3,
-                          kl_coef=0.5, entropy_coef=0.01, grad_clip=0.0)
+    batch = {'prompt': p, 'response': r, 'adv': ADV8[order], 'old_logp': rl.batch_logprobs(m, p, r, 20, 1.0, 'cpu'),
+             'ref_logp': rl.batch_logprobs(_tiny_model(seed=1), p, r, 30, 1.0, 'cpu')}
+    cfg = rl.config(prompts_per_step=4, minibatch_prompts=2, micro_batch_tokens=40, kl_coef=0.5, entropy_coef=0.01,
+                    grad_clip=0.0)
+    st = rl.update_policy(m, torch.optim.SGD(m.parameters(), lr=1.0), batch, cfg)
     assert got['tokens'] == st['tokens']
     for k, v in m.state_dict().items():
         torch.testing.assert_close(got['params'][k], v, atol=1e-6, rtol=1e-5)
@@ -368,56 +604,115 @@ def test_tiny_run_learns(edge_base, tmp_path, one_thread):
 
 
 SMALL = ['tiny_rl', '--prompts_per_step=4', '--minibatch_prompts=2', '--group_size=2', '--max_response_len=24',
-         '--micro_batch=3', '--eval_every=0', '--sample_every=1', '--log_every=1']
+         '--micro_batch_tokens=400', '--eval_every=0', '--sample_every=1', '--log_every=1']
 
 
-def test_exact_resume_and_flop_budget(tiny_base, tmp_path, one_thread):
-    """1 step + resume 1 step == 2 steps: weights, optimizer, prompts, FLOPs. A FLOP budget stops
-    the run before the budget is exceeded."""
-    base = SMALL + [f"--init_from={tiny_base['out_dir']}", '--ckpt_every=1']
+class _Crash(Exception):
+    pass
+
+
+def test_rerun_resumes_a_half_finished_run_and_exits_on_a_finished_one(tiny_base, tmp_path, one_thread, monkeypatch,
+                                                                         capsys):
+    """The same command twice: a run that crashed after step 2 (checkpoint at 1) resumes and ends
+    exactly as an uninterrupted one (weights, optimizer, prompts, logs, FLOPs); a finished run says so
+    and changes nothing; a changed config is refused, naming the key."""
+    cmd = SMALL + [f"--init_from={tiny_base['out_dir']}", '--ckpt_every=1', '--max_steps=3']
     a, b = tmp_path / 'a', tmp_path / 'b'
-    ra = rl.main(base + ['--max_steps=2', f'--out_dir={a}'])
-    rl.main(base + ['--max_steps=1', f'--out_dir={b}'])
-    with pytest.raises(SystemExit):  # a second fresh start into a run dir is refused
-        rl.main(base + ['--max_steps=1', f'--out_dir={b}'])
-    rb = rl.main(base + ['--max_steps=2', f'--out_dir={b}', '--resume=True'])
-    assert ra['step'] == rb['step'] == 2 and ra['flops'] == rb['flops']
+    ra = rl.main(cmd + [f'--out_dir={a}'])
+    log_step = rl.log_step
+
+    def crash_after_logging_step_2(S, C, m, ro):
+        log_step(S, C, m, ro)
+        if m['step'] == 2:
+            raise _Crash  # after its log lines, before its checkpoint
+
+    monkeypatch.setattr(rl, 'log_step', crash_after_logging_step_2)
+    monkeypatch.setattr(rl, 'save', lambda S, C, save=rl.save: save(S, C) if S.step < 2 else None)
+    with pytest.raises(_Crash):
+        rl.main(cmd + [f'--out_dir={b}'])
+    monkeypatch.undo()
+    assert torch.load(b / 'ckpt.pt', weights_only=True)['step'] == 1 and len(_read_jsonl(b / 'log.jsonl')) == 2
+    rb = rl.main(cmd + [f'--out_dir={b}'])
+    assert ra['step'] == rb['step'] == 3 and ra['flops'] == rb['flops']
     ca, cb = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (a, b))
     for k in ca['model']:
         assert torch.equal(ca['model'][k], cb['model'][k]), k
     for sa, sb in zip(ca['optimizer']['state'].values(), cb['optimizer']['state'].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert ca['extra']['stream'] == cb['extra']['stream'] == {'next': 8, 'seed': '7919'}
+    assert ca['extra']['stream'] == cb['extra']['stream'] == {'next': 12, 'seed': '7919'}
     la, lb = _read_jsonl(a / 'log.jsonl'), _read_jsonl(b / 'log.jsonl')
     drop = ('gen_tok_per_s', 'tok_per_s', 'step_s')
     assert [{k: v for k, v in r.items() if k not in drop} for r in la] == \
            [{k: v for k, v in r.items() if k not in drop} for r in lb]
     sa, sb = _read_jsonl(a / 'samples.jsonl'), _read_jsonl(b / 'samples.jsonl')
     assert [s['response'] for s in sa] == [s['response'] for s in sb]
+    # finished: the same command again does nothing and says so
+    capsys.readouterr()
+    mtime = os.path.getmtime(b / 'ckpt.pt')
+    rc = rl.main(cmd + [f'--out_dir={b}'])
+    assert rc['step'] == 3 and 'finished' in capsys.readouterr().out
+    assert os.path.getmtime(b / 'ckpt.pt') == mtime and len(_read_jsonl(b / 'log.jsonl')) == 3
+    # a longer run continues it (max_steps may change); another learning rate may not
+    with pytest.raises(SystemExit) as e:
+        rl.main(cmd + [f'--out_dir={b}', '--lr=1e-3'])
+    assert 'lr' in str(e.value) and 'resume_override' in str(e.value)
     # FLOPs: 2N per rollout token, 2N per old/ref token, 6N per trained token
     n = M.load_checkpoint(a / 'ckpt.pt')['model'].num_params()
     f = ra['flops']
     assert f['train'] == pytest.approx(3 * f['ref']) and f['old'] == pytest.approx(f['ref'])
     assert f['total'] == pytest.approx(f['rollout'] + f['ref'] + f['old'] + f['train'])
     assert f['rollout'] % (2 * n) == 0 and f['rollout'] < f['ref']  # prompts prefilled once per group
+
+
+def test_flop_budget_is_respected_from_the_first_step(tiny_base, tmp_path, one_thread):
+    base = SMALL + [f"--init_from={tiny_base['out_dir']}"]
+    ra = rl.main(base + ['--max_steps=2', f'--out_dir={tmp_path / "a"}'])
+    first = _read_jsonl(tmp_path / 'a' / 'log.jsonl')[0]['step_flops']
+    # below one step: not even the first is taken (its cost is bounded before it runs)
+    r0 = rl.main(base + ['--max_steps=10', f'--out_dir={tmp_path / "z"}', f'--flops_budget={0.9 * first}'])
+    assert r0['step'] == 0 and r0['flops']['total'] == 0
     # a budget of 2.5 first steps: the run stops as soon as one more step, at the mean cost so far,
     # would exceed it (SPEC §5.3 splits one budget between mid-training and RL)
-    budget = 2.5 * la[0]['step_flops']
+    budget = 2.5 * first
     rc = rl.main(base + ['--max_steps=10', f'--out_dir={tmp_path / "c"}', f'--flops_budget={budget}'])
     lc = _read_jsonl(tmp_path / 'c' / 'log.jsonl')
     assert 2 <= rc['step'] < 10 and rc['flops']['total'] == pytest.approx(lc[-1]['flops'])
+    assert rc['flops']['total'] <= budget
     projected = [r['flops'] + r['flops'] / r['step'] for r in lc]  # used + the mean step
     assert all(p <= budget for p in projected[:-1]) and projected[-1] > budget
+    assert ra['flops']['total'] > 0
+
+
+def test_variants_run_end_to_end(tiny_base, tmp_path, one_thread):
+    """DAPO (clip-higher, dynamic sampling, overlong penalty and masking) and GSPO run through the
+    loop and log what they did."""
+    out = tmp_path / 'dapo'
+    rl.main(SMALL + [f"--init_from={tiny_base['out_dir']}", '--max_steps=2', f'--out_dir={out}', '--loss_type=dapo',
+                     '--dynamic_sampling=True', '--max_rollouts=2', '--overlong_buffer=8', '--mask_truncated=True',
+                     '--ratio_level=sequence', '--adv_norm=batch'])
+    log = _read_jsonl(out / 'log.jsonl')
+    assert [r['step'] for r in log] == [1, 2]
+    for r in log:
+        assert r['drawn'] in (4, 8) and r['dropped'] == r['drawn'] - 4 and 0 <= r['no_signal'] <= 1
+        assert r['topped_up'] <= 4 and r['reward'] <= 1
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ck['config']['clip_eps_high'] == 0.28 and ck['extra']['stream']['next'] == 4 * sum(
+        r['drawn'] // 4 for r in log)
 
 
 def test_two_process_run_gloo(tiny_base, tmp_path):
-    """torchrun with 2 CPU processes: each rank rolls out its half of the prompts, rank 0 writes."""
+    """torchrun with 2 CPU processes: each rank rolls out its half of the prompts, rank 0 writes;
+    dynamic sampling keeps the ranks in lockstep; re-running the finished command is a no-op."""
     from conftest import run_pretrain
     out = tmp_path / 'ddp'
-    run_pretrain(SMALL + [f"--init_from={tiny_base['out_dir']}", '--max_steps=2', f'--out_dir={out}'],
-                 script='rl.py', nproc=2)
+    cmd = SMALL + [f"--init_from={tiny_base['out_dir']}", '--max_steps=2', f'--out_dir={out}',
+                   '--dynamic_sampling=True', '--max_rollouts=2']
+    run_pretrain(cmd, script='rl.py', nproc=2)
     log = _read_jsonl(out / 'log.jsonl')
     assert [r['step'] for r in log] == [1, 2]
     assert all(r['resp_len'] > 0 and 0 <= r['reward'] <= 1 for r in log)
     ck = torch.load(out / 'ckpt.pt', weights_only=True)
-    assert ck['step'] == 2 and ck['extra']['stream']['next'] == 8  # 4 prompts per step over 2 ranks
+    assert ck['step'] == 2 and len(ck['extra']['rng']) == 2  # every rank's RNG state
+    assert ck['extra']['stream']['next'] == sum(r['drawn'] for r in log)  # 4 prompts per round over 2 ranks
+    p = run_pretrain(cmd, script='rl.py', nproc=2)
+    assert 'finished' in p.stdout and len(_read_jsonl(out / 'log.jsonl')) == 2
