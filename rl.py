@@ -66,6 +66,7 @@ Choices, and where we differ from verl (the paper's code):
   bound (every response at the budget).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -98,6 +99,8 @@ defaults = dict(
     reverse_frac=0.5,           # share of forwardreverse problems (generated prompts)
     mixture='',                 # a data.MIXTURES name or ops spec (e.g. 'rl_ctx_zoo0.9'); replaces the 4 keys
                                 # above for generated prompts (a JSONL is then not filtered by op)
+    world='',                   # data.WORLDS name or 'places,items,noise' for generated prompts and held-out
+                                # problems ('' = the mixture's own world; the paper's for op_min..op_max)
     prompt_seed=7919,           # seeds the prompt stream (held-out ids are excluded whatever the seed)
     exclude='',                 # comma-separated JSONL files whose ids must never be RL prompts (besides held-out sets)
     # rollout and reward
@@ -195,6 +198,11 @@ def resolve(cfg: dict) -> types.SimpleNamespace:
         _fail(f"overlong_buffer={cfg['overlong_buffer']} must be in [0, max_response_len={cfg['max_response_len']})")
     if cfg['max_rollouts'] < 1:
         _fail(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
+    if cfg['world']:
+        try:
+            data.parse_world(cfg['world'])
+        except ValueError as e:
+            _fail(str(e))
     return types.SimpleNamespace(**cfg)
 
 
@@ -243,6 +251,8 @@ class PromptStream:
                        seed=C.prompt_seed, exclude_ids=exclude_ids, keep=keep)
         mix = data.parse_mixture(C.mixture) if C.mixture else data.mixture(
             ops, templates, {'normalforward': 1 - C.reverse_frac, 'forwardreverse': C.reverse_frac})
+        if C.world:
+            mix = dataclasses.replace(mix, world=data.parse_world(C.world))
         return cls(mix, seed=C.prompt_seed, exclude_ids=exclude_ids, keep=keep)
 
     def get(self, i: int) -> dict:
@@ -256,7 +266,7 @@ class PromptStream:
         rng = random.Random(f"rl:{self.seed}:{i}")
         while True:
             op, template, mode = self.mix.sample(rng)
-            row = data.generate(rng, op, template, mode).to_row()
+            row = data.generate(rng, op, template, mode, self.mix.world).to_row()
             if row['id'] not in self.exclude and self.keep(row):
                 return row
 
