@@ -66,7 +66,6 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
 # presets
 
 
-@pytest.mark.fast
 def test_presets_and_param_counts():
     with torch.device('meta'):  # shapes only: no 100M-parameter init
         counts = {name: M.Qwen2(cfg).num_params() for name, cfg in M.MODEL_PRESETS.items()}

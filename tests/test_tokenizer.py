@@ -46,7 +46,6 @@ def random_text(rng, alphabet, n=30):
 
 # --- our tokenizer -----------------------------------------------------------------------------
 
-@pytest.mark.fast
 def test_training_is_fast_and_deterministic(tok):
     corpus = TEXTS * 30  # ~5 MB of text
     t0 = time.time()
