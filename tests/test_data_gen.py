@@ -319,6 +319,7 @@ def sample():
 
 # --- the fixture ---------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_fixture_follows_the_grammar():
     bad = {i: grammar_errors(r) for i, r in enumerate(FIXTURE_ROWS)}
     assert not any(bad.values()), {i: e for i, e in bad.items() if e}
@@ -373,6 +374,7 @@ def test_every_answer_follows_from_the_text_alone_large():
         assert not grammar_errors(p.to_row())
 
 
+@pytest.mark.fast
 def test_solver_rejects_an_ill_posed_problem(sample):
     """The solver is not vacuous: drop or duplicate a needed statement and it refuses."""
     p = next(p for p in sample if p.mode == REV and p.op >= 8)
@@ -432,6 +434,7 @@ def test_gold_graph_invariants(sample):
             assert 'x' not in letters and 'X' not in letters
 
 
+@pytest.mark.fast
 def test_requested_op_and_ranges_beyond_training():
     rng = random.Random(0)
     for op in (2, 3, 21, 25, 30, 40):
@@ -497,6 +500,7 @@ def test_same_seed_same_problems_any_worker_count():
     assert gen_rows(mix, 30, seed=3) == one[:30]
 
 
+@pytest.mark.fast
 def test_ids_are_stable_content_hashes():
     p = data.generate_problems(1, [7], seed=0)[0]
     import hashlib
@@ -518,6 +522,7 @@ def _draw(mix, n, seed=0):
     return [mix.sample(rng) for _ in range(n)]
 
 
+@pytest.mark.fast
 def test_mixture_proportions():
     n = 25000
     d = _draw(data.MIXTURES['headroom_.5/.3/.2'], n)
@@ -546,6 +551,7 @@ def test_mixture_proportions():
     assert {(t, m) for _, t, m in d} == {('movie_festival_awards', FWD)}
 
 
+@pytest.mark.fast
 def test_every_spec_mixture_is_named():
     names = set(data.MIXTURES)
     for want in ('pretrain_uniform', 'mid_11_14', 'mid_9_12', 'rl_7_10', 'rl_9_12', 'rl_11_14', 'rl_17_20',
@@ -557,6 +563,7 @@ def test_every_spec_mixture_is_named():
         assert data.Mixture.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
+@pytest.mark.fast
 def test_parse_mixture_strings():
     m = data.parse_mixture('2-10')
     assert m.ops == ((1.0, tuple(range(2, 11))),) and m == data.MIXTURES['pretrain_uniform']
@@ -588,6 +595,7 @@ def test_training_never_overlaps_the_eval_set():
     assert [i for i, (a, b) in enumerate(zip(naive, train)) if a != b] == hits
 
 
+@pytest.mark.fast
 def test_eval_set_layout():
     ev = data.make_eval_set([3, 12], 6, seed=1)
     c = Counter((p.op, p.template, p.mode) for p in ev)
@@ -599,6 +607,7 @@ def test_eval_set_layout():
 
 # --- rows, files, training text ------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_jsonl_round_trip_and_released_rows(tmp_path):
     rows = gen_rows('2-6', 20, seed=1)
     path = tmp_path / 'x.jsonl'
@@ -617,6 +626,7 @@ def test_jsonl_round_trip_and_released_rows(tmp_path):
             data.read_jsonl(released)
 
 
+@pytest.mark.fast
 def test_training_and_prompt_text():
     r = FIXTURE_ROWS[0]
     assert data.training_text(dict(r, answer=2)) == (
@@ -655,6 +665,7 @@ def test_cli_sample_and_errors(tmp_path):
         assert r.stderr.startswith('data.py: ')
 
 
+@pytest.mark.fast
 def test_bench_generate_runs():
     assert bench.bench_generate(seconds=0.3) > 200
 

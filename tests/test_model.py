@@ -99,6 +99,7 @@ def test_initializer_range_sets_the_init_and_survives_hf_round_trip():
     assert M.MODEL_PRESETS['tiny'].initializer_range == 0.06 and M.MODEL_PRESETS['paper'].initializer_range == 0.02
 
 
+@pytest.mark.fast
 def test_flops_and_mfu():
     m = make_model()
     n, c = m.num_params(), m.config
@@ -141,6 +142,7 @@ def test_matches_transformers_both_directions(tie):
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_loss_ignore_index_and_reduction_none():
     m = make_model(peaky=True)
     x = torch.randint(0, 97, (2, 12))
@@ -153,6 +155,7 @@ def test_loss_ignore_index_and_reduction_none():
     assert logits.dtype == torch.float32 and logits.shape == (2, 12, 97)
 
 
+@pytest.mark.fast
 def test_document_mask_makes_packed_documents_independent():
     """With doc_ids, each packed document gets exactly the logits it gets alone (RoPE is relative,
     so its offset in the window does not matter); without them the second one sees the first."""
@@ -175,6 +178,7 @@ def test_document_mask_makes_packed_documents_independent():
 # (2) cached vs uncached greedy decoding, padding, groups
 
 
+@pytest.mark.fast
 def test_greedy_cached_matches_uncached_and_padding_is_invisible():
     m = make_model(peaky=True)
     batch = m.generate(PROMPTS, 24, temperature=0)
@@ -189,6 +193,7 @@ def test_greedy_cached_matches_uncached_and_padding_is_invisible():
     assert all(len(t) == 24 for t in batch.tokens)
 
 
+@pytest.mark.fast
 def test_num_samples_copies_the_prompt_cache():
     m = make_model(peaky=True)
     g = m.generate(PROMPTS, 10, temperature=0, num_samples=3)
@@ -204,6 +209,7 @@ def test_num_samples_copies_the_prompt_cache():
         check_logprobs(m, p, s.tokens[row], s.logprobs[row])
 
 
+@pytest.mark.fast
 def test_max_seq_len_caps_generation():
     m = make_model(peaky=True, max_seq_len=16)
     g = m.generate([[1, 2, 3, 4, 5, 6]], 100, temperature=0)
@@ -213,6 +219,7 @@ def test_max_seq_len_caps_generation():
 # (3) seeds
 
 
+@pytest.mark.fast
 def test_same_seed_same_samples_different_seed_different():
     m = make_model(peaky=True)
 
@@ -225,6 +232,7 @@ def test_same_seed_same_samples_different_seed_different():
     assert run(3, num_samples=2) == run(3, num_samples=2)
 
 
+@pytest.mark.fast
 def test_sampler_draws_from_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
@@ -253,6 +261,7 @@ def check_logprobs(m, prompt, tokens, logprobs):
     torch.testing.assert_close(torch.tensor(logprobs), ref, rtol=0, atol=1e-4)
 
 
+@pytest.mark.fast
 def test_stop_ids_and_logprobs():
     m = make_model(peaky=True)
     free = m.generate(PROMPTS, 30, temperature=1.0, generator=torch.Generator().manual_seed(5))
@@ -275,6 +284,7 @@ def test_stop_ids_and_logprobs():
         assert toks == naive_greedy(m, p, 30, stop_ids=stop)
 
 
+@pytest.mark.fast
 def test_finished_rows_leave_the_batch():
     """Many rows with stops: rows are dropped from the batch as they finish (compaction); every
     row must still be exactly what it would be alone (greedy) and carry correct logprobs."""
@@ -296,6 +306,7 @@ def test_finished_rows_leave_the_batch():
         check_logprobs(m, prompts[i // 3], s1.tokens[i], s1.logprobs[i])
 
 
+@pytest.mark.fast
 def test_early_exit_when_all_rows_stop():
     m = make_model(peaky=True)
     first = m.generate(PROMPTS, 1, temperature=0).tokens
@@ -310,6 +321,7 @@ def test_early_exit_when_all_rows_stop():
 # (5) checkpoints
 
 
+@pytest.mark.fast
 def test_checkpoint_round_trip_and_resume_state(tmp_path):
     m = make_model(peaky=True)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -334,6 +346,7 @@ def test_checkpoint_round_trip_and_resume_state(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
 
 
+@pytest.mark.fast
 def test_checkpoint_atomic_and_stale_tmp(tmp_path, monkeypatch):
     m = make_model()
     path = str(tmp_path / 'ckpt.pt')
@@ -358,6 +371,7 @@ def test_checkpoint_atomic_and_stale_tmp(tmp_path, monkeypatch):
     assert M.load_checkpoint(path)['step'] == 1
 
 
+@pytest.mark.fast
 def test_checkpoint_errors_and_wrappers(tmp_path):
     m = make_model()
     path = tmp_path / 'c.pt'
@@ -392,6 +406,7 @@ def test_checkpoint_errors_and_wrappers(tmp_path):
 DEFAULTS = {'lr': 1e-4, 'batch_size': 8, 'compile': False, 'out_dir': 'out', 'ops': [2, 3], 'init_from': None}
 
 
+@pytest.mark.fast
 def test_configure_presets_and_overrides(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.makedirs('config')
@@ -420,6 +435,7 @@ def test_configure_presets_and_overrides(tmp_path, monkeypatch):
     (['nope'], "no preset 'nope'"),
     (['bad'], "unknown config key 'batchsize'"),
 ])
+@pytest.mark.fast
 def test_configure_errors_are_one_line(tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     os.makedirs('config')
@@ -430,6 +446,7 @@ def test_configure_errors_are_one_line(tmp_path, monkeypatch, argv, message):
     assert message in str(e.value.code) and '\n' not in str(e.value.code)
 
 
+@pytest.mark.fast
 def test_configure_returns_a_dict_with_attribute_access(tmp_path):
     cfg = M.configure(DEFAULTS, ['--lr=0.5'])
     assert isinstance(cfg, dict) and cfg.lr == cfg['lr'] == 0.5
@@ -444,11 +461,13 @@ def test_configure_returns_a_dict_with_attribute_access(tmp_path):
     assert type(ck['config']) is dict and ck['config'] == cfg and ck['extra']['log']['config'] == cfg
 
 
+@pytest.mark.fast
 def test_commands_without_presets_reject_bare_arguments():
     with pytest.raises(M.UsageError, match="'stray' is not --key=value"):
         M.configure(DEFAULTS, ['stray'], presets=False)
 
 
+@pytest.mark.fast
 def test_configure_help(capsys):
     with pytest.raises(SystemExit) as e:
         M.configure(DEFAULTS, ['--help'])
@@ -483,6 +502,7 @@ def test_hf_export_import_round_trip(tmp_path):
 # plumbing
 
 
+@pytest.mark.fast
 def test_single_process_dist_and_autocast(monkeypatch):
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
         monkeypatch.delenv(k, raising=False)

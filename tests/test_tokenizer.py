@@ -56,11 +56,13 @@ def test_training_is_fast_and_deterministic(tok):
     assert N_FIXED_TOKENS < tok.vocab_size <= 2816
 
 
+@pytest.mark.fast
 def test_vocab_size_below_the_fixed_tokens_is_an_error():
     with pytest.raises(ValueError, match='too small'):
         train_tokenizer(TEXTS, vocab_size=2200)
 
 
+@pytest.mark.fast
 def test_special_tokens_have_their_ids(tok):
     for i, s in enumerate(SPECIAL_TOKENS):
         assert tok.encode(s) == [i] and tok.id_of(s) == i
@@ -69,6 +71,7 @@ def test_special_tokens_have_their_ids(tok):
     assert [i for i in ids if i < 10] == [4, 5, 6, 7, 8, 9, 3]
 
 
+@pytest.mark.fast
 def test_every_integer_is_one_token_as_it_appears_in_text(tok):
     for n in range(1001):
         bare, spaced = tok.encode(str(n)), tok.encode(f' {n}')
@@ -79,6 +82,7 @@ def test_every_integer_is_one_token_as_it_appears_in_text(tok):
     assert len(tok.encode(' 1234')) == 2 and len(tok.encode(' 12345')) == 3       # pieces of at most 4 digits
 
 
+@pytest.mark.fast
 def test_round_trip_is_exact(tok):
     rng = random.Random(0)
     randoms = [''.join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x3000),
@@ -90,6 +94,7 @@ def test_round_trip_is_exact(tok):
     assert tok.decode(tok.encode('ab') + [tok.vocab_size + 5]) == 'ab\ufffd'  # padded-vocab ids do not crash
 
 
+@pytest.mark.fast
 def test_training_split_agrees_with_the_encoding_split(tok):
     """Merges are learned on a Python re-split of the text; it must cut our texts where tiktoken does."""
     for text in TEXTS + UNICODE[:5]:
@@ -100,6 +105,7 @@ def test_training_split_agrees_with_the_encoding_split(tok):
             [i for i in tok.encode(text) if i >= len(SPECIAL_TOKENS)]
 
 
+@pytest.mark.fast
 def test_tokens_per_text_by_op(tok):
     """Learned merges make every word of the task one token: a typical op-10 text is ~300 tokens
     (forward ~245, reverse ~380), about 4 characters per token, fewer tokens than the original's."""
@@ -119,6 +125,7 @@ def test_tokens_per_text_by_op(tok):
         assert n_tokens < 0.8 * sum(len(original.encode(t)) for t in TEXTS)
 
 
+@pytest.mark.fast
 def test_save_load_and_identity(tok, tmp_path):
     path = tmp_path / 'tokenizer.json'
     tok.save(path)
@@ -176,6 +183,7 @@ def test_original_tokenizer_encodes_exactly_like_hf(original):
     assert pieces == ['equa', 'l', 's', ' ', 'L', 'u', 'm', 'ps']
 
 
+@pytest.mark.fast
 def test_original_tokenizer_save_load(original, tmp_path):
     original.save(tmp_path / 'orig.json')
     back = Tokenizer.load(tmp_path / 'orig.json')
@@ -205,6 +213,7 @@ def shards(tok, tmp_path_factory):
     return d, meta, taken[0]
 
 
+@pytest.mark.fast
 def test_shards_respect_the_budget_and_hold_the_documents(tok, shards):
     d, meta, taken = shards
     n = count_tokens(d, 'train')
@@ -225,6 +234,7 @@ def test_shards_respect_the_budget_and_hold_the_documents(tok, shards):
     assert not [f for f in os.listdir(d) if 'tmp' in f]
 
 
+@pytest.mark.fast
 def test_an_interrupted_write_never_looks_complete(tok, tmp_path):
     def dying_docs():
         yield from TEXTS[:30]
@@ -244,6 +254,7 @@ def test_an_interrupted_write_never_looks_complete(tok, tmp_path):
         count_tokens(d, 'train')
 
 
+@pytest.mark.fast
 def test_loader_yields_packed_next_token_windows(tok, shards):
     d, meta, _ = shards
     stream = np.concatenate([np.fromfile(os.path.join(d, name), dtype=np.uint16)
@@ -263,6 +274,7 @@ def test_loader_yields_packed_next_token_windows(tok, shards):
     assert any(s // 7_000 != (s + T) // 7_000 for s in starts)  # some windows span two shard files
 
 
+@pytest.mark.fast
 def test_loader_is_deterministic_and_reshuffles_each_epoch(shards):
     d = shards[0]
     a, b, c = (ShardLoader(d, 'train', 8, 256, seed=s) for s in (0, 0, 1))
@@ -278,6 +290,7 @@ def test_loader_is_deterministic_and_reshuffles_each_epoch(shards):
     assert len(offsets) > 1
 
 
+@pytest.mark.fast
 def test_resume_mid_epoch_and_across_epochs_is_exact(shards):
     d = shards[0]
     for k in (3, 26, 33):  # 29 steps per epoch: mid-epoch, continuing across the boundary, in epoch 1
@@ -292,6 +305,7 @@ def test_resume_mid_epoch_and_across_epochs_is_exact(shards):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.fast
 def test_ranks_split_the_single_process_batch(shards):
     d = shards[0]
     for world in (2, 3):
@@ -304,6 +318,7 @@ def test_ranks_split_the_single_process_batch(shards):
         assert len({r.state_dict()['pos'] for r in ranks} | {single.state_dict()['pos']}) == 1
 
 
+@pytest.mark.fast
 def test_loader_refuses_other_tokenizers_and_settings(tok, shards):
     d = shards[0]
     other = train_tokenizer(TEXTS[:40])

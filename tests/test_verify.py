@@ -36,6 +36,7 @@ def counts(v):
 
 # --- reading the fixture -------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_fixture_graphs_are_well_formed():
     for row in ROWS:
         g = gold_of(row)
@@ -62,6 +63,7 @@ def test_fixture_graphs_are_well_formed():
         json.dumps(g)
 
 
+@pytest.mark.fast
 def test_parents_reproduce_the_fixture_op():
     """op = sum over nodes of (#parents + 1 if a constant is used). Resolving scratch letters right
     is the only way to get this for all 114 rows. In reverse mode the unknown leaf counts 1 (it was
@@ -76,6 +78,7 @@ def test_parents_reproduce_the_fixture_op():
         assert op == row['op'], row['solution']
 
 
+@pytest.mark.fast
 def test_gold_solutions_verify_perfect():
     for row in ROWS:
         g = gold_of(row)
@@ -87,6 +90,7 @@ def test_gold_solutions_verify_perfect():
             assert all(reward(v, k) == 1.0 for k in REWARDS + ('process',))
 
 
+@pytest.mark.fast
 def test_scratch_letters_resolve_to_parameter_names():
     text = ('Define a in P as P; so P = 3. Define b in P as U; so U = 4. Define c in P as Y; so Y = 7. '
             'Define d in P as u; so u = 2. Define e in P as V; t = P = 3; so V = 2 + t = 2 + 3 = 5. '
@@ -99,6 +103,7 @@ def test_scratch_letters_resolve_to_parameter_names():
     assert g['nodes']['a in P'] == {'parents': [], 'value': 3}     # constants are not parents
 
 
+@pytest.mark.fast
 def test_letters_come_from_definitions_not_from_single_characters():
     # names with single-letter words, a forward variable called x, reused scratch letters
     text = ('Define a x in B Town as x; so x = 3. Define b in A Place as A; so A = x = 3. '
@@ -112,6 +117,7 @@ def test_letters_come_from_definitions_not_from_single_characters():
     assert verify(text, g).perfect
 
 
+@pytest.mark.fast
 def test_linear_forms():
     cases = {'2*x': (2, 0), 'x + 4': (1, 4), '2*x + 4': (2, 4), '(2*x) - (x)': (1, 0), '(2) * (x)': (2, 0),
              '-x + 3': (-1, 3), '(3) * (x + 1)': (3, 3), '(4) * (x + 8)': (4, 32), 'x + 1 + x': (2, 1),
@@ -153,6 +159,7 @@ def corruptions(row, g, rng):
     return out
 
 
+@pytest.mark.fast
 def test_verdict_is_invariant_to_letter_renaming():
     rng = random.Random(0)
     renamed_differs = 0
@@ -197,6 +204,7 @@ def node_letters(text):
     return [m.group(2) for m in re.finditer(r'Define (.*?) as ([A-Za-z]);', text)]
 
 
+@pytest.mark.fast
 def test_one_wrong_value_is_one_value_error():
     for row in ROWS:
         g = gold_of(row)
@@ -214,6 +222,7 @@ def test_one_wrong_value_is_one_value_error():
             assert reward(v, 'strict') == 0.0 and reward(v, 'outcome') == 1.0
 
 
+@pytest.mark.fast
 def test_stated_value_is_the_last_expression():
     text = 'Define a in P as A; so A = 3. Define b in P as B; so B = A + 2 = 3 + 2 = 5. Answer: 5.'
     g = parse_solution(text)
@@ -223,6 +232,7 @@ def test_stated_value_is_the_last_expression():
     assert verify(text.replace(' = 5.', '.'), g).perfect                          # "= 3 + 2" reads as 5
 
 
+@pytest.mark.fast
 def test_one_wrong_parent_is_one_parent_error():
     rng = random.Random(1)
     checked = 0
@@ -254,6 +264,7 @@ def test_one_wrong_parent_is_one_parent_error():
     assert checked > 100
 
 
+@pytest.mark.fast
 def test_dropped_step_is_missing_plus_its_children():
     for row in ROWS:
         g = gold_of(row)
@@ -270,6 +281,7 @@ def test_dropped_step_is_missing_plus_its_children():
             assert not v.perfect and v.outcome
 
 
+@pytest.mark.fast
 def test_dropped_unknown_breaks_every_value_in_x():
     row = next(r for r in ROWS if r['mode'] == REV and r['op'] == 8)
     g = gold_of(row)
@@ -282,6 +294,7 @@ def test_dropped_unknown_breaks_every_value_in_x():
     assert v.value_errors == in_x
 
 
+@pytest.mark.fast
 def test_wrong_answer():
     for row in ROWS:
         g = gold_of(row)
@@ -297,6 +310,7 @@ def test_wrong_answer():
         assert not verify(plain, g).outcome
 
 
+@pytest.mark.fast
 def test_closing_equation_errors_are_answer_errors():
     rev = [r for r in ROWS if r['mode'] == REV]
     for row in rev:
@@ -323,6 +337,7 @@ def test_closing_equation_errors_are_answer_errors():
         assert verify(ok, g).perfect
 
 
+@pytest.mark.fast
 def test_extra_and_redefined_nodes():
     row = next(r for r in ROWS if r['mode'] == 'normalforward' and r['op'] == 6)
     g = gold_of(row)
@@ -340,6 +355,7 @@ def test_extra_and_redefined_nodes():
     assert v.extra == 3 * n and reward(v, 'process') == 0.0     # extras are capped at |V| in the sum
 
 
+@pytest.mark.fast
 def test_rewards():
     v = Verdict(outcome=True, answer=5, perfect=False, process_acc=0.5, n_gold=4, correct=2, missing=1,
                 extra=9, value_errors=1, parent_errors=0, answer_error=False)
@@ -357,6 +373,7 @@ def test_rewards():
     assert v.to_dict()['n_gold'] == 4 and json.dumps(v.to_dict())
 
 
+@pytest.mark.fast
 def test_gold_may_be_a_row_and_bad_gold_is_a_clear_error():
     row = ROWS[5]
     g = gold_of(row)
@@ -366,6 +383,7 @@ def test_gold_may_be_a_row_and_bad_gold_is_a_clear_error():
             verify(row['solution'], bad)
 
 
+@pytest.mark.fast
 def test_answer_extraction():
     g = gold_of(ROWS[0])
     sol = ROWS[0]['solution']
@@ -443,6 +461,7 @@ ADVERSARIAL = [
 ]
 
 
+@pytest.mark.fast
 def test_adversarial_inputs_are_bounded():
     rev = gold_of(next(r for r in ROWS if r['mode'] == REV and r['op'] == 20))
     fwd = gold_of(next(r for r in ROWS if r['mode'] != REV and r['op'] == 20))
@@ -457,6 +476,7 @@ def test_adversarial_inputs_are_bounded():
     assert v.answer is None and not v.outcome
 
 
+@pytest.mark.fast
 def test_never_evals():
     g = gold_of(ROWS[0])
     marker = os.path.join(ROOT, '_verify_eval_marker')
@@ -469,6 +489,7 @@ def test_never_evals():
 
 # --- rows, CLI, benchmark ----------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_verify_rows_and_cli(tmp_path, capsys):
     rows = []
     for i, r in enumerate(ROWS[:20]):
@@ -507,6 +528,7 @@ def test_verify_rows_and_cli(tmp_path, capsys):
     assert verify_main(['--bogus']) == 2 and 'unknown config key' in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_bench_verify_runs():
     assert bench_verify(ROWS[:10], seconds=0.05) > 0
 
