@@ -895,8 +895,9 @@ def _row_defaults(path):
 
 def read_jsonl(path) -> list:
     """Rows of a JSONL file, or of every file of a directory / glob (jsonl_files). Released rows without
-    'graph' / 'answer' get them from the gold solution; without op / template, from the file's name; without
-    mode, from the solution (reverse ones say the unknown is not known yet)."""
+    'graph' / 'answer' get them from the gold solution; without op / template, from the file's name (else
+    the template from the problem's place names); without mode, from the solution (reverse ones say the
+    unknown is not known yet)."""
     files = jsonl_files(path)
     if len(files) > 1 or files[0] != path:
         return [r for f in files for r in read_jsonl(f)]
@@ -908,6 +909,9 @@ def read_jsonl(path) -> list:
             r = {**named, **json.loads(line)}
             if 'mode' not in r:
                 r['mode'] = _REV if _UNKNOWN_MARK in r['solution'] else _FWD
+            if 'template' not in r:   # place names belong to one template each
+                r['template'] = next((t.name for t in TEMPLATES.values()
+                                      if any(p in r['problem'] for ps in t.places for p in ps)), 'unknown')
             if 'answer' not in r:
                 r['answer'] = answer_of(r['solution'])
             if 'graph' not in r:

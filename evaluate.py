@@ -347,7 +347,10 @@ def pass_tables(strata, ks, n_boot=0, seed=0):
     mats = [(w, pass_matrix(rs, ks)) for w, rs in strata]
     out, ci = {}, {}
     for kind, _, _ in PASS_KINDS:
-        mean = sum(w * m[kind].mean(0) for w, m in mats)
+        # clipped to [weighted min, weighted max] (a no-op but for rounding) so that equal problems give
+        # exactly their value, as the clipped interval does
+        mean = np.clip(sum(w * m[kind].mean(0) for w, m in mats), sum(w * m[kind].min(0) for w, m in mats),
+                       sum(w * m[kind].max(0) for w, m in mats))
         out[kind] = {f'pass@{k}': float(x) for k, x in zip(ks, mean)}
         if n_boot:
             lo, hi = bootstrap_ci([(w, m[kind]) for w, m in mats], n_boot, seed)
