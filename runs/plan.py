@@ -15,6 +15,8 @@ Estimates (all assumptions are printed, and each is an environment variable):
              old-policy passes 2N, the update 6N per sequence token; the rollout runs at MFU_SAMPLE (0.05:
              decoding is memory-bound), the passes and the update at MFU_TRAIN
   evaluation problems x samples x (prompt + response) tokens at 2N, at MFU_SAMPLE
+  sampling   never faster than DECODE_MS (20) per decode step x the steps of a generate() call, taken as
+             min(max response length, 3 x the mean gold response): the longest sample sets the pace
 Prompt and response lengths are the mean gold lengths of 192 generated problems of the stage's ops
 (data.standard_tokenizer; a trained model writes about the gold length). runs/gpu_check.sh measures
 the real MFU and sampling throughput on a GPU: put them in MFU_TRAIN / MFU_SAMPLE.
@@ -38,6 +40,7 @@ NGPU = int(os.environ.get('NGPU') or 1)
 PEAK = float(os.environ.get('PEAK_TFLOPS', 989)) * 1e12
 MFU_TRAIN = float(os.environ.get('MFU_TRAIN', 0.40))
 MFU_SAMPLE = float(os.environ.get('MFU_SAMPLE', 0.05))
+DECODE_MS = float(os.environ.get('DECODE_MS', 20))   # one decode step of a generate() call (latency floor)
 ALLOW_EPOCHS = os.environ.get('ALLOW_EPOCHS', '0') == '1'
 PLAN_MODEL = os.environ.get('PLAN_MODEL', 'paper')   # the architecture of a checkpoint no stage here makes
 
@@ -91,6 +94,11 @@ def mean_lengths(ops):
 
 def hours(flops, mfu):
     return flops / (NGPU * PEAK * mfu) / 3600
+
+
+def decode_hours(calls, resp, max_len):
+    """The latency floor of `calls` generate() calls (one after another on each GPU)."""
+    return calls * min(max_len, 3 * resp) * DECODE_MS / 1000 / 3600
 
 
 def data_tokens_available(cfg):
@@ -156,8 +164,10 @@ def plan_rl(cfg, models):
         check_epochs(f"rl -> {cfg['out_dir']} (prompts)", steps * P, len(rows),
                      f"give --prompts more rows or lower --max_steps")
     models[os.path.normpath(cfg['out_dir'])] = mc
+    calls = -(-P // (NGPU * cfg['gen_batch'])) if cfg['gen_batch'] else 1   # generate() calls per rank and step
+    sample_h = max(hours(rollout, MFU_SAMPLE), decode_hours(calls, resp, cfg['max_response_len']))
     return {'params': n, 'tokens': int(steps * seq_tok), 'flops': steps * (rollout + rest),
-            'hours': steps * (hours(rollout, MFU_SAMPLE) + hours(rest, MFU_TRAIN)),
+            'hours': steps * (sample_h + hours(rest, MFU_TRAIN)),
             'detail': f"{steps} steps x {P} prompts x {G}; ~{prompt:.0f} + {resp:.0f} tok per sample (ops "
                       f"{rl_ops(cfg)[0]}-{rl_ops(cfg)[-1]})"}
 
@@ -168,14 +178,18 @@ def plan_eval(cfg, models):
     n_samples = 1 if cfg['greedy'] else cfg['n_samples']
     per_op = cfg['eval_per_op_template'] * len(evaluate.split_list(cfg['eval_templates']) or data.TEMPLATES)
     problems = len(cfg['eval_ops']) * per_op
-    flops, tokens = 0.0, 0
+    flops, tokens, longest = 0.0, 0, 0.0
     for op in cfg['eval_ops']:
         prompt, resp = mean_lengths([op])
         tokens += per_op * n_samples * (prompt + min(resp, cfg['max_new_tokens']))
+        longest = max(longest, resp)
     for c in ckpts:
         n, _ = params_of(models.get(os.path.normpath(c)) or default_model())
         flops += 2 * n * tokens
-    return {'params': None, 'tokens': int(tokens * len(ckpts)), 'flops': flops, 'hours': hours(flops, MFU_SAMPLE),
+    seqs = problems * n_samples / NGPU     # per rank; batch_size > 0 splits them into calls
+    calls = -(-seqs // cfg['batch_size']) if cfg['batch_size'] else 1
+    h = max(hours(flops, MFU_SAMPLE), len(ckpts) * decode_hours(calls, longest, cfg['max_new_tokens']))
+    return {'params': None, 'tokens': int(tokens * len(ckpts)), 'flops': flops, 'hours': h,
             'detail': f"{len(ckpts)} checkpoints x {problems} problems x {n_samples} samples"}
 
 
@@ -205,7 +219,8 @@ def print_plan(rows, out=sys.stdout):
     tot = sum(r['hours'] for r in rows)
     p(f"total: {_fmt(sum(r['flops'] for r in rows))} FLOPs, {tot * NGPU:.1f} GPU hours = {tot:.2f} h wall on {NGPU} "
       f"GPU(s) (assumed: peak {PEAK / 1e12:.0f} TFLOP/s bf16 per GPU, MFU {MFU_TRAIN:.0%} training, "
-      f"{MFU_SAMPLE:.0%} sampling; set PEAK_TFLOPS / MFU_TRAIN / MFU_SAMPLE)")
+      f"{MFU_SAMPLE:.0%} sampling and >= {DECODE_MS:g} ms per decode step; set PEAK_TFLOPS / MFU_TRAIN / "
+      f"MFU_SAMPLE / DECODE_MS)")
 
 
 def main(argv):
