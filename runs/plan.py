@@ -17,7 +17,7 @@ Estimates (all assumptions are printed, and each is an environment variable):
   evaluation problems x samples x (prompt + response) tokens at 2N, at MFU_SAMPLE
   sampling   never faster than DECODE_MS (20) per decode step x the steps of a generate() call, taken as
              min(max response length, 3 x the mean gold response): the longest sample sets the pace
-Prompt and response lengths are the mean gold lengths of 192 generated problems of the stage's ops
+Prompt and response lengths are the mean gold lengths of 64 generated problems of the stage's ops
 (data.standard_tokenizer; a trained model writes about the gold length). runs/gpu_check.sh measures
 the real MFU and sampling throughput on a GPU: put them in MFU_TRAIN / MFU_SAMPLE.
 """
@@ -30,8 +30,6 @@ from contextlib import redirect_stdout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
-
-import torch  # noqa: E402
 
 import data  # noqa: E402
 import model  # noqa: E402
@@ -70,22 +68,25 @@ def default_model():
     return dataclasses.replace(model.MODEL_PRESETS[PLAN_MODEL], vocab_size=data.DEFAULT_VOCAB_SIZE)
 
 
-def params_of(cfg_model):
-    """(N, model) of a ModelConfig, built on the meta device (no memory, no time)."""
-    with torch.device('meta'):
-        m = model.Qwen2(cfg_model)
-    return m.num_params(), m
+def params_of(mc):
+    """(N, training FLOPs per token at seq_len T) of a ModelConfig, counted as model.Qwen2 counts them
+    (num_params, flops_per_token: 6N + 12 L d T), without building the model. tests/test_plans.py checks
+    both against a real Qwen2."""
+    d, q, kv = mc.hidden_size, mc.n_head * mc.head_dim, mc.n_kv_head * mc.head_dim
+    per_layer = (d * q + q) + 2 * (d * kv + kv) + q * d + 3 * d * mc.intermediate_size + 2 * d
+    n = mc.vocab_size * d * (1 if mc.tie_embeddings else 2) + mc.n_layer * per_layer + d
+    return n, (lambda T: 6 * n + 12 * mc.n_layer * d * T)
 
 
 _LENGTHS = {}
 
 
 def mean_lengths(ops):
-    """(prompt tokens, gold response tokens) averaged over 192 generated problems of `ops`."""
+    """(prompt tokens, gold response tokens) averaged over 64 generated problems of `ops`."""
     key = tuple(ops)
     if key not in _LENGTHS:
         tok = data.standard_tokenizer()
-        rows = [p.to_row() for p in data.generate_problems(192, list(ops), seed=0)]
+        rows = [p.to_row() for p in data.generate_problems(64, list(ops), seed=0)]
         prompt = [len(tok.encode(data.prompt_text(r))) for r in rows]
         full = [len(tok.encode(data.training_text(r))) for r in rows]
         _LENGTHS[key] = (sum(prompt) / len(rows), sum(f - p for f, p in zip(full, prompt)) / len(rows))
@@ -122,7 +123,7 @@ def plan_train(mod, cfg, models):
         mc = __import__('pretrain').model_config_for(cfg, data.DEFAULT_VOCAB_SIZE)
     else:
         mc = models.get(os.path.normpath(cfg['init_from'])) or default_model()
-    n, m = params_of(mc)
+    n, flops_per_token = params_of(mc)
     if mod == 'midtrain' and cfg['flops_budget'] > 0:
         cfg['max_tokens'] = int(cfg['flops_budget'] // (6 * n))
     steps = cfg['max_steps'] or cfg['max_tokens'] // cfg['batch_tokens']
@@ -132,7 +133,7 @@ def plan_train(mod, cfg, models):
     available, state = data_tokens_available(cfg)
     epochs = check_epochs(f"{mod} -> {cfg['out_dir']}", tokens, available,
                           f"build {cfg['data_dir']} with --data_tokens >= {tokens:,} or lower --max_tokens")
-    flops = m.flops_per_token(cfg['seq_len']) * tokens
+    flops = flops_per_token(cfg['seq_len']) * tokens
     models[os.path.normpath(cfg['out_dir'])] = mc
     return {'params': n, 'tokens': tokens, 'flops': flops, 'hours': hours(flops, MFU_TRAIN),
             'detail': f"{steps:,} steps x {cfg['batch_tokens']:,} tok; data {available:,} tok ({state}), "
