@@ -136,8 +136,7 @@ def check_rl_step():
     init, out = os.path.join(OUT, 'paper_init'), os.path.join(OUT, 'rl_step')
     paper_init(init)
     code = (f"import time, torch, rl; t = time.time(); "
-            f"rl.main(['paper_rl', '--init_from={init}', '--out_dir={out}', '--max_steps=1', '--eval_every=0', "
-            f"'--sample_every=0', '--ckpt_every=0']); "
+            f"rl.main({rl_step_args(init, out)!r}); "
             f"print(json.dumps({{'s': time.time() - t, 'peak_gib': torch.cuda.max_memory_allocated() / 2**30}}))")
     ok, s, tail = run([sys.executable, '-c', 'import json; ' + code], LIMITS['rl_step'], 'rl_step.log')
     res = next((json.loads(ln) for ln in reversed(tail.splitlines()) if ln.startswith('{"s"')), None)
@@ -147,15 +146,25 @@ def check_rl_step():
                  f"peak {res['peak_gib']:.1f} GiB"
 
 
-def check_pipeline():
-    T = os.path.join(OUT, 'pipeline')
-    steps = [
+def pipeline_steps(T):
+    """The small end-to-end run's commands (tests/test_plans.py resolves their configs on the CPU)."""
+    return [
         ['pretrain.py', 'tiny_pretrain', f'--out_dir={T}/base', f'--data_dir={T}/data', '--max_tokens=1228800',
          '--data_tokens=1400000', '--data_workers=8', '--progress=False', '--eval_interval=100'],
         ['rl.py', 'tiny_rl', f'--init_from={T}/base', f'--out_dir={T}/rl', '--max_steps=3', '--eval_every=0'],
         ['evaluate.py', 'tiny_eval', f'--ckpts={T}/base,{T}/rl', '--labels=base,rl', f'--out_dir={T}/eval',
          f'--data_dir={T}/data', '--n_samples=4', '--eval_per_op_template=2', '--progress=False'],
     ]
+
+
+def rl_step_args(init, out):
+    return ['paper_rl', f'--init_from={init}', f'--out_dir={out}', '--max_steps=1', '--eval_every=0',
+            '--sample_every=0', '--ckpt_every=0']
+
+
+def check_pipeline():
+    T = os.path.join(OUT, 'pipeline')
+    steps = pipeline_steps(T)
     t, left = time.time(), LIMITS['pipeline']
     for i, cmd in enumerate(steps):
         ok, s, tail = run([sys.executable, *cmd], max(1, left), f'pipeline_{i}.log')

@@ -109,10 +109,10 @@ def data_tokens_available(cfg):
     return cfg['data_tokens'] or cfg['max_tokens'], 'to build'
 
 
-def check_epochs(what, needed, available, fix):
+def check_epochs(what, needed, available, fix, unit='tokens'):
     epochs = needed / max(available, 1)
     if epochs > 1 and not ALLOW_EPOCHS:
-        raise PlanError(f"{what} needs {needed:,} tokens but its data holds {available:,}: it would repeat the data "
+        raise PlanError(f"{what} needs {needed:,} {unit} but its data holds {available:,}: it would repeat the data "
                         f"{epochs:.2f}x; {fix} (or set ALLOW_EPOCHS=1 to allow repeats)")
     return epochs
 
@@ -163,7 +163,7 @@ def plan_rl(cfg, models):
     if cfg['prompts']:
         rows = [r for r in data.read_jsonl(cfg['prompts']) if cfg['mixture'] or cfg['op_min'] <= r['op'] <= cfg['op_max']]
         check_epochs(f"rl -> {cfg['out_dir']} (prompts)", steps * P, len(rows),
-                     f"give --prompts more rows or lower --max_steps")
+                     "give --prompts more rows or lower --max_steps", unit='prompts')
     models[os.path.normpath(cfg['out_dir'])] = mc
     calls = -(-P // (NGPU * cfg['gen_batch'])) if cfg['gen_batch'] else 1   # generate() calls per rank and step
     sample_h = max(hours(rollout, MFU_SAMPLE), decode_hours(calls, resp, cfg['max_response_len']))

@@ -98,3 +98,32 @@ def test_parameter_and_flop_count_match_the_model(preset):
     n, flops_per_token = plan.params_of(mc)
     assert n == m.num_params()
     assert flops_per_token(512) == m.flops_per_token(512)
+
+
+def test_rl_prompts_from_a_released_directory(tmp_path):
+    """rl.py --prompts= takes a directory laid out as the released data; the plan counts its rows at the RL ops
+    and refuses a run that would cycle through them."""
+    import data
+    d = tmp_path / 'composition' / 'heldout'
+    d.mkdir(parents=True)
+    for op in (11, 12):
+        rows = [p.to_row() for p in data.generate_problems(5, [op], seed=op)]
+        data.write_jsonl(str(d / f'op{op}-50k.jsonl'), [{k: r[k] for k in ('problem', 'question', 'solution')}
+                                                         for r in rows])
+    ok = f'rl.py paper_rl --prompts={tmp_path} --op_min=11 --op_max=14 --prompts_per_step=4 --minibatch_prompts=4'
+    (row,) = plan.plan([ok + ' --max_steps=2'])
+    assert '2 steps x 4 prompts x 6' in row['detail']
+    with pytest.raises(plan.PlanError, match=r'rl -> .* needs 12 .* holds 10'):
+        plan.plan([ok + ' --max_steps=3'])
+
+
+def test_gpu_check_commands_resolve(tmp_path):
+    """runs/gpu_check.py's stage commands use only keys the stages know (the check itself needs a GPU)."""
+    import gpu_check
+    lines = [' '.join(cmd) for cmd in gpu_check.pipeline_steps(str(tmp_path))]
+    lines.append(' '.join(['rl.py', *gpu_check.rl_step_args(str(tmp_path / 'init'), str(tmp_path / 'rl'))]))
+    for line in lines:
+        script, *args = line.split()
+        mod, cfg = plan.resolve(script, args)
+        assert cfg['out_dir'].startswith(str(tmp_path))
+    assert cfg['prompts_per_step'] == 1024 and cfg['group_size'] == 6 and cfg['max_response_len'] == 1024
