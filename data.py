@@ -1234,6 +1234,8 @@ def mixture(ops, templates=None, modes=None, template_ops=None, world=None) -> M
         for k in x:
             if k not in universe:
                 raise ValueError(f'unknown {what} {k!r}; choose from {", ".join(universe)}')
+        if x and not any(w > 0 for w in x.values()):
+            raise ValueError(f'every {what} weight is 0 in {x}; give at least one a positive weight')
         return tuple((k, float(w)) for k, w in x.items() if w > 0)
     tops = tuple((t, _norm_ops(o)) for t, o in (template_ops or {}).items())
     for t, _ in tops:
@@ -1414,14 +1416,50 @@ def answer_of(solution: str) -> int:
     return int(tail)
 
 
+def jsonl_files(path) -> list:
+    """The files `path` names: a JSONL file, a directory (every *.jsonl below it, sorted) or a glob
+    ('released/composition/val/*.jsonl'). ValueError when it names none."""
+    import glob
+    if os.path.isfile(path):
+        return [path]
+    files = sorted(glob.glob(os.path.join(path, '**', '*.jsonl'), recursive=True) if os.path.isdir(path)
+                   else (f for f in glob.glob(path, recursive=True) if os.path.isfile(f)))
+    if not files:
+        raise ValueError(f"{path} names no JSONL file; pass a .jsonl file, a directory holding some, or a glob")
+    return files
+
+
+def _row_defaults(path):
+    """op / template a released file's name gives (composition/val/op12-200.jsonl,
+    context/<template>/test/op5_1k.jsonl), for rows that lack them."""
+    out, m = {}, re.search(r'op(\d+)[-_][^/\\]*\.jsonl$', path)
+    if m:
+        out['op'] = int(m.group(1))
+    named = [t for t in os.path.normpath(path).split(os.sep) if t in TEMPLATES]
+    if named:
+        out['template'] = named[-1]
+    return out
+
+
 def read_jsonl(path) -> list:
-    """Rows of a JSONL file. Released rows without 'graph' / 'answer' get them from the gold solution."""
-    rows = []
+    """Rows of a JSONL file, or of every file of a directory / glob (jsonl_files). Released rows without
+    'graph' / 'answer' get them from the gold solution; without op / template, from the file's name (else
+    the template from the problem's place names); without mode, from the solution (reverse ones say the
+    unknown is not known yet)."""
+    files = jsonl_files(path)
+    if len(files) > 1 or files[0] != path:
+        return [r for f in files for r in read_jsonl(f)]
+    rows, named = [], _row_defaults(path)
     with open(path, encoding='utf-8') as f:
         for line in f:
             if not line.strip():
                 continue
-            r = json.loads(line)
+            r = {**named, **json.loads(line)}
+            if 'mode' not in r:
+                r['mode'] = REVERSE if _UNKNOWN_MARK in r['solution'] else FORWARD
+            if 'template' not in r:   # place names belong to one template each
+                r['template'] = next((t.name for t in TEMPLATES.values()
+                                      if any(p in r['problem'] for ps in t.places for p in ps)), 'unknown')
             if 'answer' not in r:
                 r['answer'] = answer_of(r['solution'])
             if 'graph' not in r:

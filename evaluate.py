@@ -1,8 +1,12 @@
 """
-Evaluate checkpoints on held-out problems (SPEC §4): n samples per problem, each checked for the
-right answer (outcome) and for a fully correct reasoning graph (process-verified, SPEC §2), then
-pass@k for k = 1, 2, 4, ..., n with the unbiased estimator, per op / band / template / mode, for
-one or several checkpoints side by side.
+Evaluate checkpoints on held-out problems (STUDY.md §4): n samples per problem, each checked for the
+right answer (outcome) and for a fully correct reasoning graph (process-verified, STUDY.md §2), then
+pass@k for k = 1, 2, 4, ..., n per op / band / template / mode, for one or several checkpoints side
+by side, with two estimators (STUDY.md §6):
+  unbiased   1 - C(n-c, k) / C(n, k): the expected pass@k of k samples drawn from the n (Chen et al.)
+  ordered    the original study's scorer: a problem counts at k if one of its first k samples, in the
+             order they were drawn, is right. Use it to compare with the paper's numbers.
+The tables show both (with a 95% bootstrap interval over problems); `estimator` picks the plots'.
 
 Commands (run from the repository root):
 
@@ -25,10 +29,15 @@ Commands (run from the repository root):
     # re-score saved generations (e.g. after a verifier fix) without sampling again
     python evaluate.py paper_eval --labels=base,rl --out_dir=out/eval --rescore=True
 
+    # the original's released test sets: a directory or glob of JSONL files (op, template from the rows
+    # or from names such as composition/test/op10-1k.jsonl, context/<template>/test/op5_1k.jsonl)
+    python evaluate.py paper_eval --ckpts=out/released --eval_file='released/composition/val/*.jsonl'
+
 The held-out set (`eval_file`): '' = {data_dir}/eval.jsonl when it exists (written by
 data.build_dataset, disjoint from training), else generated with data.make_eval_set(eval_ops,
 eval_per_op_template, eval_seed); 'generate' = always generate; a path = any JSONL of ours or the
-original study's (rows without a gold graph get one from data.read_jsonl parsing the gold solution).
+original study's, or a directory / glob of them (rows without a gold graph get one from data.read_jsonl
+parsing the gold solution).
 data_dir '' means the data dir recorded in the first checkpoint's run config.
 
 What ends up in out_dir:
@@ -37,7 +46,7 @@ What ends up in out_dir:
   summary.md               the tables a reader wants first (bands x modes, ops, hacking, templates)
   passk_by_band.png        pass@k curves per band (columns) and mode (rows), checkpoints overlaid
   acc_vs_op.png            pass@1 and pass@n versus op, checkpoints overlaid, bands shaded; rows per mode
-  acc_vs_op_by_template.png   the same with one row per template (contextual generalization, SPEC §5.2)
+  acc_vs_op_by_template.png   the same with one row per template (contextual generalization, STUDY.md §5.2)
   generations_{label}.jsonl   {id, op, template, mode, sample, text, verdict} per sample
   eval_set.jsonl           the problems (with gold graphs) the generations belong to; --rescore reads it
 
@@ -79,14 +88,20 @@ defaults = dict(
     eval_seed=1234,                      # generator seed of an on-the-fly eval set
     # sampling
     n_samples=128,                       # samples per problem; pass@k is reported for k = 1, 2, 4, ..., n
-    temperature=0.7,                     # sampling temperature (SPEC §4)
+    temperature=0.7,                     # sampling temperature (STUDY.md §4)
     greedy=False,                        # greedy decoding: temperature 0 and one sample
     top_k=0,                             # 0 = off
     max_new_tokens=1024,                 # generation budget per sample (also capped by the model's context)
-    batch_size=256,                      # sequences per generate() call (prompts x samples); lower it on OOM
+    batch_size=0,                        # 0 = one generate() call per rank for all its problems x n samples
+                                         # (generate schedules memory); > 0 = calls of ~that many sequences
     seed=0,                              # sampling seed (every checkpoint gets the same one)
     # scoring and reports
     bands={'ID': (2, 10), 'OOD-edge': (11, 14), 'OOD-hard': (15, 20)},  # band name -> inclusive op range
+    weighted_bands={},                   # band name -> op weights, e.g. {'ID': '2-4:0.2,5-7:0.3,8-10:0.5'}: an extra
+                                         # row, the weighted mean of the ranges' means (the reference numbers' ID)
+    estimator='unbiased',                # the plots' pass@k: 'unbiased' or 'ordered' (the original's); tables show both
+    bootstrap=1000,                      # bootstrap resamples (over problems) for the 95% intervals; 0 = none
+    bootstrap_seed=0,                    # seed of the resampling (the same intervals on every re-run)
     workers=1,                           # processes for verification (per rank)
     device='auto',                       # 'auto' (cuda if available, cuda:LOCAL_RANK under torchrun), 'cpu', 'cuda'
     progress=True,                       # tqdm progress bars on rank 0
@@ -116,9 +131,11 @@ def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_te
     `ops` / `templates` / `modes` and capped at per_op_template per (op, template). Returns (rows, source)."""
     in_data_dir = os.path.join(data_dir, 'eval.jsonl') if data_dir else ''
     if eval_file and eval_file != 'generate':
-        if not os.path.exists(eval_file):
-            raise EvalError(f"eval_file {eval_file} does not exist; pass an existing JSONL or --eval_file=generate")
-        rows, source = data.read_jsonl(eval_file), eval_file
+        try:
+            files = data.jsonl_files(eval_file)
+        except ValueError as e:
+            raise EvalError(f"eval_file: {e}, or --eval_file=generate") from None
+        rows, source = data.read_jsonl(eval_file), eval_file + (f' ({len(files)} files)' if len(files) > 1 else '')
     elif eval_file != 'generate' and in_data_dir and os.path.exists(in_data_dir):
         rows, source = data.read_jsonl(in_data_dir), in_data_dir
     else:
@@ -168,26 +185,27 @@ def completion_text(tok, tokens):
 
 
 @torch.no_grad()
-def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, batch_size=256, top_k=None,
+def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, batch_size=0, top_k=None,
                      seed=0, progress=True, desc='sampling'):
-    """n completions per row, returned as texts[row][sample] in the order of `rows`.
+    """n completions per row, returned as texts[row][sample] in the order of `rows`; a row's samples
+    keep the order they were drawn in (the ordered pass@k reads it).
 
-    Prompts are tok.encode(data.prompt_text(row)); generation stops at '</answer>' or EOS. Problems are
-    processed longest prompt first, so a batch holds prompts of similar length (little padding) and
-    an out-of-memory batch size shows up on the first call. A generate() call holds about batch_size
-    sequences: several prompts x n samples, or, when n > batch_size, one prompt in several chunks.
-    Each prompt is prefilled once and its KV cache shared by its samples (generate's num_samples).
-    temperature 0 is greedy. The model's train/eval mode is left as it was."""
+    Prompts are tok.encode(data.prompt_text(row)); generation stops at '</answer>' or EOS. With
+    batch_size 0 every row goes to one generate(prompts, ..., num_samples=n) call, which prefills
+    each prompt once, shares its KV cache among its samples and schedules memory itself. batch_size
+    > 0 splits the rows (longest prompt first) into calls of about batch_size sequences, for a
+    generate that holds a whole call in memory. temperature 0 is greedy. The model's train/eval mode
+    is left as it was."""
     if not rows:
         return []
     m = unwrap(model)
     device = next(m.parameters()).device
     prompts = [tok.encode(data.prompt_text(r)) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
-    calls = []  # (row indices, samples per row)
-    if n >= batch_size:
-        for i in order:
-            calls += [([i], min(batch_size, n - s)) for s in range(0, n, batch_size)]
+    if batch_size <= 0:
+        calls = [(order, n)]                         # (row indices, samples per row)
+    elif n >= batch_size:
+        calls = [([i], min(batch_size, n - s)) for i in order for s in range(0, n, batch_size)]
     else:
         per_call = batch_size // n
         calls = [(order[j:j + per_call], n) for j in range(0, len(order), per_call)]
@@ -233,16 +251,24 @@ def verify_all(rows, samples, workers=1, progress=False):
     return out
 
 
+def first_rank(flags):
+    """1-based position of the first true flag (0 = none): the ordered pass@k counts the problem at k >= it."""
+    return next((i + 1 for i, f in enumerate(flags) if f), 0)
+
+
 def problem_record(row, verdicts):
     """Counts for one problem: n samples, c_outcome right answers, c_process process-verified correct,
-    c_hacked right answer with a wrong process, no_answer without a parsable answer, mean ProcessAcc."""
+    c_hacked right answer with a wrong process, no_answer without a parsable answer, mean ProcessAcc;
+    first_outcome / first_process: the 1-based rank of the first right / perfect sample (0 = none)."""
     n = len(verdicts)
     return {'id': row['id'], 'op': row['op'], 'template': row['template'], 'mode': row['mode'], 'n': n,
             'c_outcome': sum(v.outcome for v in verdicts),
             'c_process': sum(v.perfect for v in verdicts),
             'c_hacked': sum(v.outcome and not v.perfect for v in verdicts),
             'no_answer': sum(v.answer is None for v in verdicts),
-            'process_acc': sum(v.process_acc for v in verdicts) / n if n else 0.0}
+            'process_acc': sum(v.process_acc for v in verdicts) / n if n else 0.0,
+            'first_outcome': first_rank(v.outcome for v in verdicts),
+            'first_process': first_rank(v.perfect for v in verdicts)}
 
 
 def score(rows, samples, workers=1, progress=False):
@@ -263,6 +289,12 @@ def pass_at_k(n, c, k):
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def ordered_pass_at_k(first, k):
+    """The original study's pass@k of one problem (STUDY.md §6): 1 if its first right sample, in the order
+    drawn, has rank <= k (first = 0: none was right)."""
+    return 1.0 if 0 < first <= k else 0.0
+
+
 def default_ks(n):
     """1, 2, 4, ... up to n, and n itself."""
     ks = [2 ** i for i in range(int(math.log2(n)) + 1)] if n >= 1 else []
@@ -276,15 +308,67 @@ def band_of(op, bands=BANDS):
     return 'other'
 
 
-def group_stats(records, ks):
-    """Means over problems of pass@k (process-verified and outcome); sample-weighted rates."""
+# the pass@k tables of a group: (key in the stats, verifier, estimator)
+PASS_KINDS = (('process', 'process', 'unbiased'), ('outcome', 'outcome', 'unbiased'),
+              ('process_ordered', 'process', 'ordered'), ('outcome_ordered', 'outcome', 'ordered'))
+
+
+def pass_matrix(records, ks):
+    """{kind: array (problems, len(ks))} of per-problem pass@k for every PASS_KINDS entry."""
+    out = {}
+    for kind, verifier, est in PASS_KINDS:
+        if est == 'unbiased':
+            out[kind] = np.array([[pass_at_k(r['n'], r[f'c_{verifier}'], k) for k in ks] for r in records])
+        else:
+            out[kind] = np.array([[ordered_pass_at_k(r[f'first_{verifier}'], k) for k in ks] for r in records])
+    return out
+
+
+def bootstrap_ci(strata, n_boot, seed=0, level=0.95):
+    """Percentile bootstrap interval of a (weighted) mean over problems. strata: [(weight, values)], values
+    an array (problems, columns); each resample draws every stratum's problems with replacement and
+    returns sum_s weight_s * mean_s. Returns (lo, hi) arrays of shape (columns,), clipped to the range
+    the statistic can take (so all-equal problems give exactly [v, v]). Seeded: the same on every run."""
+    rng = np.random.default_rng(seed)
+    total, lo_bound, hi_bound = 0.0, 0.0, 0.0
+    for w, v in strata:
+        n = len(v)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)   # (n_boot, n): a resample per row
+        total = total + w * (counts @ v) / n
+        lo_bound, hi_bound = lo_bound + w * v.min(0), hi_bound + w * v.max(0)
+    a = (1 - level) / 2
+    lo, hi = np.quantile(total, [a, 1 - a], axis=0)
+    return np.clip(lo, lo_bound, hi_bound), np.clip(hi, lo_bound, hi_bound)
+
+
+def pass_tables(strata, ks, n_boot=0, seed=0):
+    """pass@k of a weighted set of record groups: {kind: {'pass@k': value}} for every PASS_KINDS entry,
+    and with n_boot > 0 'ci': {kind: {'pass@k': [lo, hi]}}. strata: [(weight, records)], weights sum to 1."""
+    mats = [(w, pass_matrix(rs, ks)) for w, rs in strata]
+    out, ci = {}, {}
+    for kind, _, _ in PASS_KINDS:
+        # clipped to [weighted min, weighted max] (a no-op but for rounding) so that equal problems give
+        # exactly their value, as the clipped interval does
+        mean = np.clip(sum(w * m[kind].mean(0) for w, m in mats), sum(w * m[kind].min(0) for w, m in mats),
+                       sum(w * m[kind].max(0) for w, m in mats))
+        out[kind] = {f'pass@{k}': float(x) for k, x in zip(ks, mean)}
+        if n_boot:
+            lo, hi = bootstrap_ci([(w, m[kind]) for w, m in mats], n_boot, seed)
+            ci[kind] = {f'pass@{k}': [float(a), float(b)] for k, a, b in zip(ks, lo, hi)}
+    if n_boot:
+        out['ci'] = ci
+    return out
+
+
+def group_stats(records, ks, n_boot=0, seed=0):
+    """pass@k over the problems (pass_tables: process-verified and outcome, unbiased and ordered, with
+    bootstrap intervals when n_boot > 0); sample-weighted rates."""
     n_samples = sum(r['n'] for r in records)
     c_outcome = sum(r['c_outcome'] for r in records)
     hacked = sum(r['c_hacked'] for r in records)
     return {
         'n_problems': len(records), 'n_samples': n_samples,
-        'process': {f'pass@{k}': float(np.mean([pass_at_k(r['n'], r['c_process'], k) for r in records])) for k in ks},
-        'outcome': {f'pass@{k}': float(np.mean([pass_at_k(r['n'], r['c_outcome'], k) for r in records])) for k in ks},
+        **pass_tables([(1.0, records)], ks, n_boot, seed),
         'process_acc': sum(r['process_acc'] * r['n'] for r in records) / n_samples,
         'hack_rate': hacked / n_samples,                       # right answer, wrong process: share of all samples
         'hack_share': hacked / c_outcome if c_outcome else 0.0,  # ... share of the right answers
@@ -292,10 +376,24 @@ def group_stats(records, ks):
     }
 
 
-def aggregate(records, ks=None, bands=BANDS):
+def weighted_stats(records, ops_spec, ks, n_boot=0, seed=0):
+    """pass@k as sum_i w_i * (mean over the problems with op in range i), for ops_spec like
+    '2-4:0.2,5-7:0.3,8-10:0.5' (the reference numbers' ID, STUDY.md §6); weights are normalised. The
+    bootstrap resamples within each range. None when a range has no problems."""
+    parts = data.parse_ops(ops_spec)
+    total = sum(w for w, _ in parts)
+    strata = [(w / total, [r for r in records if r['op'] in ops]) for w, ops in parts]
+    if any(not rs for _, rs in strata):
+        return None
+    return {'n_problems': sum(len(rs) for _, rs in strata), 'weights': ops_spec,
+            **pass_tables(strata, ks, n_boot, seed)}
+
+
+def aggregate(records, ks=None, bands=BANDS, weighted_bands=None, n_boot=0, seed=0):
     """{'ks', 'bands', 'all': stats, 'op': {'2': stats, ...}, 'band': {'ID': ...}, 'template': ...,
-    'mode': ..., 'op/mode': {'2/normalforward': ...}, 'band/mode', 'band/template', 'op/template'};
-    stats as group_stats. ks default to 1, 2, 4, ..., n (k > the smallest n is dropped)."""
+    'mode': ..., 'op/mode': {'2/normalforward': ...}, 'band/mode', 'band/template', 'op/template',
+    'weighted': {'ID': ...} (weighted_bands)}; stats as group_stats. ks default to 1, 2, 4, ..., n
+    (k > the smallest n is dropped). n_boot > 0 adds bootstrap intervals (seeded by seed)."""
     if not records:
         raise EvalError("nothing to aggregate: no scored problems")
     n_min = min(r['n'] for r in records)
@@ -306,8 +404,14 @@ def aggregate(records, ks=None, bands=BANDS):
         buckets = defaultdict(list)
         for r in keyed:
             buckets['/'.join(str(r[d]) for d in dims)].append(r)
-        stats = {key: group_stats(rs, ks) for key, rs in sorted(buckets.items(), key=lambda kv: _sort_key(kv[0], bands))}
+        stats = {key: group_stats(rs, ks, n_boot, seed)
+                 for key, rs in sorted(buckets.items(), key=lambda kv: _sort_key(kv[0], bands))}
         out['/'.join(dims)] = stats['all'] if dims == ('all',) else stats
+    out['weighted'] = {}
+    for band, spec in (weighted_bands or {}).items():
+        st = weighted_stats(records, spec, ks, n_boot, seed)
+        if st is not None:
+            out['weighted'][band] = st
     return out
 
 
@@ -373,16 +477,26 @@ def _pct(x):
 
 def _split_rows(agg, by='mode'):
     """('all', key suffix '') then, when the data holds several, one row per mode (reverse reported
-    separately, SPEC §1) or per template: (title, '/' + value)."""
+    separately, STUDY.md §1) or per template: (title, '/' + value)."""
     values = [m for m in data.MODES if m in agg['mode']] if by == 'mode' else list(agg[by])
     return [(f'all {by}s', '')] + ([(v, '/' + v) for v in values] if len(values) > 1 else [])
 
 
+ESTIMATOR_TITLES = {'unbiased': 'unbiased estimator', 'ordered': "ordered (the original study's scorer)"}
+
+
+def _kinds(estimator):
+    """(process key, outcome key) of an estimator's pass@k tables."""
+    suffix = '' if estimator == 'unbiased' else '_ordered'
+    return 'process' + suffix, 'outcome' + suffix
+
+
 def write_csv(runs, path):
-    """One row per (label, grouping, key)."""
+    """One row per (label, grouping, key); pass@k of both estimators (intervals are in results.json)."""
     ks = next(iter(runs.values()))['aggregate']['ks']
+    kinds = [kind for kind, _, _ in PASS_KINDS]
     head = ['label', 'grouping', 'key', 'n_problems', 'n_samples', 'process_acc', 'hack_rate', 'hack_share',
-            'no_answer_rate'] + [f'process_pass@{k}' for k in ks] + [f'outcome_pass@{k}' for k in ks]
+            'no_answer_rate'] + [f'{kind}_pass@{k}' for kind in kinds for k in ks]
     with open(path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(head)
@@ -394,57 +508,77 @@ def write_csv(runs, path):
                 for key, st in table.items():
                     w.writerow([label, g, key, st['n_problems'], st['n_samples']]
                                + [f"{st[m]:.6f}" for m in ('process_acc', 'hack_rate', 'hack_share', 'no_answer_rate')]
-                               + [f"{st['process'][f'pass@{k}']:.6f}" for k in ks]
-                               + [f"{st['outcome'][f'pass@{k}']:.6f}" for k in ks])
+                               + [f"{st[kind][f'pass@{k}']:.6f}" for kind in kinds for k in ks])
+
+
+def _value(st, kind, k):
+    """'36.7' or, with a bootstrap interval, '36.7 [30.0, 43.3]' (%)."""
+    v = _pct(st[kind][f'pass@{k}'])
+    ci = st.get('ci', {}).get(kind, {}).get(f'pass@{k}')
+    return f"{v} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else v
+
+
+def _cell(st, k, estimator):
+    p, o = _kinds(estimator)
+    return f"{_value(st, p, k)} / {_value(st, o, k)}"
 
 
 def write_summary(runs, meta, path):
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
     ks, kmax = first['ks'], first['ks'][-1]
+    boot = meta.get('bootstrap', 0)
     L = [f"# Evaluation: {', '.join(labels)}", '',
          f"{meta['n_problems']} held-out problems (ops {meta['ops']}; source: {meta['source']}); "
          f"{meta['n_samples']} samples each at temperature {meta['temperature']}.",
-         "Cells are **process-verified / outcome** pass@k in %. Process-verified = every gold step has the right "
-         "parents and value and the answer is right (SPEC §2). Note: " + MODE_NOTE + ".", '',
+         "Cells are **process-verified / outcome** pass@k in %"
+         + (f", each with its 95% bootstrap interval over problems ({boot} resamples, seeded)" if boot else '')
+         + ". Process-verified = every gold step has the right parents and value and the answer is right "
+         "(STUDY.md §2). Two estimators: unbiased = 1 - C(n-c,k)/C(n,k); ordered = the original study's scorer, "
+         "a problem counts at k if one of its first k samples as drawn is right (STUDY.md §6). Note: "
+         + MODE_NOTE + ".", '',
          '## Checkpoints', '', '| label | checkpoint | step |', '|---|---|---|']
     L += [f"| {lb} | {run.get('ckpt', '')} | {run.get('step', '')} |" for lb, run in runs.items()]
-
-    def cell(st, k):
-        return f"{_pct(st['process'][f'pass@{k}'])} / {_pct(st['outcome'][f'pass@{k}'])}"
-
-    L += ['', '## pass@k by band', '']
-    for title, suffix in _split_rows(first):
-        L += [f"### {title}", '', '| label | band | problems | ' + ' | '.join(f'pass@{k}' for k in ks) + ' |',
-              '|---|---|---|' + '---|' * len(ks)]
-        for lb in labels:
-            agg = runs[lb]['aggregate']
-            for band in agg['band']:
-                st = agg['band/mode'].get(band + suffix) if suffix else agg['band'][band]
-                if st:
-                    L.append(f"| {lb} | {band} | {st['n_problems']} | " + ' | '.join(cell(st, k) for k in ks) + ' |')
+    for est in ESTIMATOR_TITLES:
+        L += ['', f'## pass@k by band, {ESTIMATOR_TITLES[est]}', '']
+        for title, suffix in _split_rows(first):
+            L += [f"### {title}", '', '| label | band | problems | ' + ' | '.join(f'pass@{k}' for k in ks) + ' |',
+                  '|---|---|---|' + '---|' * len(ks)]
+            for lb in labels:
+                agg = runs[lb]['aggregate']
+                for band in agg['band']:
+                    st = agg['band/mode'].get(band + suffix) if suffix else agg['band'][band]
+                    if st:
+                        L.append(f"| {lb} | {band} | {st['n_problems']} | "
+                                 + ' | '.join(_cell(st, k, est) for k in ks) + ' |')
+                for band, st in (agg.get('weighted', {}).items() if not suffix else ()):
+                    L.append(f"| {lb} | {band} weighted {st['weights']} | {st['n_problems']} | "
+                             + ' | '.join(_cell(st, k, est) for k in ks) + ' |')
+            L.append('')
+    for est in ESTIMATOR_TITLES:
+        L += [f'## By op: pass@1 and pass@{kmax} (all modes), {ESTIMATOR_TITLES[est]}', '',
+              '| op | ' + ' | '.join(f'{lb} pass@1 | {lb} pass@{kmax}' for lb in labels) + ' |',
+              '|---|' + '---|---|' * len(labels)]
+        for op in first['op']:
+            cells = []
+            for lb in labels:
+                st = runs[lb]['aggregate']['op'].get(op)
+                cells += [_cell(st, 1, est), _cell(st, kmax, est)] if st else ['', '']
+            L.append(f"| {op} | " + ' | '.join(cells) + ' |')
         L.append('')
-    L += [f'## By op: pass@1 and pass@{kmax} (all modes)', '',
-          '| op | ' + ' | '.join(f'{lb} pass@1 | {lb} pass@{kmax}' for lb in labels) + ' |',
-          '|---|' + '---|---|' * len(labels)]
-    for op in first['op']:
-        cells = []
-        for lb in labels:
-            st = runs[lb]['aggregate']['op'].get(op)
-            cells += [cell(st, 1), cell(st, kmax)] if st else ['', '']
-        L.append(f"| {op} | " + ' | '.join(cells) + ' |')
-    L += ['', '## Process accuracy and reward hacking (right answer, wrong process), by band', '',
+    L += ['## Process accuracy and reward hacking (right answer, wrong process), by band', '',
           '| label | band | ProcessAcc | hacked, % of samples | hacked, % of right answers | no answer |',
           '|---|---|---|---|---|---|']
     for lb in labels:
         for band, st in runs[lb]['aggregate']['band'].items():
             L.append(f"| {lb} | {band} | {_pct(st['process_acc'])} | {_pct(st['hack_rate'])} | "
                      f"{_pct(st['hack_share'])} | {_pct(st['no_answer_rate'])} |")
-    L += ['', f'## By template and band: pass@1 and pass@{kmax}', '',
-          f'| label | template/band | pass@1 | pass@{kmax} |', '|---|---|---|---|']
-    for lb in labels:
-        for key, st in runs[lb]['aggregate']['band/template'].items():
-            L.append(f"| {lb} | {key} | {cell(st, 1)} | {cell(st, kmax)} |")
+    for est in ESTIMATOR_TITLES:
+        L += ['', f'## By template and band: pass@1 and pass@{kmax}, {ESTIMATOR_TITLES[est]}', '',
+              f'| label | template/band | pass@1 | pass@{kmax} |', '|---|---|---|---|']
+        for lb in labels:
+            for key, st in runs[lb]['aggregate']['band/template'].items():
+                L.append(f"| {lb} | {key} | {_cell(st, 1, est)} | {_cell(st, kmax, est)} |")
     with open(path, 'w') as f:
         f.write('\n'.join(L) + '\n')
 
@@ -464,9 +598,9 @@ def _style_legend(fig, labels, colors):
     fig.legend(handles=handles, loc='lower center', ncol=len(handles), frameon=False, fontsize=8)
 
 
-def plot_passk(runs, path):
+def plot_passk(runs, path, estimator='unbiased'):
     """pass@k versus k: one column per band, one row per mode group (all, forward, reverse);
-    colour = checkpoint, solid = process-verified, dashed = outcome."""
+    colour = checkpoint, solid = process-verified, dashed = outcome; `estimator`'s pass@k."""
     plt = _pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
@@ -482,13 +616,13 @@ def plot_passk(runs, path):
                 if not st:
                     continue
                 ks = agg['ks']
-                for kind, ls in (('process', '-'), ('outcome', '--')):
+                for kind, ls in zip(_kinds(estimator), ('-', '--')):
                     ax.plot(ks, [st[kind][f'pass@{k}'] for k in ks], ls, color=colors[lb], marker='o', ms=3)
             ax.set_xscale('log', base=2)
             ax.set_xticks(first['ks'], [str(k) for k in first['ks']])
             ax.minorticks_off()
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{band} ({title})", fontsize=9)
+            ax.set_title(f"{band} ({title}; {estimator})", fontsize=9)
             ax.set_xlabel('k')
             ax.grid(alpha=0.3)
         axrow[0].set_ylabel('pass@k')
@@ -498,9 +632,9 @@ def plot_passk(runs, path):
     plt.close(fig)
 
 
-def plot_acc_vs_op(runs, path, bands=BANDS, by='mode'):
+def plot_acc_vs_op(runs, path, bands=BANDS, by='mode', estimator='unbiased'):
     """pass@1 and pass@n versus op (columns); rows: all problems, then each mode (by='mode') or each
-    template (by='template'); band ranges shaded."""
+    template (by='template'); band ranges shaded; `estimator`'s pass@k."""
     plt = _pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
@@ -517,12 +651,12 @@ def plot_acc_vs_op(runs, path, bands=BANDS, by='mode'):
                 agg = runs[lb]['aggregate']
                 table = agg[f'op/{by}'] if suffix else agg['op']
                 ops = sorted(int(key.split('/')[0]) for key in table if key.endswith(suffix))
-                for kind, ls in (('process', '-'), ('outcome', '--')):
+                for kind, ls in zip(_kinds(estimator), ('-', '--')):
                     ax.plot(ops, [table[f'{op}{suffix}'][kind][f'pass@{k}'] for op in ops], ls, color=colors[lb],
                             marker='o', ms=3)
             ax.set_ylim(-0.02, 1.12)
             ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.set_title(f"pass@{k} ({title})", fontsize=9)
+            ax.set_title(f"pass@{k} ({title}; {estimator})", fontsize=9)
             ax.set_xlabel('op')
             ax.grid(alpha=0.3)
         axrow[0].set_ylabel('accuracy')
@@ -532,16 +666,20 @@ def plot_acc_vs_op(runs, path, bands=BANDS, by='mode'):
     plt.close(fig)
 
 
-def write_reports(out_dir, runs, meta, bands=BANDS):
+def write_reports(out_dir, runs, meta, bands=BANDS, estimator='unbiased'):
     """results.json, results.csv, summary.md, passk_by_band.png, acc_vs_op.png, acc_vs_op_by_template.png from
-    runs = {label: {'aggregate': aggregate(...), 'records': [...], 'ckpt': path, 'step': int}}."""
+    runs = {label: {'aggregate': aggregate(...), 'records': [...], 'ckpt': path, 'step': int}}; the plots
+    show `estimator`'s pass@k ('unbiased' or 'ordered'), the tables both."""
+    if estimator not in ESTIMATOR_TITLES:
+        raise EvalError(f"estimator={estimator!r}; choose one of {', '.join(ESTIMATOR_TITLES)}")
     os.makedirs(out_dir, exist_ok=True)
     _write_json({'meta': meta, 'runs': runs}, os.path.join(out_dir, 'results.json'))
     write_csv(runs, os.path.join(out_dir, 'results.csv'))
     write_summary(runs, meta, os.path.join(out_dir, 'summary.md'))
-    plot_passk(runs, os.path.join(out_dir, 'passk_by_band.png'))
-    plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op.png'), bands)
-    plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op_by_template.png'), bands, by='template')
+    plot_passk(runs, os.path.join(out_dir, 'passk_by_band.png'), estimator)
+    plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op.png'), bands, estimator=estimator)
+    plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op_by_template.png'), bands, by='template',
+                   estimator=estimator)
 
 
 def _write_json(obj, path):
@@ -643,6 +781,13 @@ def evaluate(cfg):
     n, temperature = (1, 0.0) if cfg['greedy'] else (cfg['n_samples'], cfg['temperature'])
     if n < 1:
         raise EvalError(f"n_samples={n}; it must be >= 1")
+    if cfg['estimator'] not in ESTIMATOR_TITLES:
+        raise EvalError(f"estimator={cfg['estimator']!r}; choose one of {', '.join(ESTIMATOR_TITLES)}")
+    for band, spec in cfg['weighted_bands'].items():
+        try:
+            data.parse_ops(spec)
+        except ValueError as e:
+            raise EvalError(f"weighted_bands[{band!r}]: {e}") from None
     labels, ckpts = run_labels(cfg)
     out_dir = cfg['out_dir']
     eval_set_path = os.path.join(out_dir, 'eval_set.jsonl')
@@ -718,16 +863,20 @@ def evaluate(cfg):
     if not master:
         return None
     for label, run in runs.items():
-        run['aggregate'] = aggregate(run['records'], bands=cfg['bands'])
+        run['aggregate'] = aggregate(run['records'], bands=cfg['bands'], weighted_bands=cfg['weighted_bands'],
+                                     n_boot=cfg['bootstrap'], seed=cfg['bootstrap_seed'])
     meta = {'config': cfg, 'source': source, 'n_problems': len(rows), 'n_samples': n, 'temperature': temperature,
-            'ops': _ops_text(sorted({r['op'] for r in rows})), 'labels': labels}
-    write_reports(out_dir, runs, meta, cfg['bands'])
+            'ops': _ops_text(sorted({r['op'] for r in rows})), 'labels': labels, 'bootstrap': cfg['bootstrap'],
+            'plot_estimator': cfg['estimator']}
+    write_reports(out_dir, runs, meta, cfg['bands'], cfg['estimator'])
     say(f"wrote {out_dir}/summary.md, results.json, results.csv, passk_by_band.png, acc_vs_op*.png")
     for label, run in runs.items():
         st = run['aggregate']['all']
         k = run['aggregate']['ks'][-1]
         say(f"  {label}: pass@1 {_pct(st['process']['pass@1'])} / {_pct(st['outcome']['pass@1'])}, pass@{k} "
-            f"{_pct(st['process'][f'pass@{k}'])} / {_pct(st['outcome'][f'pass@{k}'])} (process / outcome, %)")
+            f"{_pct(st['process'][f'pass@{k}'])} / {_pct(st['outcome'][f'pass@{k}'])} (process / outcome, %, "
+            f"unbiased); ordered pass@{k} {_pct(st['process_ordered'][f'pass@{k}'])} / "
+            f"{_pct(st['outcome_ordered'][f'pass@{k}'])}")
     return runs
 
 

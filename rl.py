@@ -1,5 +1,5 @@
 """
-RL post-training with GRPO (SPEC §4 "RL"), a handwritten loop in one file.
+RL post-training with GRPO (STUDY.md §4 "RL"), a handwritten loop in one file.
 
 One step of `main`, each phase a function a fork can replace:
   take prompts     PromptStream.take(): generated on the fly (op range, template weights, reverse
@@ -20,7 +20,7 @@ Run:
   python rl.py paper_rl_op7-10 --reward=strict --out_dir=out/rl_op7-10_strict
   torchrun --standalone --nproc_per_node=8 rl.py paper_rl
   torchrun --standalone --nproc_per_node=2 rl.py tiny_rl   # CPU, gloo
-  python rl.py paper_rl --init_from=out/mid_80 --flops_budget=1.2e17 --max_steps=100000   # SPEC §5.3
+  python rl.py paper_rl --init_from=out/mid_80 --flops_budget=1.2e17 --max_steps=100000   # STUDY.md §5.3
   python rl.py tiny_rl --loss_type=dapo --dynamic_sampling=True --overlong_buffer=48       # a DAPO ablation
 Re-running a command continues from out_dir/ckpt.pt (same prompts, RNG and optimizer: exact); a
 finished run says so and exits. A changed config is an error (naming the keys) unless
@@ -58,7 +58,7 @@ Choices, and where we differ from verl (the paper's code):
   same number of rounds). If max_rollouts rounds do not yield enough, the step is topped up with
   no-signal groups (advantage 0: no policy gradient, only KL), so a step always has the same shape.
   Reward metrics are over every drawn sample (the policy's health, not the filtered batch's).
-- FLOPs follow SPEC §4: 2N per token of every forward-only pass (rollout: each prompt once per
+- FLOPs follow STUDY.md §4: 2N per token of every forward-only pass (rollout: each prompt once per
   group -- it is prefilled once -- plus every generated token, over all dynamic-sampling rounds;
   old and reference passes: prompt + response per sample) and 6N per trained token (prompt +
   response, per PPO epoch), N = num_params(). Held-out evaluation is not counted. The FLOP budget
@@ -84,7 +84,7 @@ import model as M
 import pretrain  # config_diff, gather
 
 # -----------------------------------------------------------------------------
-# Defaults (paper values, SPEC §4). Presets in config/*rl*.py override them, then --key=value.
+# Defaults (paper values, STUDY.md §4). Presets in config/*rl*.py override them, then --key=value.
 defaults = dict(
     # I/O
     init_from='out/base',       # starting run dir or ckpt.pt (pre/mid-training); also the frozen KL reference
@@ -139,7 +139,7 @@ defaults = dict(
     grad_clip=1.0,              # global grad-norm clip (0 = off)
     # run length
     max_steps=200,              # rollout steps
-    flops_budget=0.0,           # stop before the RL FLOPs would exceed this (0 = no budget); SPEC §5.3
+    flops_budget=0.0,           # stop before the RL FLOPs would exceed this (0 = no budget); STUDY.md §5.3
     # logging, evaluation, checkpoints
     log_every=1,                # print one line every N steps (the JSONL log gets every step)
     sample_every=10,            # print / save a few sample texts every N steps (0 = never)
@@ -153,7 +153,7 @@ defaults = dict(
     eval_modes='',              # '' = both; 'normalforward' or 'forwardreverse' to evaluate one mode only
     eval_per_op_template=8,     # held-out problems per (op, template)
     eval_samples=4,             # samples per problem (pass@1 is their mean)
-    eval_temperature=0.7,       # SPEC §4 evaluation temperature
+    eval_temperature=0.7,       # STUDY.md §4 evaluation temperature
     eval_seed=1234,             # seed of a generated held-out set (evaluate.py's default)
     ckpt_every=50,              # checkpoint every N steps (0 = only at the end)
     # system

@@ -1,6 +1,6 @@
-# Paper mid-training (SPEC §4): from the op 2..10 base, the same objective on 20% U(op 2..10) + 80%
+# Paper mid-training (STUDY.md §4): from the op 2..10 base, the same objective on 20% U(op 2..10) + 80%
 # U(op 11..14), fresh AdamW and a 15% warmup + cosine schedule. The paper does not state the token
-# budget; 1B tokens is about the compute of one paper RL run (SPEC §5.3: pass --flops_budget to split a
+# budget; 1B tokens is about the compute of one paper RL run (STUDY.md §5.3: pass --flops_budget to split a
 # budget between mid-training and RL instead).
 #   python midtrain.py paper_midtrain --prepare_only=True --data_workers=16
 #   torchrun --standalone --nproc_per_node=8 midtrain.py paper_midtrain

@@ -1,4 +1,4 @@
-# Paper pre-training (SPEC §3-§4): the ~100M Qwen2 from scratch on 10B tokens of op 2..10 (uniform over
+# Paper pre-training (STUDY.md §3-§4): the ~100M Qwen2 from scratch on 10B tokens of op 2..10 (uniform over
 # op, template and mode), packed 2048-token blocks, 512k tokens per step (19,073 steps), AdamW lr 1e-4
 # with 5% warmup and cosine to 3e-5, wd 0.1, clip 1.0, bf16 autocast.
 #   python pretrain.py paper_pretrain --prepare_only=True --data_workers=16    # build the data once

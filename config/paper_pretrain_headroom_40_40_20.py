@@ -1,4 +1,4 @@
-# Headroom ablation (SPEC §5.1): pre-training op mix easy 40% / medium 40% / hard 20%
+# Headroom ablation (STUDY.md §5.1): pre-training op mix easy 40% / medium 40% / hard 20%
 # (easy = op 2-4, medium = 5-7, hard = 8-10, uniform inside a band); everything else as paper_pretrain.
 #   python pretrain.py paper_pretrain_headroom_40_40_20 --prepare_only=True --data_workers=16
 #   torchrun --standalone --nproc_per_node=8 pretrain.py paper_pretrain_headroom_40_40_20

@@ -1,4 +1,4 @@
-# Headroom ablation (SPEC §5.1): pre-training op mix easy 49.5% / medium 49.5% / hard 1%
+# Headroom ablation (STUDY.md §5.1): pre-training op mix easy 49.5% / medium 49.5% / hard 1%
 # (easy = op 2-4, medium = 5-7, hard = 8-10, uniform inside a band); everything else as paper_pretrain.
 #   python pretrain.py paper_pretrain_headroom_49.5_49.5_1 --prepare_only=True --data_workers=16
 #   torchrun --standalone --nproc_per_node=8 pretrain.py paper_pretrain_headroom_49.5_49.5_1

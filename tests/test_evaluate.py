@@ -7,6 +7,7 @@ import os
 import re
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -419,3 +420,156 @@ def test_torchrun_two_ranks_match_one_process(random_runs, tmp_path):
            for n in (1, 2)}
     assert gen[1] == gen[2] and len(gen[1]) == 9
     assert not list(outs[2].glob('*.rank*'))  # the per-rank parts were merged and removed
+
+
+# -----------------------------------------------------------------------------------------------
+# scorer parity (STUDY.md §6): the ordered pass@k, bootstrap intervals, weighted bands, released layout
+
+def _rec(op, flags, **extra):
+    """A problem record whose samples, in drawn order, are perfect where flags is 1 (outcome = perfect)."""
+    n, c = len(flags), sum(flags)
+    return {'id': f'{op}-{flags}-{extra}', 'op': op, 'template': 'crazy_zootopia', 'mode': 'normalforward',
+            'n': n, 'c_outcome': c, 'c_process': c, 'c_hacked': 0, 'no_answer': 0, 'process_acc': 1.0,
+            'first_outcome': ev.first_rank(flags), 'first_process': ev.first_rank(flags)}
+
+
+def test_ordered_pass_at_k_on_hand_made_orders():
+    """The ordered estimator counts a problem at k iff one of its first k samples (as drawn) is right;
+    the unbiased one only sees the count. Same counts, different orders: same unbiased, different ordered."""
+    early, late, never = _rec(2, [1, 0, 0, 0]), _rec(2, [0, 0, 0, 1]), _rec(2, [0, 0, 0, 0])
+    agg = ev.aggregate([early, late, never])
+    ordered, unbiased = agg['all']['process_ordered'], agg['all']['process']
+    assert [ordered[f'pass@{k}'] for k in (1, 2, 4)] == pytest.approx([1 / 3, 1 / 3, 2 / 3])
+    assert [unbiased[f'pass@{k}'] for k in (1, 2, 4)] == pytest.approx([1 / 6, 1 / 3, 2 / 3])
+    mid = ev.aggregate([_rec(3, [0, 1, 1, 0])])['all']
+    assert [mid['process_ordered'][f'pass@{k}'] for k in (1, 2, 4)] == [0.0, 1.0, 1.0]
+    assert mid['process']['pass@1'] == pytest.approx(0.5) and mid['process']['pass@2'] == pytest.approx(5 / 6)
+    # pass@n agrees for both estimators: some sample right
+    assert ordered['pass@4'] == unbiased['pass@4']
+
+
+def test_ordered_pass_at_k_reads_the_drawn_order(forward_problems):
+    """Through the real sampler and verifier: the first perfect sample's rank comes from the order generate drew."""
+    rows = forward_problems[:4]
+    tok = CharTokenizer()
+    pattern = {0: 0, 1: 2, 2: 3}                      # row index -> rank-1 of its only perfect sample (row 3: none)
+    index = {r['id']: i for i, r in enumerate(rows)}
+    oracle = OracleModel(tok, rows, lambda row, j: gold_completion(row) if pattern.get(index[row['id']]) == j
+                         else wrong_step_value(row))
+    recs = ev.score(rows, ev.sample_solutions(oracle, tok, rows, 4, 0.7, progress=False))
+    assert [r['first_process'] for r in recs] == [1, 3, 4, 0]
+    assert [r['first_outcome'] for r in recs] == [1, 1, 1, 1]   # a wrong step keeps the right answer
+    st = ev.aggregate(recs)['all']
+    assert [st['process_ordered'][f'pass@{k}'] for k in (1, 2, 4)] == [0.25, 0.25, 0.75]
+    assert oracle.calls and len(oracle.calls) == 1 and oracle.calls[0][1] == 4   # one generate call per shard
+
+
+def test_bootstrap_interval_properties():
+    rng = np.random.default_rng(1)
+
+    def recs(n):
+        return [_rec(2, list(rng.random(8) < 0.4)) for _ in range(n)]
+    small, large = ev.aggregate(recs(40), n_boot=500, seed=3)['all'], ev.aggregate(recs(1000), n_boot=500, seed=3)['all']
+    for st in (small, large):
+        for kind, _, _ in ev.PASS_KINDS:
+            for k in (1, 2, 4, 8):
+                lo, hi = st['ci'][kind][f'pass@{k}']
+                assert lo <= st[kind][f'pass@{k}'] <= hi
+    width = {name: st['ci']['process']['pass@1'][1] - st['ci']['process']['pass@1'][0]
+             for name, st in (('small', small), ('large', large))}
+    assert width['large'] < width['small'] / 2         # ~ 1/sqrt(problems): 5x narrower for 25x problems
+    # all problems equal: the interval is exactly the point
+    same = ev.aggregate([_rec(2, [1, 0, 1, 0]) for _ in range(30)], n_boot=200)['all']
+    for kind, _, _ in ev.PASS_KINDS:
+        for k in (1, 2, 4):
+            assert same['ci'][kind][f'pass@{k}'] == [same[kind][f'pass@{k}']] * 2
+    # seeded: the same intervals again; another seed, others
+    mixed = [_rec(2, [1, 0]), _rec(2, [0, 0]), _rec(2, [1, 1])] * 5
+    again = ev.aggregate(mixed, n_boot=300, seed=9)
+    assert again == ev.aggregate(mixed, n_boot=300, seed=9)
+    assert again['all']['ci'] != ev.aggregate(mixed, n_boot=300, seed=10)['all']['ci']
+
+
+def test_weighted_band_is_the_weighted_mean_of_its_ranges():
+    """ID weighted 20/30/50 over easy (2-4) / medium (5-7) / hard (8-10), as the reference numbers (STUDY.md §6)."""
+    easy = [_rec(2, [1, 1])] * 10                          # pass@1 1.0
+    medium = [_rec(5, [1, 0])] * 3                         # 0.5 (unbiased)
+    hard = [_rec(9, [0, 0])] * 7 + [_rec(10, [1, 1])]      # 1/8
+    agg = ev.aggregate(easy + medium + hard, weighted_bands={'ID': '2-4:0.2,5-7:0.3,8-10:0.5'}, n_boot=200)
+    w = agg['weighted']['ID']
+    assert w['process']['pass@1'] == pytest.approx(0.2 * 1.0 + 0.3 * 0.5 + 0.5 / 8)
+    assert agg['band']['ID']['process']['pass@1'] == pytest.approx((10 + 1.5 + 1) / 21)   # the plain mean differs
+    lo, hi = w['ci']['process']['pass@1']
+    assert lo <= w['process']['pass@1'] <= hi and hi - lo > 0
+    assert lo >= 0.2 * 1.0 + 0.3 * 0.5 and hi <= 0.2 + 0.3 * 0.5 + 0.5 * 1.0   # easy and medium are constant
+    assert ev.aggregate(easy, weighted_bands={'ID': '2-4:0.2,5-7:0.3'})['weighted'] == {}   # a range with no problems
+
+
+def test_summary_shows_both_estimators_with_intervals(tmp_path, problems):
+    runs = _runs(problems)
+    for run in runs.values():
+        run['aggregate'] = ev.aggregate(run['records'], weighted_bands={'ID': '2-4:0.2,5-7:0.3,8-10:0.5'}, n_boot=100)
+    meta = {'n_problems': len(problems), 'n_samples': 4, 'temperature': 0.7, 'source': 'test', 'ops': '2-18',
+            'bootstrap': 100}
+    ev.write_reports(str(tmp_path), runs, meta, estimator='ordered')
+    md = (tmp_path / 'summary.md').read_text()
+    assert 'unbiased estimator' in md and "ordered (the original study's scorer)" in md
+    assert 'ID weighted 2-4:0.2,5-7:0.3,8-10:0.5' in md
+    st = runs['rl']['aggregate']['band']['ID']
+    lo, hi = st['ci']['process_ordered']['pass@1']
+    assert f"{100 * st['process_ordered']['pass@1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in md
+    head = next(csv.reader(open(tmp_path / 'results.csv')))
+    assert 'process_ordered_pass@4' in head and 'outcome_pass@1' in head
+    with pytest.raises(ev.EvalError, match='estimator'):
+        ev.write_reports(str(tmp_path), runs, meta, estimator='best')
+
+
+def _released_layout(root, rows_by_op):
+    """A directory laid out as the original's dataset repositories (STUDY.md §6), rows without op/template/mode/id."""
+    def strip(r):
+        return {k: r[k] for k in ('problem', 'question', 'solution')}
+    for sub, name in (('val', 'op{}-200.jsonl'), ('heldout', 'op{}-50k.jsonl')):
+        d = root / 'composition' / sub
+        d.mkdir(parents=True, exist_ok=True)
+        for op, rs in rows_by_op.items():
+            data.write_jsonl(str(d / name.format(op)), [strip(r) for r in rs if r['template'] == 'crazy_zootopia'])
+    (root / 'composition' / 'test').mkdir()
+    data.write_jsonl(str(root / 'composition' / 'test' / 'op10-1k.jsonl'), [strip(r) for r in rows_by_op[10]])
+    for tpl in data.TEMPLATES:
+        d = root / 'context' / tpl / 'test'
+        d.mkdir(parents=True)
+        for op, rs in rows_by_op.items():
+            data.write_jsonl(str(d / f'op{op}_1k.jsonl'), [strip(r) for r in rs if r['template'] == tpl])
+
+
+def test_released_layout_directory_and_glob(tmp_path):
+    rows_by_op = {op: [p.to_row() for p in data.generate_problems(6, [op], seed=op)] for op in (3, 10, 12)}
+    _released_layout(tmp_path, rows_by_op)
+    # a glob over one split: op from the file names, template from the place names, mode from the solution
+    val = data.read_jsonl(str(tmp_path / 'composition' / 'val' / '*.jsonl'))
+    assert sorted({r['op'] for r in val}) == [3, 10, 12]
+    gold = {data.problem_id(r['problem'], r['question']): r for rs in rows_by_op.values() for r in rs}
+    for r in val:
+        g = gold[r['id']]
+        assert (r['op'], r['template'], r['mode'], r['answer']) == (g['op'], g['template'], g['mode'], g['answer'])
+    # a context directory: op and template from the path, modes inferred from the solutions
+    ctx = data.read_jsonl(str(tmp_path / 'context'))
+    assert len(ctx) == sum(len(rs) for rs in rows_by_op.values())
+    for r in ctx:
+        g = gold[r['id']]
+        assert (r['op'], r['template'], r['mode']) == (g['op'], g['template'], g['mode'])
+    # evaluate.py reads the directory; its gold solutions verify
+    rows, source = ev.load_eval_rows(str(tmp_path / 'context'), ops=[10, 12], per_op_template=0)
+    assert {r['op'] for r in rows} == {10, 12} and '(9 files)' in source
+    agg = ev.aggregate(ev.score(rows, [[gold_completion(r)] for r in rows]))
+    assert agg['all']['process_ordered']['pass@1'] == 1.0
+    test_rows, _ = ev.load_eval_rows(str(tmp_path / 'composition' / 'test'), ops=range(2, 21), per_op_template=0)
+    assert {r['op'] for r in test_rows} == {10}
+    with pytest.raises(ev.EvalError, match='names no JSONL'):
+        ev.load_eval_rows(str(tmp_path / 'nothing_*.jsonl'))
+
+
+def test_mixture_with_all_template_weights_zero_is_an_error():
+    with pytest.raises(ValueError, match='every template weight is 0'):
+        data.mixture('2-10', {'crazy_zootopia': 0, 'teachers_in_school': 0})
+    assert dict(data.mixture('2-10', {'crazy_zootopia': 0, 'teachers_in_school': 1}).templates) == {'teachers_in_school': 1.0}

@@ -581,7 +581,7 @@ def test_tiny_run_learns(edge_base, tmp_path, one_thread):
     the mean reward and the held-out outcome pass@1 (problems never used as prompts): it learns what
     this reward pays for, finishing short solutions within the budget. The reasoning stays wrong
     (process-verified pass@1 ~0 before and after: at this size, outcome reward buys the reward hacking
-    of SPEC §5.4), so the assertions are on outcome, and the log shows the hacking."""
+    of STUDY.md §5.4), so the assertions are on outcome, and the log shows the hacking."""
     out = tmp_path / 'rl'
     res = rl.main(['tiny_rl', f'--init_from={edge_base}', f'--out_dir={out}', '--op_min=2', '--op_max=2',
                    '--reverse_frac=1.0', '--eval_modes=forwardreverse', '--prompts_per_step=16',
@@ -672,7 +672,7 @@ def test_flop_budget_is_respected_from_the_first_step(tiny_base, tmp_path, one_t
     r0 = rl.main(base + ['--max_steps=10', f'--out_dir={tmp_path / "z"}', f'--flops_budget={0.9 * first}'])
     assert r0['step'] == 0 and r0['flops']['total'] == 0
     # a budget of 2.5 first steps: the run stops as soon as one more step, at the mean cost so far,
-    # would exceed it (SPEC §5.3 splits one budget between mid-training and RL)
+    # would exceed it (STUDY.md §5.3 splits one budget between mid-training and RL)
     budget = 2.5 * first
     rc = rl.main(base + ['--max_steps=10', f'--out_dir={tmp_path / "c"}', f'--flops_budget={budget}'])
     lc = _read_jsonl(tmp_path / 'c' / 'log.jsonl')
