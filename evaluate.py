@@ -86,6 +86,7 @@ defaults = dict(
     eval_templates='',                   # comma-separated template filter ('' = all)
     eval_modes='',                       # comma-separated mode filter: normalforward, forwardreverse ('' = both)
     eval_seed=1234,                      # generator seed of an on-the-fly eval set
+    world='paper',                       # data.WORLDS name or 'places,items,noise' of an on-the-fly eval set
     # sampling
     n_samples=128,                       # samples per problem; pass@k is reported for k = 1, 2, 4, ..., n
     temperature=0.7,                     # sampling temperature (STUDY.md §4)
@@ -126,7 +127,7 @@ def split_list(s):
 
 
 def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_template=67, templates=(),
-                   modes=(), seed=1234):
+                   modes=(), seed=1234, world='paper'):
     """The held-out problems as rows with gold graphs (see module docstring for eval_file), filtered to
     `ops` / `templates` / `modes` and capped at per_op_template per (op, template). Returns (rows, source)."""
     in_data_dir = os.path.join(data_dir, 'eval.jsonl') if data_dir else ''
@@ -139,9 +140,13 @@ def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_te
     elif eval_file != 'generate' and in_data_dir and os.path.exists(in_data_dir):
         rows, source = data.read_jsonl(in_data_dir), in_data_dir
     else:
+        try:
+            world = data.parse_world(world or 'paper')
+        except ValueError as e:
+            raise EvalError(str(e)) from None
         rows = [p.to_row() for p in data.make_eval_set(list(ops), per_op_template, seed, modes=modes or data.MODES,
-                                                         templates=templates or None)]
-        source = f"generated: data.make_eval_set(ops={list(ops)}, {per_op_template}, seed={seed})"
+                                                         templates=templates or None, world=world)]
+        source = f"generated: data.make_eval_set(ops={list(ops)}, {per_op_template}, seed={seed}, {world})"
     ops, n_read = set(ops), len(rows)
     kept, per = [], defaultdict(int)
     for r in rows:
@@ -824,7 +829,7 @@ def evaluate(cfg):
                 rows, source = load_eval_rows(cfg['eval_file'], cfg['data_dir'] or ck['config'].get('data_dir', ''),
                                               cfg['eval_ops'], cfg['eval_per_op_template'],
                                               split_list(cfg['eval_templates']), split_list(cfg['eval_modes']),
-                                              cfg['eval_seed'])
+                                              cfg['eval_seed'], cfg['world'])
                 if master:
                     _write_jsonl(rows, eval_set_path)
                 say(f"eval set: {len(rows)} problems from {source}")

@@ -719,7 +719,7 @@ def setup(C):
     data_dir = start['config'].get('data_dir', '')
     eval_rows, eval_source = evaluate.load_eval_rows(C.eval_data, data_dir, eval_ops, C.eval_per_op_template,
                                                      modes=[m for m in C.eval_modes.split(',') if m],
-                                                     seed=C.eval_seed)
+                                                     seed=C.eval_seed, world=C.world or 'paper')
     # never train on a held-out problem: the rows evaluated here, the whole file they come from, the
     # base run's held-out set (what evaluate.py uses by default) and any `exclude` files
     held_out = [eval_source, os.path.join(data_dir, 'eval.jsonl') if data_dir else ''] + C.exclude.split(',')
