@@ -1420,6 +1420,7 @@ def jsonl_files(path) -> list:
     """The files `path` names: a JSONL file, a directory (every *.jsonl below it, sorted) or a glob
     ('released/composition/val/*.jsonl'). ValueError when it names none."""
     import glob
+    path = os.fspath(path)
     if os.path.isfile(path):
         return [path]
     files = sorted(glob.glob(os.path.join(path, '**', '*.jsonl'), recursive=True) if os.path.isdir(path)
@@ -1446,6 +1447,7 @@ def read_jsonl(path) -> list:
     'graph' / 'answer' get them from the gold solution; without op / template, from the file's name (else
     the template from the problem's place names); without mode, from the solution (reverse ones say the
     unknown is not known yet)."""
+    path = os.fspath(path)
     files = jsonl_files(path)
     if len(files) > 1 or files[0] != path:
         return [r for f in files for r in read_jsonl(f)]

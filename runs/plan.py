@@ -54,7 +54,7 @@ def resolve(script, args):
     if mod is None:
         raise PlanError(f"{script}: not a stage (pretrain.py, midtrain.py, rl.py, evaluate.py)")
     m = __import__(mod)
-    defaults = m.DEFAULTS if mod == 'rl' else m.defaults
+    defaults = m.defaults
     try:
         with redirect_stdout(sys.stderr):
             return mod, model.configure(defaults, list(args))
@@ -165,7 +165,7 @@ def plan_rl(cfg, models):
         check_epochs(f"rl -> {cfg['out_dir']} (prompts)", steps * P, len(rows),
                      "give --prompts more rows or lower --max_steps", unit='prompts')
     models[os.path.normpath(cfg['out_dir'])] = mc
-    calls = -(-P // (NGPU * cfg['gen_batch'])) if cfg['gen_batch'] else 1   # generate() calls per rank and step
+    calls = 1   # rl.py makes one generate() call per rank and step
     sample_h = max(hours(rollout, MFU_SAMPLE), decode_hours(calls, resp, cfg['max_response_len']))
     return {'params': n, 'tokens': int(steps * seq_tok), 'flops': steps * (rollout + rest),
             'hours': steps * (sample_h + hours(rest, MFU_TRAIN)),
