@@ -1883,6 +1883,10 @@ class ShardLoader:
             windows.append((w_start, start - w_start))
         return np.array(windows, dtype=np.int64)
 
+    def windows_per_epoch(self) -> int:
+        """How many windows one epoch visits (at most; packed epochs start at a random offset)."""
+        return len(self._windows) if self.whole_docs else (self.n_tokens - 1) // self.seq_len
+
     def _plan(self):
         """(offset, window order) of the current epoch, from (seed, epoch) only."""
         if self._plan_epoch != self.epoch:

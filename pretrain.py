@@ -82,6 +82,7 @@ defaults = dict(
                                          # the question's tokens (solutions and answers only; val loss too)
     max_tokens=2_000_000,                # training budget in tokens -> max_steps = max_tokens // batch_tokens
     max_steps=0,                         # if > 0, overrides the token budget (tests, smoke runs)
+    allow_epochs=False,                  # allow a budget larger than data_dir (problems seen twice); else an error
     # AdamW + schedule
     lr=1e-3,                             # peak learning rate
     min_lr=1e-4,                         # cosine floor
@@ -104,7 +105,7 @@ defaults = dict(
 )
 
 # keys that may change on resume without changing the trajectory (how often we look, not what we do)
-RESUME_SAFE_KEYS = {'resume_override', 'log_interval', 'progress', 'compile', 'prepare_only', 'eval_interval',
+RESUME_SAFE_KEYS = {'resume_override', 'allow_epochs', 'log_interval', 'progress', 'compile', 'prepare_only', 'eval_interval',
                     'eval_tokens', 'ckpt_interval', 'data_workers', 'peak_flops'}
 
 
@@ -316,6 +317,10 @@ def train(cfg):
     loader = ShardLoader(data_dir, 'train', cfg['micro_batch'], cfg['seq_len'], rank=dist.rank,
                          world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity,
                          whole_docs=cfg['whole_docs'])
+    epochs = max_steps * grad_accum * dist.world_size * cfg['micro_batch'] / loader.windows_per_epoch()
+    if epochs > 1 and not cfg['allow_epochs']:
+        raise ValueError(f"{max_steps} steps would read {data_dir} {epochs:.2f} times (repeated problems confound the "
+                         f"study); build more data (--data_tokens), lower --max_tokens, or pass --allow_epochs=True")
     log, start_step = {'config': cfg, 'train': [], 'val': []}, 0
     if ck is not None:
         start_step, log = restore_state(ck, cfg, optimizer, loader, dist, say)

@@ -25,17 +25,28 @@ else
 fi
 echo "== tiny study: outputs in $OUT (SMOKE=$SMOKE) =="
 stage() { echo "== $1 ($(date +%H:%M:%S))"; }
+# Two 1-thread runs at a time use 2 cores better than one 2-thread run for matrices this small; each
+# backgrounded run writes $OUT/logs/NAME.log and a failure stops the script, naming the log.
+PIDS=(); NAMES=()
+bg() { local name=$1; shift; mkdir -p "$OUT/logs"; OMP_NUM_THREADS=1 "$@" > "$OUT/logs/$name.log" 2>&1 &
+       PIDS+=($!); NAMES+=("$name"); echo "   $name: $OUT/logs/$name.log"; }
+join() { for i in "${!PIDS[@]}"; do wait "${PIDS[$i]}" || { echo "${NAMES[$i]} failed:"; tail -n 20 "$OUT/logs/${NAMES[$i]}.log"; exit 1; }
+         tail -n 1 "$OUT/logs/${NAMES[$i]}.log"; done; PIDS=(); NAMES=(); }
 stage "1. pre-training on op 2-4 (builds $OUT/data_base first)"
 python pretrain.py tiny_pretrain --out_dir=$OUT/base --data_dir=$OUT/data_base $PRE
-stage "2. mid-training on the edge of competence (20% op 2-4 + 80% op 5-6)"
-python midtrain.py tiny_midtrain --init_from=$OUT/base --out_dir=$OUT/mid --data_dir=$OUT/data_mid $MID
-stage "3. RL: the edge with a process-aware and with the outcome reward, ID ops, too-hard ops, after mid-training"
-python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_blend --op_min=5 --op_max=6 --reward=blend_0.2_0.8 $RL
-python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_outcome --op_min=5 --op_max=6 --reward=outcome $RL
-python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_id --op_min=2 --op_max=4 --reward=blend_0.2_0.8 $RL
-python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_hard --op_min=8 --op_max=10 --reward=blend_0.2_0.8 $RL
-python rl.py tiny_rl --init_from=$OUT/mid --out_dir=$OUT/mid_rl_edge --op_min=5 --op_max=6 --reward=blend_0.2_0.8 $RL
-stage "4. evaluation of every model on the same held-out problems, and the report"
+stage "2. mid-training on the edge of competence (20% op 2-4 + 80% op 5-6) | RL on the edge, process-aware reward"
+bg mid python midtrain.py tiny_midtrain --init_from=$OUT/base --out_dir=$OUT/mid --data_dir=$OUT/data_mid $MID
+bg rl_edge_blend python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_blend --op_min=5 --op_max=6 --reward=blend_0.2_0.8 $RL
+join
+stage "3. RL on the edge with the outcome reward | RL on the ID ops"
+bg rl_edge_outcome python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_outcome --op_min=5 --op_max=6 --reward=outcome $RL
+bg rl_id python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_id --op_min=2 --op_max=4 --reward=blend_0.2_0.8 $RL
+join
+stage "4. RL on far-too-hard ops | RL on the edge after mid-training"
+bg rl_hard python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_hard --op_min=8 --op_max=10 --reward=blend_0.2_0.8 $RL
+bg mid_rl_edge python rl.py tiny_rl --init_from=$OUT/mid --out_dir=$OUT/mid_rl_edge --op_min=5 --op_max=6 --reward=blend_0.2_0.8 $RL
+join
+stage "5. evaluation of every model on the same held-out problems, and the report"
 python evaluate.py tiny_eval --data_dir=$OUT/data_base --out_dir=$OUT/report \
   --ckpts=$OUT/base,$OUT/mid,$OUT/rl_edge_blend,$OUT/rl_edge_outcome,$OUT/rl_id,$OUT/rl_hard,$OUT/mid_rl_edge \
   --labels=base,mid,rl_edge_blend,rl_edge_outcome,rl_id,rl_hard,mid+rl_edge $EVAL

@@ -16,7 +16,7 @@ from conftest import ROOT, run_pretrain
 # A micro model and run for the equivalence tests: seconds per run.
 MICRO = ['tiny_pretrain', '--n_layer=2', '--hidden_size=32', '--n_head=2', '--n_kv_head=1', '--intermediate_size=64',
          '--seq_len=32', '--micro_batch=2', '--batch_tokens=128', '--max_steps=6', '--lr=3e-3', '--min_lr=3e-4',
-         '--warmup_frac=0.2',
+         '--warmup_frac=0.2', '--whole_docs=False',
          '--eval_interval=3', '--eval_tokens=256', '--ckpt_interval=2', '--log_interval=1', '--progress=False']
 
 
@@ -167,8 +167,9 @@ def test_midtrain_starts_from_base_with_fresh_optimizer_and_flops_budget(tiny_ba
                          f'--out_dir={out}', f'--flops_budget={float(budget)}', '--seq_len=512',
                          f'--batch_tokens={batch}', '--micro_batch=8', '--eval_tokens=16384', '--eval_interval=100',
                          '--lr=1e-3', '--min_lr=1e-4', '--progress=False',
-                         # the base's objective (attention mask, which targets count), so losses compare
-                         f"--doc_mask={base_log['config']['doc_mask']}", f"--loss_on={base_log['config']['loss_on']}"])
+                         # the base's objective (attention mask, windows, which targets count), so losses compare
+                         f"--doc_mask={base_log['config']['doc_mask']}", f"--loss_on={base_log['config']['loss_on']}",
+                         f"--whole_docs={base_log['config']['whole_docs']}"])
     assert log['config']['max_tokens'] == budget // (6 * n)
     assert [r['step'] for r in log['train']] == [1, 2, 3]
     # step 0 is the base model itself (same held-out windows as the base run's last evaluation)

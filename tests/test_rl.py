@@ -584,7 +584,7 @@ def test_tiny_run_learns(edge_base, tmp_path, one_thread):
     of STUDY.md §5.4), so the assertions are on outcome, and the log shows the hacking."""
     out = tmp_path / 'rl'
     res = rl.main(['tiny_rl', f'--init_from={edge_base}', f'--out_dir={out}', '--op_min=2', '--op_max=2',
-                   '--reverse_frac=1.0', '--eval_modes=forwardreverse', '--prompts_per_step=16',
+                   '--world=paper', '--reward=outcome', '--reverse_frac=1.0', '--eval_modes=forwardreverse', '--prompts_per_step=16',
                    '--minibatch_prompts=8', '--max_response_len=96', '--max_prompt_len=192', '--lr=2e-4',
                    '--max_steps=12', '--eval_every=12', '--eval_per_op_template=16', '--sample_every=6'])
     log = _read_jsonl(out / 'log.jsonl')
