@@ -12,8 +12,8 @@
 #   (padded), so 512-token windows lose no question and attention costs half of 1024's.
 # - loss_on='solution': no loss on the questions, whose statements are random draws (the model still
 #   reads them): 16.9% at step 600 instead of 12.8% (paper world, op 2-4).
-out_dir = 'out/tiny_base'
-data_dir = 'data_cache/tiny_world_op2-4'
+out_dir = 'out/tiny/base'
+data_dir = 'out/tiny/data_base'
 mixture = 'tiny_pretrain'              # data.MIXTURES: U(op 2..4), forward mode, tiny world
 data_tokens = 5_200_000                # more than the budget (with padding), so no problem is seen twice
 model = 'tiny'

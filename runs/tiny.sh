@@ -36,19 +36,25 @@ stage "1. pre-training on op 2-4 (builds $OUT/data_base first)"
 python pretrain.py tiny_pretrain --out_dir=$OUT/base --data_dir=$OUT/data_base $PRE
 stage "2. mid-training on the edge of competence (20% op 2-4 + 80% op 5-6) | RL on the edge, process-aware reward"
 bg mid python midtrain.py tiny_midtrain --init_from=$OUT/base --out_dir=$OUT/mid --data_dir=$OUT/data_mid $MID
-bg rl_edge_blend python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_blend --op_min=5 --op_max=6 --reward=blend_0.2_0.8 $RL
+bg rl_edge_blend python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_blend --op_min=5 --op_max=5 --reward=blend_0.2_0.8 $RL
 join
 stage "3. RL on the edge with the outcome reward | RL on the ID ops"
-bg rl_edge_outcome python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_outcome --op_min=5 --op_max=6 --reward=outcome $RL
+bg rl_edge_outcome python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_outcome --op_min=5 --op_max=5 --reward=outcome $RL
 bg rl_id python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_id --op_min=2 --op_max=4 --reward=blend_0.2_0.8 $RL
 join
 stage "4. RL on far-too-hard ops | RL on the edge after mid-training"
 bg rl_hard python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_hard --op_min=8 --op_max=10 --reward=blend_0.2_0.8 $RL
-bg mid_rl_edge python rl.py tiny_rl --init_from=$OUT/mid --out_dir=$OUT/mid_rl_edge --op_min=5 --op_max=6 --reward=blend_0.2_0.8 $RL
+bg mid_rl_edge python rl.py tiny_rl --init_from=$OUT/mid --out_dir=$OUT/mid_rl_edge --op_min=5 --op_max=5 --reward=blend_0.2_0.8 $RL
 join
-stage "5. evaluation of every model on the same held-out problems, and the report"
-python evaluate.py tiny_eval --data_dir=$OUT/data_base --out_dir=$OUT/report \
+stage "5. evaluation of every model on the same held-out problems (two processes), and the report"
+EV="tiny_eval --data_dir=$OUT/data_base --out_dir=$OUT/report $EVAL"
+bg eval_a python evaluate.py $EV --ckpts=$OUT/base,$OUT/mid,$OUT/rl_edge_blend,$OUT/rl_edge_outcome \
+  --labels=base,mid,rl_edge_blend,rl_edge_outcome
+bg eval_b python evaluate.py $EV --ckpts=$OUT/rl_id,$OUT/rl_hard,$OUT/mid_rl_edge --labels=rl_id,rl_hard,mid+rl_edge
+join
+# one report over all seven from the saved generations (verification only, no sampling)
+python evaluate.py $EV --rescore=True \
   --ckpts=$OUT/base,$OUT/mid,$OUT/rl_edge_blend,$OUT/rl_edge_outcome,$OUT/rl_id,$OUT/rl_hard,$OUT/mid_rl_edge \
-  --labels=base,mid,rl_edge_blend,rl_edge_outcome,rl_id,rl_hard,mid+rl_edge $EVAL
+  --labels=base,mid,rl_edge_blend,rl_edge_outcome,rl_id,rl_hard,mid+rl_edge
 stage "done"
 echo "report: $OUT/report/summary.md and $OUT/report/*.png"
