@@ -186,7 +186,7 @@ def estimate_val_loss(m, cfg, dist, tok):
     per_batch = cfg['micro_batch'] * cfg['seq_len'] * dist.world_size
     n = max(1, min(cfg['eval_tokens'], loader.n_tokens - cfg['seq_len']) // per_batch)  # no window twice
     if cfg['whole_docs']:
-        n = max(1, min(n, len(loader._windows) // (cfg['micro_batch'] * dist.world_size)))
+        n = max(1, min(n, loader.windows_per_epoch() // (cfg['micro_batch'] * dist.world_size)))
     m.eval()
     total = torch.zeros(2, device=dist.device)  # (loss sum, target count)
     for _, (x, y) in zip(range(n), loader):
