@@ -2012,15 +2012,18 @@ def _text_stream(mix, seed, workers, exclude, bar, chunk=4096):
 
 def build_dataset(out_dir, mixture, token_budget, seed=0, tokenizer=None, eval_ops=range(2, 21), eval_n=10,
                   eval_seed=1234, val_n=512, workers=1) -> dict:
-    """Write a dataset directory: eval.jsonl (eval_n problems per op in eval_ops and template, half
-    forward / half reverse), then train shards of `token_budget` tokens from `mixture` that never
+    """Write a dataset directory: eval.jsonl (eval_n problems per op in eval_ops and template, in the
+    mixture's modes: half forward / half reverse by default), then train shards of `token_budget` tokens from `mixture` that never
     contain a held-out problem, val.bin (val_n problems of the same mixture, another seed), the
     tokenizer and meta.json. Returns meta.json's contents."""
     from tqdm import tqdm
     mix = parse_mixture(mixture)
     tok = resolve_tokenizer(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
-    held_out = make_eval_set(list(eval_ops), eval_n, seed=eval_seed, world=mix.world) if eval_n else []
+    # the held-out problems are in the mixture's modes (a forward-only mixture gets eval_n forward
+    # problems per op and template, not eval_n / 2)
+    modes = [m for m, w in mix.modes if w > 0] or MODES
+    held_out = make_eval_set(list(eval_ops), eval_n, seed=eval_seed, modes=modes, world=mix.world) if eval_n else []
     write_jsonl(os.path.join(out_dir, 'eval.jsonl'), held_out)
     exclude = frozenset(p.id for p in held_out)
     val = [training_text(p.to_row()) for p in _map(_row_at, [(mix, f'{seed}-val', i) for i in range(val_n)],
