@@ -27,7 +27,7 @@ pipeline order. Each section below starts with a numbered header; this docstring
 8. Dataset directories (what every training stage reads)
      build_dataset, load_eval_rows, standard_tokenizer, resolve_tokenizer
 9. Command line
-     main, verify_main, SAMPLE_DEFAULTS, VERIFY_DEFAULTS, BUILD_DEFAULTS, TOKENIZER_DEFAULTS
+     COMMANDS (model.cli dispatches them), verify_main, SAMPLE_DEFAULTS, VERIFY_DEFAULTS, BUILD_DEFAULTS, TOKENIZER_DEFAULTS
 
 The original generator (iGSM) draws a random graph and rejects it unless its op is the requested one
 (~30 problems/s). We instead build the solution DAG at exactly the requested op, group by group (a
@@ -2191,12 +2191,6 @@ COMMANDS = {'sample': _sample_main, 'verify': lambda argv: sys.exit(verify_main(
             'tokenizer': _tokenizer_main}
 
 
-def main(argv):
-    if not argv or argv[0] not in COMMANDS:
-        raise model.UsageError(f"give a command: {', '.join(COMMANDS)} (e.g. python data.py sample --ops=2-20 "
-                               f"--n=100 --out=x.jsonl)")
-    COMMANDS[argv[0]](argv[1:])
-
 
 if __name__ == '__main__':
-    model.cli('data.py', main)
+    model.cli('data.py', COMMANDS)  # one usage line lists the commands

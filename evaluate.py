@@ -58,7 +58,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections import defaultdict
 
 import numpy as np
@@ -67,8 +66,9 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 import data
-from data import Tokenizer, verify
-from model import autocast_ctx, cleanup_distributed, configure, load_checkpoint, setup_distributed, unwrap
+import model as M
+from data import verify
+from model import UsageError, autocast_ctx, cleanup_distributed, configure, setup_distributed, unwrap
 
 # -----------------------------------------------------------------------------------------------
 # default config (paper values in config/paper_eval.py, CPU-sized ones in config/tiny_eval.py)
@@ -106,6 +106,7 @@ defaults = dict(
     workers=1,                           # processes for verification (per rank)
     device='auto',                       # 'auto' (cuda if available, cuda:LOCAL_RANK under torchrun), 'cpu', 'cuda'
     progress=True,                       # tqdm progress bars on rank 0
+    logger='',                           # also send each label's headline metrics to 'wandb' or 'tensorboard'
 )
 
 BANDS = defaults['bands']
@@ -113,10 +114,6 @@ BANDS = defaults['bands']
 GROUPS = (('all',), ('op',), ('band',), ('template',), ('mode',),
           ('op', 'mode'), ('band', 'mode'), ('band', 'template'), ('op', 'template'))
 MODE_NOTE = "reverse-mode answers are always 1..4, so outcome pass@k is flattered there"
-
-
-class EvalError(Exception):
-    """Bad input; main() turns it into one line naming the fix."""
 
 
 # -----------------------------------------------------------------------------------------------
@@ -135,7 +132,7 @@ def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_te
         try:
             files = data.jsonl_files(eval_file)
         except ValueError as e:
-            raise EvalError(f"eval_file: {e}, or --eval_file=generate") from None
+            raise UsageError(f"eval_file: {e}, or --eval_file=generate") from None
         rows, source = data.read_jsonl(eval_file), eval_file + (f' ({len(files)} files)' if len(files) > 1 else '')
     elif eval_file != 'generate' and in_data_dir and os.path.exists(in_data_dir):
         rows, source = data.read_jsonl(in_data_dir), in_data_dir
@@ -143,7 +140,7 @@ def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_te
         try:
             world = data.parse_world(world or 'paper')
         except ValueError as e:
-            raise EvalError(str(e)) from None
+            raise UsageError(str(e)) from None
         rows = [p.to_row() for p in data.make_eval_set(list(ops), per_op_template, seed, modes=modes or data.MODES,
                                                          templates=templates or None, world=world)]
         source = f"generated: data.make_eval_set(ops={list(ops)}, {per_op_template}, seed={seed}, {world})"
@@ -157,7 +154,7 @@ def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_te
         per[r['op'], r['template']] += 1
         kept.append(r)
     if not kept:
-        raise EvalError(f"the eval set is empty: {n_read} rows in {source}, none with op in {sorted(ops)}, "
+        raise UsageError(f"the eval set is empty: {n_read} rows in {source}, none with op in {sorted(ops)}, "
                         f"templates {list(templates) or 'any'}, modes {list(modes) or 'any'}; fix --eval_ops/"
                         f"--eval_templates/--eval_modes or point --eval_file at another set")
     return ensure_unique_ids(kept), source
@@ -175,7 +172,7 @@ def ensure_unique_ids(rows):
             r = dict(r, id=data.problem_id(r['problem'], r['question']))
         out.append(r)
     if len({r['id'] for r in out}) != len(out):
-        raise EvalError("the eval set holds the same problem twice (same problem and question text); deduplicate it")
+        raise UsageError("the eval set holds the same problem twice (same problem and question text); deduplicate it")
     return out
 
 
@@ -400,7 +397,7 @@ def aggregate(records, ks=None, bands=BANDS, weighted_bands=None, n_boot=0, seed
     'weighted': {'ID': ...} (weighted_bands)}; stats as group_stats. ks default to 1, 2, 4, ..., n
     (k > the smallest n is dropped). n_boot > 0 adds bootstrap intervals (seeded by seed)."""
     if not records:
-        raise EvalError("nothing to aggregate: no scored problems")
+        raise UsageError("nothing to aggregate: no scored problems")
     n_min = min(r['n'] for r in records)
     ks = [k for k in (ks or default_ks(n_min)) if k <= n_min]
     keyed = [dict(r, all='all', band=band_of(r['op'], bands)) for r in records]
@@ -588,13 +585,6 @@ def write_summary(runs, meta, path):
         f.write('\n'.join(L) + '\n')
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _style_legend(fig, labels, colors):
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], color=colors[lb], lw=2, label=lb) for lb in labels]
@@ -606,7 +596,7 @@ def _style_legend(fig, labels, colors):
 def plot_passk(runs, path, estimator='unbiased'):
     """pass@k versus k: one column per band, one row per mode group (all, forward, reverse);
     colour = checkpoint, solid = process-verified, dashed = outcome; `estimator`'s pass@k."""
-    plt = _pyplot()
+    plt = M.pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
     bands, rows = list(first['band']), _split_rows(first)
@@ -640,7 +630,7 @@ def plot_passk(runs, path, estimator='unbiased'):
 def plot_acc_vs_op(runs, path, bands=BANDS, by='mode', estimator='unbiased'):
     """pass@1 and pass@n versus op (columns); rows: all problems, then each mode (by='mode') or each
     template (by='template'); band ranges shaded; `estimator`'s pass@k."""
-    plt = _pyplot()
+    plt = M.pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
     kmax = first['ks'][-1]
@@ -676,30 +666,15 @@ def write_reports(out_dir, runs, meta, bands=BANDS, estimator='unbiased'):
     runs = {label: {'aggregate': aggregate(...), 'records': [...], 'ckpt': path, 'step': int}}; the plots
     show `estimator`'s pass@k ('unbiased' or 'ordered'), the tables both."""
     if estimator not in ESTIMATOR_TITLES:
-        raise EvalError(f"estimator={estimator!r}; choose one of {', '.join(ESTIMATOR_TITLES)}")
+        raise UsageError(f"estimator={estimator!r}; choose one of {', '.join(ESTIMATOR_TITLES)}")
     os.makedirs(out_dir, exist_ok=True)
-    _write_json({'meta': meta, 'runs': runs}, os.path.join(out_dir, 'results.json'))
+    M.write_json({'meta': meta, 'runs': runs}, os.path.join(out_dir, 'results.json'))
     write_csv(runs, os.path.join(out_dir, 'results.csv'))
     write_summary(runs, meta, os.path.join(out_dir, 'summary.md'))
     plot_passk(runs, os.path.join(out_dir, 'passk_by_band.png'), estimator)
     plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op.png'), bands, estimator=estimator)
     plot_acc_vs_op(runs, os.path.join(out_dir, 'acc_vs_op_by_template.png'), bands, by='template',
                    estimator=estimator)
-
-
-def _write_json(obj, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _write_jsonl(rows, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        for r in rows:
-            f.write(json.dumps(r) + '\n')
-    os.replace(tmp, path)
 
 
 def generation_lines(rows, samples, verdicts):
@@ -712,7 +687,7 @@ def generation_lines(rows, samples, verdicts):
 def read_generations(path, rows):
     """samples[row][sample] from a generations file, in the order of `rows`."""
     if not os.path.exists(path):
-        raise EvalError(f"{path} not found; run without --rescore first (or fix --labels/--out_dir)")
+        raise UsageError(f"{path} not found; run without --rescore first (or fix --labels/--out_dir)")
     by_id = defaultdict(dict)
     with open(path) as f:
         for line in f:
@@ -720,21 +695,13 @@ def read_generations(path, rows):
             by_id[g['id']][g['sample']] = g['text']
     known = {r['id'] for r in rows}
     if set(by_id) != known:
-        raise EvalError(f"{path} covers {len(by_id)} problems, eval_set.jsonl has {len(known)} "
+        raise UsageError(f"{path} covers {len(by_id)} problems, eval_set.jsonl has {len(known)} "
                         f"({len(set(by_id) - known)} unknown ids); the two files must come from the same run")
     return [[by_id[r['id']][j] for j in sorted(by_id[r['id']])] for r in rows]
 
 
 # -----------------------------------------------------------------------------------------------
 # the command
-
-def resolve_ckpt(path):
-    """A checkpoint file, or a run directory holding ckpt.pt."""
-    p = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-    if not os.path.isfile(p):
-        raise EvalError(f"no checkpoint at {path} (looked for {p}); train it first or fix --ckpts")
-    return p
-
 
 def default_label(path):
     p = os.path.normpath(path)
@@ -749,32 +716,15 @@ def run_labels(cfg):
     if cfg['rescore'] and labels:
         return labels, ckpts if len(ckpts) == len(labels) else [''] * len(labels)
     if not ckpts:
-        raise EvalError("no checkpoints given; pass --ckpts=out/base[,out/rl...]")
+        raise UsageError("no checkpoints given; pass --ckpts=out/base[,out/rl...]")
     labels = labels or [default_label(c) for c in ckpts]
     if len(labels) != len(ckpts):
-        raise EvalError(f"{len(ckpts)} checkpoints but {len(labels)} labels; give one label per checkpoint")
+        raise UsageError(f"{len(ckpts)} checkpoints but {len(labels)} labels; give one label per checkpoint")
     bad = [lb for lb in labels if not re.fullmatch(r'[A-Za-z0-9._+-]+', lb)]
     if bad or len(set(labels)) != len(labels):
-        raise EvalError(f"labels must be unique and filename-safe (letters, digits, . _ + -), got {labels}; "
+        raise UsageError(f"labels must be unique and filename-safe (letters, digits, . _ + -), got {labels}; "
                         f"set --labels")
     return labels, ckpts
-
-
-def load_tokenizer(ckpt_path, ck, data_dir):
-    """The tokenizer a checkpoint was trained with: data_dir's if given, else the run dir's copy, else
-    the one in the data dir of the checkpoint's run config; its identity must match the checkpoint's."""
-    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
-    cands = [os.path.join(data_dir, 'tokenizer.json')] if data_dir else \
-        [os.path.join(run_dir, 'tokenizer.json'), os.path.join(ck['config'].get('data_dir', ''), 'tokenizer.json')]
-    path = next((c for c in cands if os.path.isfile(c)), None)
-    if path is None:
-        raise EvalError(f"no tokenizer for {ckpt_path} (looked for {', '.join(cands)}); pass --data_dir=<the data "
-                        f"dir the checkpoint was trained on>")
-    tok = Tokenizer.load(path)
-    if tok.identity != ck['tokenizer_identity']:
-        raise EvalError(f"tokenizer mismatch: {ckpt_path} was trained with tokenizer {ck['tokenizer_identity']} but "
-                        f"{path} is {tok.identity}; pass --data_dir=<the data dir the checkpoint was trained on>")
-    return tok
 
 
 def evaluate(cfg):
@@ -782,17 +732,19 @@ def evaluate(cfg):
     dist = setup_distributed()
     master, world = dist.is_master, dist.world_size
     device = dist.device if cfg['device'] == 'auto' else cfg['device']
-    say = print if master else (lambda *a, **k: None)
+    # the console (rank 0), and each label's headline metrics to W&B / TensorBoard if asked (--logger)
+    logger = M.RunLog(cfg['out_dir'], cfg, 'eval', cfg['logger'], master)
+    say = logger.print
     n, temperature = (1, 0.0) if cfg['greedy'] else (cfg['n_samples'], cfg['temperature'])
     if n < 1:
-        raise EvalError(f"n_samples={n}; it must be >= 1")
+        raise UsageError(f"n_samples={n}; it must be >= 1")
     if cfg['estimator'] not in ESTIMATOR_TITLES:
-        raise EvalError(f"estimator={cfg['estimator']!r}; choose one of {', '.join(ESTIMATOR_TITLES)}")
+        raise UsageError(f"estimator={cfg['estimator']!r}; choose one of {', '.join(ESTIMATOR_TITLES)}")
     for band, spec in cfg['weighted_bands'].items():
         try:
             data.parse_ops(spec)
         except ValueError as e:
-            raise EvalError(f"weighted_bands[{band!r}]: {e}") from None
+            raise UsageError(f"weighted_bands[{band!r}]: {e}") from None
     labels, ckpts = run_labels(cfg)
     out_dir = cfg['out_dir']
     eval_set_path = os.path.join(out_dir, 'eval_set.jsonl')
@@ -805,15 +757,15 @@ def evaluate(cfg):
     runs, rows, source = {}, None, None
     if cfg['rescore']:
         if world > 1:
-            raise EvalError("--rescore runs in one process; drop torchrun")
+            raise UsageError("--rescore runs in one process; drop torchrun")
         if not os.path.exists(eval_set_path):
-            raise EvalError(f"{eval_set_path} not found; --rescore needs the out_dir of an earlier evaluation")
+            raise UsageError(f"{eval_set_path} not found; --rescore needs the out_dir of an earlier evaluation")
         rows, source = data.read_jsonl(eval_set_path), eval_set_path
         for label, ckpt in zip(labels, ckpts):
             path = os.path.join(out_dir, f'generations_{label}.jsonl')
             samples = read_generations(path, rows)
             verdicts = verify_all(rows, samples, cfg['workers'], cfg['progress'])
-            _write_jsonl(generation_lines(rows, samples, verdicts), path)
+            data.write_jsonl(path, generation_lines(rows, samples, verdicts))
             old = prev.get(label, {})
             runs[label] = {'ckpt': ckpt or old.get('ckpt', ''), 'step': old.get('step'),
                            'records': [problem_record(r, vs) for r, vs in zip(rows, verdicts)]}
@@ -821,17 +773,18 @@ def evaluate(cfg):
             n = min(len(s) for s in samples)
     else:
         for label, ckpt_arg in zip(labels, ckpts):
-            ckpt_path = resolve_ckpt(ckpt_arg)
-            ck = load_checkpoint(ckpt_path, device='cpu')  # the optimizer state, if any, stays on the CPU
+            # on the CPU first: the optimizer state, if any, stays there
+            _, tok, ck = M.load_run(ckpt_arg, 'cpu', cfg['data_dir'] or None, fix='pass --data_dir=<the data dir '
+                                    'the checkpoint was trained on>, or fix --ckpts')
+            ckpt_path = ck['path']
             ck['model'].to(device)
-            tok = load_tokenizer(ckpt_path, ck, cfg['data_dir'])
             if rows is None:  # one eval set for every checkpoint, fixed by the first one's data dir
                 rows, source = load_eval_rows(cfg['eval_file'], cfg['data_dir'] or ck['config'].get('data_dir', ''),
                                               cfg['eval_ops'], cfg['eval_per_op_template'],
                                               split_list(cfg['eval_templates']), split_list(cfg['eval_modes']),
                                               cfg['eval_seed'], cfg['world'])
                 if master:
-                    _write_jsonl(rows, eval_set_path)
+                    data.write_jsonl(eval_set_path, rows)
                 say(f"eval set: {len(rows)} problems from {source}")
                 # balanced shards: deal problems sorted by prompt length round-robin to the ranks
                 mine = sorted(rows, key=lambda r: -len(data.prompt_text(r)))[dist.rank::world]
@@ -846,7 +799,7 @@ def evaluate(cfg):
             records = [problem_record(r, vs) for r, vs in zip(mine, verdicts)]
             gen_path = os.path.join(out_dir, f'generations_{label}.jsonl')
             part = gen_path + (f'.rank{dist.rank}' if world > 1 else '')
-            _write_jsonl(generation_lines(mine, samples, verdicts), part)
+            data.write_jsonl(part, generation_lines(mine, samples, verdicts))
             if world > 1:  # rank 0 collects the records and concatenates the generation parts
                 parts = [None] * world if master else None
                 torch_dist.gather_object(records, parts, dst=0)
@@ -876,12 +829,14 @@ def evaluate(cfg):
     write_reports(out_dir, runs, meta, cfg['bands'], cfg['estimator'])
     say(f"wrote {out_dir}/summary.md, results.json, results.csv, passk_by_band.png, acc_vs_op*.png")
     for label, run in runs.items():
+        logger.log(label, {'ckpt_step': run['step'], **flat_metrics(run['aggregate'])})
         st = run['aggregate']['all']
         k = run['aggregate']['ks'][-1]
         say(f"  {label}: pass@1 {_pct(st['process']['pass@1'])} / {_pct(st['outcome']['pass@1'])}, pass@{k} "
             f"{_pct(st['process'][f'pass@{k}'])} / {_pct(st['outcome'][f'pass@{k}'])} (process / outcome, %, "
             f"unbiased); ordered pass@{k} {_pct(st['process_ordered'][f'pass@{k}'])} / "
             f"{_pct(st['outcome_ordered'][f'pass@{k}'])}")
+    logger.close()
     return runs
 
 
@@ -897,12 +852,8 @@ def _ops_text(ops):
 
 
 def main(argv):
-    cfg = configure(defaults, argv)
-    try:
-        return evaluate(cfg)
-    except EvalError as e:
-        raise SystemExit(f"evaluate.py: error: {e}")
+    return evaluate(configure(defaults, argv))
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    M.cli('evaluate.py', main)

@@ -322,12 +322,6 @@ def _export_main(argv):
 COMMANDS = {'import_hf': _import_main, 'export_hf': _export_main}
 
 
-def main(argv):
-    if not argv or argv[0] not in COMMANDS:
-        raise M.UsageError(f"give a command: {', '.join(COMMANDS)} (e.g. python interop.py export_hf "
-                           f"--ckpt=out/tiny_base --out=out/tiny_base_hf)")
-    COMMANDS[argv[0]](argv[1:])
-
 
 if __name__ == '__main__':
-    M.cli('interop.py', main)
+    M.cli('interop.py', COMMANDS)  # one usage line lists the commands

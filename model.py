@@ -16,8 +16,11 @@ The model and the small library every stage shares.
                    optimizer, data-loader/RNG state).
   write_json / resolve_ckpt / load_run   run directories: atomic JSON, a run dir or ckpt.pt -> its
                    checkpoint, and (model, tokenizer, checkpoint) with the tokenizer identity checked.
+  RunLog           the one logger of every stage: console lines and a progress bar, JSONL / JSON
+                   records, PNG plots, and optionally Weights & Biases or TensorBoard (--logger=).
   configure / Config / UsageError / cli   the one command-line parser of every command (preset files
-                   + --key=value, type-checked; cfg.lr or cfg['lr']) and its one-line errors.
+                   + --key=value, type-checked; cfg.lr or cfg['lr']), its one-line errors, and the
+                   dispatch of subcommands (cli(prog, {'build': build_main, ...})).
   setup_distributed / cleanup_distributed / autocast_ctx / seed_everything   plumbing.
 Hugging Face import / export and the original study's tokenizer are in interop.py.
 
@@ -661,13 +664,14 @@ def write_json(obj, path, indent=1):
     os.replace(tmp, path)
 
 
-def resolve_ckpt(path, what='checkpoint') -> str:
+def resolve_ckpt(path, what='checkpoint', fix='train it first or fix the path') -> str:
     """The checkpoint file of `path` (a ckpt.pt or a run directory holding one); a missing one is a
-    UsageError naming both paths."""
+    UsageError saying what is missing and `fix`."""
     path = os.fspath(path)
     p = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
     if not os.path.isfile(p):
-        raise UsageError(f"no {what} at {path} (looked for {p}); train it first or fix the path")
+        why = 'the directory has no ckpt.pt' if os.path.isdir(path) else f'{p} does not exist'
+        raise UsageError(f"no {what} at {path}: {why}; {fix}")
     return p
 
 
@@ -681,26 +685,211 @@ def run_tokenizer_path(ckpt_path, ckpt_config: dict) -> str | None:
     return None
 
 
-def load_run(path, device='cpu', tokenizer=None):
-    """(model, tokenizer, checkpoint dict) of a run directory or checkpoint file. The tokenizer is
-    `tokenizer` (a data.Tokenizer, a tokenizer.json or a dataset directory) when given, else the
-    run's own (run_tokenizer_path); its identity must be the checkpoint's (UsageError otherwise)."""
+def load_run(path, device='cpu', tokenizer=None, what='checkpoint',
+             fix='give the data directory it was trained on'):
+    """(model, tokenizer, checkpoint dict + 'path': its file) of a run directory or checkpoint file.
+    The tokenizer is `tokenizer` (a data.Tokenizer, a tokenizer.json or a dataset directory) when
+    given, else the run's own (run_tokenizer_path); its identity must be the checkpoint's. Every
+    failure is a UsageError ending in `fix` (how the command names the tokenizer)."""
     import data  # only here: the model does not otherwise depend on the task world
-    ckpt_path = resolve_ckpt(path)
+    ckpt_path = resolve_ckpt(path, what)
     ck = load_checkpoint(ckpt_path, device=device)
-    source = tokenizer if tokenizer is not None else run_tokenizer_path(ckpt_path, ck['config'])
-    if source is None:
-        raise UsageError(f"no tokenizer for {ckpt_path} (no tokenizer.json beside it or in its data_dir); "
-                         f"give the data directory it was trained on")
+    source = tokenizer or run_tokenizer_path(ckpt_path, ck['config'])
+    if not source:
+        raise UsageError(f"no tokenizer for {ckpt_path} (no tokenizer.json beside it or in its data_dir); {fix}")
     try:
         tok = data.resolve_tokenizer(source)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    try:
         data.check_identity(tok.identity, ck['tokenizer_identity'], f"checkpoint {ckpt_path}")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"{e} ({fix})") from None
+    ck['path'] = ckpt_path
     return ck['model'], tok, ck
+
+
+# -----------------------------------------------------------------------------
+# Logging: one logger for every stage (console, JSON files, plots, optional W&B / TensorBoard)
+
+
+def append_jsonl(path, record):
+    with open(path, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def trim_jsonl(path, last_step):
+    """Drop the records of steps after last_step (a resumed run writes them again)."""
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            keep = [line for line in f if json.loads(line).get('step', 0) <= last_step]
+        with open(path, 'w', encoding='utf-8') as f:
+            f.writelines(keep)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display), imported when a plot is drawn."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+class NullTracker:
+    """The tracker of a run that asked for none: it takes everything and does nothing (nanochat's
+    DummyWandb), so the stages never ask whether one is there."""
+
+    def log(self, metrics, step=None):
+        pass
+
+    def close(self):
+        pass
+
+
+class WandbTracker:
+    def __init__(self, wandb, project, name, config, out_dir, stage):
+        self.run = wandb.init(project=project, name=name, config=dict(config), dir=out_dir, job_type=stage)
+
+    def log(self, metrics, step=None):
+        self.run.log(metrics, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class TensorBoardTracker:
+    def __init__(self, summary_writer, log_dir, config):
+        self.writer = summary_writer(log_dir=log_dir)
+        self.writer.add_text('config', json.dumps(_plain(config), indent=1, default=str))
+
+    def log(self, metrics, step=None):
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self):
+        self.writer.close()
+
+
+TRACKERS = ('', 'wandb', 'tensorboard')
+WANDB_PROJECT = 'reasoning-study'  # W&B project of every run (WANDB_PROJECT in the environment wins)
+
+
+def open_tracker(kind, out_dir, config, stage, master=True):
+    """The tracker `kind` names ('': none; every rank but rank 0 gets none), its package imported
+    only now; an unknown kind or a missing package is a one-line UsageError. W&B runs are named after
+    out_dir, in project WANDB_PROJECT, job type `stage`; TensorBoard writes to out_dir/tb."""
+    if kind not in TRACKERS:
+        raise UsageError(f"config error: logger={kind!r}; choose one of {', '.join(map(repr, TRACKERS))}")
+    if not kind or not master:
+        return NullTracker()
+    try:
+        if kind == 'wandb':
+            import wandb
+        else:
+            from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        pkg = 'wandb' if kind == 'wandb' else 'tensorboard'
+        raise UsageError(f"logger={kind!r} needs the {pkg} package: pip install {pkg}, "
+                         f"or --logger='' (no tracker)") from None
+    os.makedirs(out_dir, exist_ok=True)
+    if kind == 'wandb':
+        name = os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
+        return WandbTracker(wandb, os.environ.get('WANDB_PROJECT') or WANDB_PROJECT, name, config, out_dir, stage)
+    return TensorBoardTracker(SummaryWriter, os.path.join(out_dir, 'tb'), config)
+
+
+class RunLog:
+    """The one logger of every stage. A record is a dict of one step's numbers (its 'step' is the
+    x axis) in a named stream ('train', 'val', 'eval', ...); each stream lives in one place:
+      jsonl={stream: file}   a line appended to out_dir/file at once (a crash loses nothing; rl.py)
+      otherwise              the list history[stream], kept in memory for the stage to save (pretrain.py
+                             writes its history as log.json with its checkpoints) and to plot
+    and every record's numbers also go to the tracker (`tracker`: '' none, 'wandb' or 'tensorboard',
+    or any object with log(metrics, step) and close()) as 'stream/key'. print() writes a console
+    line (above the progress bar, when there is one). Only rank 0 (master) writes, prints or tracks;
+    every rank keeps the history, so every rank can summarise it."""
+
+    def __init__(self, out_dir, config, stage, tracker='', master=True, jsonl=None, history=None):
+        self.out_dir, self.stage, self.master = out_dir, stage, master
+        self.jsonl = dict(jsonl or {})
+        self.history = {} if history is None else history
+        self.bar = None
+        if isinstance(tracker, str):
+            tracker = open_tracker(tracker, out_dir, config, stage, master)
+        self.tracker = tracker if master else NullTracker()
+
+    def print(self, line):
+        if not self.master:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def progress(self, total, initial=0, desc=None):
+        """A progress bar on rank 0 (advance() moves it; console lines print above it)."""
+        if self.master:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc or self.stage, dynamic_ncols=True, leave=False)
+
+    def advance(self, **postfix):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
+
+    def log(self, stream, record, track=True):
+        """Record one step's numbers in `stream` (see the class docstring); track=False keeps them from
+        the tracker (texts, per-sample records)."""
+        if stream in self.jsonl:
+            if self.master:
+                append_jsonl(os.path.join(self.out_dir, self.jsonl[stream]), record)
+        else:
+            self.history.setdefault(stream, []).append(record)
+        if track:
+            metrics = {k if k.startswith(stream + '/') else f'{stream}/{k}': v for k, v in record.items()
+                       if k != 'step' and isinstance(v, (int, float))}
+            self.tracker.log(metrics, step=record.get('step'))
+
+    def trim(self, last_step):
+        """A resumed run: drop the JSONL lines of steps after its checkpoint's."""
+        if self.master:
+            for name in self.jsonl.values():
+                trim_jsonl(os.path.join(self.out_dir, name), last_step)
+
+    def clear(self):
+        """A new run: drop the JSONL files an earlier attempt left before its first checkpoint."""
+        if self.master:
+            for name in self.jsonl.values():
+                if os.path.exists(os.path.join(self.out_dir, name)):
+                    os.remove(os.path.join(self.out_dir, name))
+
+    def write_json(self, name, obj):
+        if self.master:
+            write_json(obj, os.path.join(self.out_dir, name))
+
+    def plot(self, name, key, streams, ylabel=None, logy=False):
+        """out_dir/name: `key` against step for each history stream in `streams` ({stream: legend}),
+        the first as a line, the others (evaluations) as points on a line."""
+        if not self.master:
+            return
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, (stream, label) in enumerate(streams.items()):
+            recs = [r for r in self.history.get(stream, []) if r.get(key) is not None]
+            style = dict(lw=0.8, alpha=0.7) if i == 0 else dict(marker='o', ms=3)
+            ax.plot([r['step'] for r in recs], [r[key] for r in recs], label=label, **style)
+        ax.set_xlabel('step')
+        ax.set_ylabel(ylabel or key)
+        if logy:
+            ax.set_yscale('log')
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.out_dir, name), dpi=120)
+        plt.close(fig)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.tracker.close()
 
 
 # -----------------------------------------------------------------------------
@@ -714,9 +903,18 @@ class UsageError(SystemExit):
 
 
 def cli(prog: str, main, argv=None):
-    """Run main(argv) as the command `prog`: a UsageError prints 'prog: message' and exits with 2."""
+    """Run the command `prog`: main(argv), or, with a table {name: main} of subcommands, the one
+    argv[0] names with the rest (none or an unknown name: a usage line listing them). A UsageError
+    prints 'prog: message' and exits with status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return main(sys.argv[1:] if argv is None else list(argv))
+        if not isinstance(main, dict):
+            return main(argv)
+        if not argv or argv[0] not in main:
+            got = f"unknown command {argv[0]!r}; " if argv and not argv[0].startswith('-') else ''
+            raise UsageError(f"{got}usage: python {prog} {{{'|'.join(main)}}} --key=value ... "
+                             f"(COMMAND --help lists its keys)")
+        return main[argv[0]](argv[1:])
     except UsageError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         sys.exit(2)

@@ -28,7 +28,8 @@ same final weights as a run that was never interrupted. A different config on re
 
 What ends up in out_dir: ckpt.pt (model + run config + tokenizer identity + optimizer + data-loader and
 RNG state), tokenizer.json (a copy, so the run directory is self-contained for evaluate.py / rl.py),
-log.json (every step's loss/lr/tok/s/MFU and every held-out evaluation), loss.png.
+log.json (every step's loss/lr/tok/s/MFU and every held-out evaluation), loss.png (model.RunLog writes
+them; --logger=wandb or tensorboard also sends every record there).
 
 midtrain.py reuses train() below with its own defaults (init_from a base run, fresh optimizer/schedule).
 """
@@ -101,12 +102,13 @@ defaults = dict(
     compile=False,                       # torch.compile the model (GPU runs)
     peak_flops=0.0,                      # per-device peak FLOP/s for MFU; 0: look up the GPU name (none on CPU)
     progress=True,                       # tqdm progress bar on rank 0
+    logger='',                           # also log to 'wandb' or 'tensorboard' (if installed); '' = files only
     resume_override=False,               # allow resuming {out_dir}/ckpt.pt with a different config
 )
 
 # keys that may change on resume without changing the trajectory (how often we look, not what we do)
 RESUME_SAFE_KEYS = {'resume_override', 'allow_epochs', 'log_interval', 'progress', 'compile', 'prepare_only', 'eval_interval',
-                    'eval_tokens', 'ckpt_interval', 'data_workers', 'peak_flops'}
+                    'eval_tokens', 'ckpt_interval', 'data_workers', 'peak_flops', 'logger'}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ def lr_at(step, cfg, max_steps):
 def model_config_for(cfg, vocab_size):
     """The model preset with the config's dimension overrides, sized for the tokenizer and seq_len."""
     if cfg['model'] not in model.MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {cfg['model']!r}; choose one of {sorted(model.MODEL_PRESETS)}")
+        raise model.UsageError(f"unknown model preset {cfg['model']!r}; choose one of {sorted(model.MODEL_PRESETS)}")
     mc = model.MODEL_PRESETS[cfg['model']]
     over = {k: cfg[k] for k in ('n_layer', 'hidden_size', 'n_head', 'n_kv_head', 'intermediate_size') if cfg[k] > 0}
     return dataclasses.replace(mc, vocab_size=vocab_size, max_seq_len=max(mc.max_seq_len, cfg['seq_len']), **over)
@@ -133,7 +135,7 @@ def model_config_for(cfg, vocab_size):
 def grad_accum_steps(cfg, world_size):
     per_micro = cfg['micro_batch'] * cfg['seq_len'] * world_size
     if cfg['batch_tokens'] % per_micro:
-        raise ValueError(
+        raise model.UsageError(
             f"batch_tokens={cfg['batch_tokens']} is not a multiple of micro_batch * seq_len * world_size = "
             f"{cfg['micro_batch']} * {cfg['seq_len']} * {world_size} = {per_micro}; set --batch_tokens to a multiple "
             f"of {per_micro} (e.g. {max(1, round(cfg['batch_tokens'] / per_micro)) * per_micro}) "
@@ -201,22 +203,12 @@ def estimate_val_loss(m, cfg, dist, tok):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def save_plot(log, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    tr = log['train']
-    ax.plot([r['step'] for r in tr], [r['loss'] for r in tr], lw=0.8, alpha=0.7, label='train')
-    ax.plot([r['step'] for r in log['val']], [r['loss'] for r in log['val']], 'o-', ms=3, label='held-out val')
-    ax.set_xlabel('step')
-    ax.set_ylabel('loss (nats/token)')
-    ax.set_yscale('log')
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def load_checkpoint(path, tok):
+    """model.load_checkpoint on the CPU; a checkpoint of another tokenizer than the data's is a UsageError."""
+    try:
+        return model.load_checkpoint(path, device='cpu', expect_tokenizer=tok.identity)
+    except ValueError as e:
+        raise model.UsageError(str(e)) from None
 
 
 def load_model(cfg, tok, ckpt_path, say):
@@ -224,21 +216,20 @@ def load_model(cfg, tok, ckpt_path, say):
     {out_dir}/ckpt.pt if it exists, else the weights of init_from, else a fresh init. The tokenizer
     identity of either checkpoint must be the data's."""
     if os.path.exists(ckpt_path):
-        ck = model.load_checkpoint(ckpt_path, device='cpu', expect_tokenizer=tok.identity)
+        ck = load_checkpoint(ckpt_path, tok)
         diff = config_diff(ck['config'], cfg)
-        lines = '\n'.join(f"  {k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
+        lines = '; '.join(f"{k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
         if diff and not cfg['resume_override']:
-            raise ValueError(f"{ckpt_path} was written by a different config:\n{lines}\n"
-                             f"use the checkpoint's values, another --out_dir, or --resume_override=True")
+            raise model.UsageError(f"{ckpt_path} was written by a different config ({lines}); use the checkpoint's "
+                                   f"values, another --out_dir, or --resume_override=True")
         if diff:
-            say(f"resume_override: continuing {ckpt_path} with a changed config:\n{lines}")
+            say(f"resume_override: continuing {ckpt_path} with a changed config ({lines})")
         return ck['model'], ck
     if cfg['init_from'] != 'scratch':
         # weights only: the optimizer, LR schedule and data order start fresh
-        init = model.load_checkpoint(model.resolve_ckpt(cfg['init_from'], 'init_from checkpoint'), device='cpu',
-                                     expect_tokenizer=tok.identity)
+        init = load_checkpoint(model.resolve_ckpt(cfg['init_from'], 'init_from checkpoint'), tok)
         if init['model'].config.max_seq_len < cfg['seq_len']:
-            raise ValueError(f"seq_len={cfg['seq_len']} exceeds the base model's max_seq_len="
+            raise model.UsageError(f"seq_len={cfg['seq_len']} exceeds the base model's max_seq_len="
                              f"{init['model'].config.max_seq_len}")
         return init['model'], None
     torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -247,7 +238,7 @@ def load_model(cfg, tok, ckpt_path, say):
 
 def restore_state(ck, cfg, optimizer, loader, dist, say):
     """Continue a run from its checkpoint: optimizer, data-loader position, this rank's RNG state and
-    the log so far. Returns (start step, log)."""
+    the log so far (the history of the run's RunLog). Returns (start step, log)."""
     optimizer.load_state_dict(ck['optimizer'])
     # the loader state is global (any rank's resumes every rank, at any world size); RNG states are per rank
     loader.load_state_dict(ck['extra']['loader'])
@@ -288,19 +279,23 @@ def train(cfg):
     device, master = torch.device(dist.device), dist.is_master
     out_dir, data_dir = cfg['out_dir'], cfg['data_dir']
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    say = print if master else (lambda *a, **k: None)
+    # console, log.json (every step's record, in 'train' and 'val'), loss.png, and W&B / TensorBoard if asked
+    logger = model.RunLog(out_dir, cfg, 'pretrain', cfg['logger'], master,
+                          history={'config': cfg, 'train': [], 'val': []})
+    say = logger.print
 
     # ---- data: one tokenizer identity for the shards, the init checkpoint and a resumed run
     if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-        raise FileNotFoundError(f"{data_dir}/meta.json not found; build the data first (single process): "
+        raise model.UsageError(f"{data_dir}/meta.json not found; build the data first (single process): "
                                 f"python {os.path.basename(sys.argv[0])} ... --prepare_only=True")
     tok = Tokenizer.load(os.path.join(data_dir, 'tokenizer.json'))
     grad_accum = grad_accum_steps(cfg, dist.world_size)
     if cfg['loss_on'] not in ('all', 'solution'):
-        raise ValueError(f"loss_on={cfg['loss_on']!r}: use 'all' (every token) or 'solution' (not the questions)")
+        raise model.UsageError(f"loss_on={cfg['loss_on']!r}: use 'all' (every token) or 'solution' (not the questions)")
     max_steps = cfg['max_steps'] or cfg['max_tokens'] // cfg['batch_tokens']
     if max_steps < 1:
-        raise ValueError(f"max_tokens={cfg['max_tokens']} is less than one batch of batch_tokens={cfg['batch_tokens']}")
+        raise model.UsageError(f"max_tokens={cfg['max_tokens']} is less than one batch of "
+                               f"batch_tokens={cfg['batch_tokens']}")
 
     # ---- model: resume > init_from > scratch
     raw, ck = load_model(cfg, tok, ckpt_path, say)
@@ -314,17 +309,22 @@ def train(cfg):
                                   fused=device.type == 'cuda')
 
     # ---- data loader (each rank reads its share of every global batch) and resumed state
-    loader = ShardLoader(data_dir, 'train', cfg['micro_batch'], cfg['seq_len'], rank=dist.rank,
-                         world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity,
-                         whole_docs=cfg['whole_docs'])
+    try:
+        loader = ShardLoader(data_dir, 'train', cfg['micro_batch'], cfg['seq_len'], rank=dist.rank,
+                             world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity,
+                             whole_docs=cfg['whole_docs'])
+    except ValueError as e:  # shards of another tokenizer than their tokenizer.json
+        raise model.UsageError(str(e)) from None
     epochs = max_steps * grad_accum * dist.world_size * cfg['micro_batch'] / loader.windows_per_epoch()
     if epochs > 1 and not cfg['allow_epochs']:
-        raise ValueError(f"{max_steps} steps would read {data_dir} {epochs:.2f} times (repeated problems confound the "
-                         f"study); build more data (--data_tokens), lower --max_tokens, or pass --allow_epochs=True")
-    log, start_step = {'config': cfg, 'train': [], 'val': []}, 0
+        raise model.UsageError(f"{max_steps} steps would read {data_dir} {epochs:.2f} times (repeated problems "
+                               f"confound the study); build more data (--data_tokens), lower --max_tokens, or "
+                               f"pass --allow_epochs=True")
+    start_step = 0
     if ck is not None:
-        start_step, log = restore_state(ck, cfg, optimizer, loader, dist, say)
+        start_step, logger.history = restore_state(ck, cfg, optimizer, loader, dist, say)
         say(f"resuming {ckpt_path} at step {start_step}/{max_steps}")
+    log = logger.history
     del ck
     batches = iter(loader)
 
@@ -347,18 +347,15 @@ def train(cfg):
         if master:
             model.save_checkpoint(ckpt_path, raw, run_config=cfg, tokenizer_identity=tok.identity, step=step,
                                   optimizer=optimizer, extra={'loader': loader.state_dict(), 'rng': rngs, 'log': log})
-            model.write_json(log, os.path.join(out_dir, 'log.json'))
+            logger.write_json('log.json', log)
 
     if start_step == 0:
         val = estimate_val_loss(m, cfg, dist, tok)
-        log['val'].append({'step': 0, 'loss': val, 'tokens': 0})
+        logger.log('val', {'step': 0, 'loss': val, 'tokens': 0})
         say(f"step 0: val loss {val:.4f}")
 
-    bar = None
-    if master and cfg['progress']:
-        from tqdm import tqdm
-        bar = tqdm(total=max_steps, initial=start_step, desc='pretrain', dynamic_ncols=True, leave=False)
-    write = bar.write if bar else say
+    if cfg['progress']:
+        logger.progress(max_steps, start_step)
     m.train()
     for step in range(start_step, max_steps):
         t0 = time.time()
@@ -397,29 +394,26 @@ def train(cfg):
         tok_s = cfg['batch_tokens'] / dt
         mfu = raw.estimate_mfu(tok_s / dist.world_size, device, seq_len=cfg['seq_len'], peak_flops=peak)  # None on CPU
         done = step + 1
-        log['train'].append({'step': done, 'loss': loss_val, 'lr': lr, 'grad_norm': float(grad_norm),
+        logger.log('train', {'step': done, 'loss': loss_val, 'lr': lr, 'grad_norm': float(grad_norm),
                              'tok_s': tok_s, 'mfu': mfu, 'dt': dt})
-        if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f'{loss_val:.4f}', refresh=False)
-        if master and (done % cfg['log_interval'] == 0 or done == max_steps or done == start_step + 1):
-            write(f"step {done}/{max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | norm {float(grad_norm):.2f} | "
+        logger.advance(loss=loss_val)
+        if done % cfg['log_interval'] == 0 or done == max_steps or done == start_step + 1:
+            say(f"step {done}/{max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | norm {float(grad_norm):.2f} | "
                   f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | "
                   f"{1000 * dt:.0f} ms")
         if done % cfg['eval_interval'] == 0 or done == max_steps:
             val = estimate_val_loss(m, cfg, dist, tok)
-            log['val'].append({'step': done, 'loss': val, 'tokens': done * cfg['batch_tokens']})
-            write(f"step {done}: val loss {val:.4f}")
+            logger.log('val', {'step': done, 'loss': val, 'tokens': done * cfg['batch_tokens']})
+            say(f"step {done}: val loss {val:.4f}")
         if done % cfg['ckpt_interval'] == 0 or done == max_steps:
             checkpoint(done)
-    if bar:
-        bar.close()
 
     if master:
         log['summary'] = summarize(log, cfg, raw, max_steps, device, dist.world_size)
-        model.write_json(log, os.path.join(out_dir, 'log.json'))
-        save_plot(log, os.path.join(out_dir, 'loss.png'))
+        logger.write_json('log.json', log)
+        logger.plot('loss.png', 'loss', {'train': 'train', 'val': 'held-out val'}, 'loss (nats/token)', logy=True)
         say(f"done: val loss {log['val'][0]['loss']:.4f} -> {log['val'][-1]['loss']:.4f}; {out_dir}/ckpt.pt")
+    logger.close()
     if dist.world_size > 1:
         torch_dist.barrier()
         model.cleanup_distributed()

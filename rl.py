@@ -66,12 +66,11 @@ Choices, and where we differ from verl (the paper's code):
   bound (every response at the budget).
 """
 
+import copy
 import dataclasses
-import json
 import math
 import os
 import random
-import sys
 import time
 import types
 from contextlib import nullcontext
@@ -156,6 +155,7 @@ defaults = dict(
     eval_temperature=0.7,       # STUDY.md §4 evaluation temperature
     eval_seed=1234,             # seed of a generated held-out set (evaluate.py's default)
     ckpt_every=50,              # checkpoint every N steps (0 = only at the end)
+    logger='',                  # also log to 'wandb' or 'tensorboard' (if installed); '' = the JSONL files only
     # system
     seed=1337,                  # sampler noise is seeded by (seed, step, rank)
     device='',                  # '' = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
@@ -172,41 +172,38 @@ LOSS_TYPES = {
 LOSS_AGGS = ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm')
 # keys that may change on resume: they do not change the trajectory (the lr has no schedule to stretch)
 RESUME_SAFE_KEYS = {'resume_override', 'max_steps', 'flops_budget', 'log_every', 'sample_every', 'n_samples_show',
-                    'eval_every', 'ckpt_every', 'compile'}
+                    'eval_every', 'ckpt_every', 'compile', 'logger'}
 
 
-def _fail(msg):
-    raise SystemExit(f"rl.py: {msg}")
-
-
-def resolve(cfg: dict) -> types.SimpleNamespace:
-    """Fill the loss_type keys left unset, check the choices; -> attribute access (C.lr)."""
-    cfg = dict(cfg)
+def resolve(cfg: dict) -> M.Config:
+    """Fill the loss_type keys left unset, check the choices (model.UsageError: one line)."""
+    cfg = M.Config(cfg)
     if cfg['loss_type'] not in LOSS_TYPES:
-        _fail(f"unknown --loss_type={cfg['loss_type']!r}; choose one of {', '.join(LOSS_TYPES)}")
+        raise M.UsageError(f"unknown --loss_type={cfg['loss_type']!r}; choose one of {', '.join(LOSS_TYPES)}")
     for k, v in LOSS_TYPES[cfg['loss_type']].items():
         if not cfg[k]:
             cfg[k] = v
     for key, allowed in (('reward', data.REWARDS), ('loss_agg', LOSS_AGGS), ('adv_norm', ('group', 'none', 'batch')),
                          ('ratio_level', ('token', 'sequence'))):
         if cfg[key] not in allowed:
-            _fail(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
+            raise M.UsageError(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
     if cfg['prompts_per_step'] % cfg['minibatch_prompts']:
-        _fail(f"prompts_per_step={cfg['prompts_per_step']} is not a multiple of minibatch_prompts="
+        raise M.UsageError(f"prompts_per_step={cfg['prompts_per_step']} is not a multiple of minibatch_prompts="
               f"{cfg['minibatch_prompts']}")
     if not 0 <= cfg['overlong_buffer'] < cfg['max_response_len']:
-        _fail(f"overlong_buffer={cfg['overlong_buffer']} must be in [0, max_response_len={cfg['max_response_len']})")
+        raise M.UsageError(f"overlong_buffer={cfg['overlong_buffer']} must be in "
+                           f"[0, max_response_len={cfg['max_response_len']})")
     if cfg['max_rollouts'] < 1:
-        _fail(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
+        raise M.UsageError(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
     if cfg['world']:
         try:
             data.parse_world(cfg['world'])
         except ValueError as e:
-            _fail(str(e))
-    return types.SimpleNamespace(**cfg)
+            raise M.UsageError(str(e))
+    return cfg
 
 
-def config(**overrides) -> types.SimpleNamespace:
+def config(**overrides) -> M.Config:
     """The defaults with overrides, resolved: what update_policy() and friends take (tests, notebooks)."""
     return resolve({**defaults, **overrides})
 
@@ -651,39 +648,8 @@ def held_out_eval(model, tok, rows, n, temperature, max_new_tokens, dist):
     return {f'eval/{k}': float(v) for k, v in res.items()}
 
 
-def load_tokenizer(path, init_from, run_config):
-    """The tokenizer the starting checkpoint was trained with: `path`, else a tokenizer file next
-    to the checkpoint or in its run's data_dir."""
-    cands = [path] if path else []
-    for base in (os.path.dirname(os.path.abspath(init_from)), run_config.get('data_dir', '')):
-        if base:
-            cands.append(os.path.join(base, 'tokenizer.json'))
-    for c in cands:
-        if c and os.path.exists(c):
-            return data.Tokenizer.load(c)
-    _fail(f"no tokenizer found (tried {cands}); pass --tokenizer=PATH")
-
-
-def resolve_ckpt(path):
-    """A checkpoint file, or a run directory holding ckpt.pt."""
-    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-
-
 def lr_at(step, base, warmup):
     return base * min(1.0, (step + 1) / warmup) if warmup > 0 else base
-
-
-def log_jsonl(path, rec):
-    with open(path, 'a') as f:
-        f.write(json.dumps(rec) + '\n')
-
-
-def trim_jsonl(path, last_step):
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line).get('step', 0) <= last_step]
-        with open(path, 'w') as f:
-            f.writelines(keep)
 
 
 # -----------------------------------------------------------------------------
@@ -696,20 +662,15 @@ def setup(C):
     dist = M.setup_distributed()
     device = C.device or dist.device
     if C.minibatch_prompts % dist.world_size:
-        _fail(f"minibatch_prompts={C.minibatch_prompts} is not a multiple of the world size {dist.world_size}")
+        raise M.UsageError(f"minibatch_prompts={C.minibatch_prompts} is not a multiple of the world size "
+                           f"{dist.world_size}")
     torch.manual_seed(C.seed + dist.rank)
 
     # models: the policy (start or resume) and the frozen reference (always the start)
-    init_path = resolve_ckpt(C.init_from)
-    if not os.path.isfile(init_path):
-        what = f"{C.init_from} has no ckpt.pt" if os.path.isdir(C.init_from) else f"{C.init_from} does not exist"
-        _fail(f"--init_from: {what}; point it at a pre/mid-training run dir (e.g. out/base) or its ckpt.pt")
-    start = M.load_checkpoint(init_path, device=device)
-    tok = load_tokenizer(C.tokenizer, init_path, start['config'])
-    if tok.identity != start['tokenizer_identity']:
-        _fail(f"tokenizer {tok.identity} does not match {init_path}'s {start['tokenizer_identity']}")
-    policy = start['model']
-    ref = M.load_checkpoint(init_path, device=device)['model'].eval().requires_grad_(False) if C.kl_coef > 0 else None
+    policy, tok, start = M.load_run(C.init_from, device, C.tokenizer or None, what='--init_from checkpoint',
+                                    fix='point --init_from at a pre/mid-training run dir (e.g. out/base) or its '
+                                        'ckpt.pt, and --tokenizer at its tokenizer.json if it has none')
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if C.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=C.lr, betas=(C.beta1, C.beta2), weight_decay=C.weight_decay,
                                   fused='cuda' in str(device))
 
@@ -732,8 +693,11 @@ def setup(C):
         tok=tok, eval_rows=eval_rows, stream=PromptStream.from_config(C, excluded, keep), N=policy.num_params(),
         step=0, flops={'rollout': 0.0, 'ref': 0.0, 'old': 0.0, 'train': 0.0, 'total': 0.0}, history=[],
         last_eval=-1, resumed=False, ckpt_path=os.path.join(C.out_dir, 'ckpt.pt'),
-        run_config=dict(vars(C), data_dir=data_dir),  # data_dir: evaluate.py / a later stage find the base's eval set
-        say=lambda s: None, pbar=None)
+        run_config=dict(C, data_dir=data_dir))  # data_dir: evaluate.py / a later stage find the base's eval set
+    # rank 0 writes log.jsonl (every step), eval.jsonl, samples.jsonl, the console; W&B / TensorBoard if asked
+    S.log = M.RunLog(C.out_dir, S.run_config, 'rl', C.logger, dist.is_master,
+                     jsonl={'train': 'log.jsonl', 'eval': 'eval.jsonl', 'samples': 'samples.jsonl'})
+    S.say = S.log.print
     if os.path.exists(S.ckpt_path):
         resume(S, C)
 
@@ -741,16 +705,12 @@ def setup(C):
     if dist.ddp:
         S.train_model = torch.nn.parallel.DistributedDataParallel(
             S.train_model, device_ids=[dist.local_rank] if 'cuda' in str(device) else None)
+    if not S.resumed:
+        S.log.clear()  # logs of an earlier attempt that never reached a checkpoint
     if dist.is_master:
         os.makedirs(C.out_dir, exist_ok=True)
         tok.save(os.path.join(C.out_dir, 'tokenizer.json'))  # the run dir is self-contained for evaluate.py
-        if not S.resumed:  # logs of an earlier attempt that never reached a checkpoint
-            for name in ('log.jsonl', 'eval.jsonl', 'samples.jsonl'):
-                if os.path.exists(os.path.join(C.out_dir, name)):
-                    os.remove(os.path.join(C.out_dir, name))
-        from tqdm import tqdm
-        S.pbar = tqdm(total=C.max_steps, initial=S.step, desc='rl', dynamic_ncols=True, file=sys.stdout)
-        S.say = S.pbar.write
+        S.log.progress(C.max_steps, S.step)
         S.say(f"held-out: {len(eval_rows)} problems from {eval_source}; {len(excluded)} ids excluded from RL prompts")
         S.say(f"rl: {S.N / 1e6:.2f}M params | world {S.W} | {C.prompts_per_step} prompts x G={C.group_size} per step, "
               f"{C.prompts_per_step // C.minibatch_prompts} updates | reward {C.reward} | loss {C.loss_type} "
@@ -766,15 +726,14 @@ def resume(S, C):
     state. A changed config (but for RESUME_SAFE_KEYS) is an error unless --resume_override=True."""
     ck = M.load_checkpoint(S.ckpt_path, device=S.device)
     if ck['tokenizer_identity'] != S.tok.identity:
-        _fail(f"{S.ckpt_path} uses tokenizer {ck['tokenizer_identity']}, init_from uses {S.tok.identity}")
+        raise M.UsageError(f"{S.ckpt_path} uses tokenizer {ck['tokenizer_identity']}, init_from uses {S.tok.identity}")
     diff = {k: v for k, v in pretrain.config_diff(ck['config'], S.run_config).items() if k not in RESUME_SAFE_KEYS}
     if diff:
         lines = '; '.join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         if not C.resume_override:
-            _fail(f"{S.ckpt_path} was written by a different config ({lines}); use its values, another --out_dir, "
-                  f"or --resume_override=True")
-        if S.dist.is_master:
-            print(f"resume_override: continuing {S.ckpt_path} with a changed config ({lines})")
+            raise M.UsageError(f"{S.ckpt_path} was written by a different config ({lines}); use its values, "
+                               f"another --out_dir, or --resume_override=True")
+        S.say(f"resume_override: continuing {S.ckpt_path} with a changed config ({lines})")
     S.policy.load_state_dict(ck['model'].state_dict())
     S.optimizer.load_state_dict(ck['optimizer'])
     S.step, S.flops, S.history = ck['step'], dict(ck['extra']['flops']), list(ck['extra'].get('step_flops', []))
@@ -782,9 +741,7 @@ def resume(S, C):
     rngs = ck['extra']['rng'] if isinstance(ck['extra']['rng'], list) else [ck['extra']['rng']]
     M.set_rng_state(rngs[S.rank % len(rngs)])  # each rank its own (another world size: not bitwise exact)
     S.last_eval, S.resumed = ck['extra'].get('last_eval', -1), True
-    if S.dist.is_master:  # drop log lines of steps after the checkpoint (a crash between log and save)
-        for name in ('log.jsonl', 'eval.jsonl', 'samples.jsonl'):
-            trim_jsonl(os.path.join(C.out_dir, name), S.step)
+    S.log.trim(S.step)  # drop log lines of steps after the checkpoint (a crash between log and save)
 
 
 def save(S, C):
@@ -895,9 +852,8 @@ def log_step(S, C, m, ro):
     """log.jsonl every step, a console line every log_every, a few samples every sample_every (rank 0)."""
     if not S.dist.is_master:
         return
-    log_jsonl(os.path.join(C.out_dir, 'log.jsonl'), m)
-    S.pbar.update(1)
-    S.pbar.set_postfix(reward=f"{m['reward']:.3f}", kl=f"{m['kl']:.2g}")
+    S.log.log('train', m)
+    S.log.advance(reward=m['reward'], kl=m['kl'])
     if m['step'] % C.log_every == 0:
         S.say(f"step {m['step']} | reward {m['reward']:.3f} | acc {m['outcome_acc']:.3f} | proc {m['process_acc']:.3f} "
               f"| hack {m['hack']:.3f} | kl {m['kl']:.2e} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} "
@@ -911,7 +867,7 @@ def log_step(S, C, m, ro):
             rec = {'step': m['step'], 'id': row['id'], 'op': row['op'], 'mode': row['mode'],
                    'reward': float(ro['reward'][k]), 'verdict': ro['verdict'][k].to_dict(), 'response': ro['text'][k],
                    'gold': row['solution']}
-            log_jsonl(os.path.join(C.out_dir, 'samples.jsonl'), rec)
+            S.log.log('samples', rec, track=False)
             if j < C.n_samples_show:
                 S.say(f"  [op {row['op']} {row['mode']}] reward {rec['reward']:.2f}: {ro['text'][k][:300]!r}")
 
@@ -919,16 +875,16 @@ def log_step(S, C, m, ro):
 def evaluate_now(S, C):
     res = held_out_eval(S.policy, S.tok, S.eval_rows, C.eval_samples, C.eval_temperature, C.max_response_len, S.dist)
     res['step'] = S.last_eval = S.step
+    S.log.log('eval', res)
     if S.dist.is_master:
-        log_jsonl(os.path.join(C.out_dir, 'eval.jsonl'), res)
         S.say(f"eval step {S.step}: pass@1 {res['eval/all/pass@1']:.3f} (process-verified) | outcome pass@1 "
               f"{res['eval/all/outcome_pass@1']:.3f} | hack {res['eval/all/hack_rate']:.3f} | "
               f"{len(S.eval_rows)} problems x {C.eval_samples}")
     return res
 
 
-def main(argv=None):
-    C = resolve(M.configure(defaults, sys.argv[1:] if argv is None else argv))
+def main(argv):
+    C = resolve(M.configure(defaults, argv))
     S = setup(C)
     results = {'eval': [], 'out_dir': C.out_dir}
     reason = stop_reason(S, C)
@@ -963,8 +919,7 @@ def main(argv=None):
 
 
 def finish(S, results):
-    if S.pbar is not None:
-        S.pbar.close()
+    S.log.close()
     results.update(step=S.step, flops=S.flops)
     if S.dist.ddp:
         M.cleanup_distributed()
@@ -972,4 +927,4 @@ def finish(S, results):
 
 
 if __name__ == '__main__':
-    main()
+    M.cli('rl.py', main)

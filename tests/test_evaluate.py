@@ -276,7 +276,7 @@ def test_eval_set_loading_and_errors(tmp_path, problems):
     with open(path, 'w') as f:
         for r in problems + problems[:2]:  # a repeated problem
             f.write(json.dumps(r) + '\n')
-    with pytest.raises(ev.EvalError, match='same problem twice'):
+    with pytest.raises(ev.UsageError, match='same problem twice'):
         ev.load_eval_rows(str(path), ops=range(2, 21), per_op_template=0)
     with open(path, 'w') as f:
         for r in problems:
@@ -284,7 +284,7 @@ def test_eval_set_loading_and_errors(tmp_path, problems):
     rows, source = ev.load_eval_rows(str(path), ops=[2, 3], per_op_template=1)
     assert source == str(path) and {r['op'] for r in rows} == {2, 3}
     assert len(rows) == len({(r['op'], r['template']) for r in rows}) and len({r['id'] for r in rows}) == len(rows)
-    with pytest.raises(ev.EvalError, match='eval set is empty'):
+    with pytest.raises(ev.UsageError, match='eval set is empty'):
         ev.load_eval_rows(str(path), ops=[99])
     rows, source = ev.load_eval_rows('generate', ops=[4, 5], per_op_template=2, modes=['forwardreverse'], seed=3)
     assert len(rows) == 12 and {r['mode'] for r in rows} == {'forwardreverse'} and source.startswith('generated')
@@ -520,7 +520,7 @@ def test_summary_shows_both_estimators_with_intervals(tmp_path, problems):
     assert f"{100 * st['process_ordered']['pass@1']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in md
     head = next(csv.reader(open(tmp_path / 'results.csv')))
     assert 'process_ordered_pass@4' in head and 'outcome_pass@1' in head
-    with pytest.raises(ev.EvalError, match='estimator'):
+    with pytest.raises(ev.UsageError, match='estimator'):
         ev.write_reports(str(tmp_path), runs, meta, estimator='best')
 
 
@@ -565,7 +565,7 @@ def test_released_layout_directory_and_glob(tmp_path):
     assert agg['all']['process_ordered']['pass@1'] == 1.0
     test_rows, _ = ev.load_eval_rows(str(tmp_path / 'composition' / 'test'), ops=range(2, 21), per_op_template=0)
     assert {r['op'] for r in test_rows} == {10}
-    with pytest.raises(ev.EvalError, match='names no JSONL'):
+    with pytest.raises(ev.UsageError, match='names no JSONL'):
         ev.load_eval_rows(str(tmp_path / 'nothing_*.jsonl'))
 
 

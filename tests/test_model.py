@@ -473,6 +473,118 @@ def test_configure_help(capsys):
         M.configure(DEFAULTS, ['--help'])
     assert e.value.code == 0 and '--batch_size' in capsys.readouterr().out
 
+
+@pytest.mark.fast
+def test_cli_dispatches_a_command_table(capsys):
+    """One usage line listing the commands; a UsageError from a command is one line and exit 2."""
+    calls = []
+
+    def build(argv):
+        calls.append(argv)
+        if argv == ['--bad']:
+            raise M.UsageError('build needs --out=DIR')
+        return 'built'
+
+    table = {'build': build, 'sample': lambda argv: None}
+    assert M.cli('x.py', table, ['build', '--out=d']) == 'built' and calls == [['--out=d']]
+    for argv, words in (([], 'usage: python x.py {build|sample}'), (['nope'], "unknown command 'nope'"),
+                        (['build', '--bad'], 'build needs --out=DIR')):
+        with pytest.raises(SystemExit) as e:
+            M.cli('x.py', table, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('x.py: ') and words in err and err.count('\n') == 1
+
+
+# -----------------------------------------------------------------------------
+# the logger (RunLog) and its optional trackers
+
+
+class StubWandb:
+    """Stands in for the wandb package: records init's arguments and every log call."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, metrics, step=None):
+        self.logged.append((metrics, step))
+
+    def finish(self):
+        self.finished += 1
+
+
+@pytest.mark.fast
+def test_runlog_files_history_and_tracker_get_the_same_records(tmp_path, monkeypatch, capsys):
+    wandb = StubWandb()
+    monkeypatch.setitem(sys.modules, 'wandb', wandb)
+    cfg = M.Config(lr=0.1, out_dir=str(tmp_path / 'run'))
+    log = M.RunLog(cfg.out_dir, cfg, 'rl', 'wandb', jsonl={'train': 'log.jsonl', 'samples': 'samples.jsonl'})
+    assert wandb.inits == [dict(project='reasoning-study', name='run', config={'lr': 0.1, 'out_dir': cfg.out_dir},
+                                dir=cfg.out_dir, job_type='rl')]
+    recs = [{'step': s, 'reward': 0.5 * s, 'kl': 1e-3, 'mfu': None} for s in (1, 2, 3)]
+    for r in recs:
+        log.log('train', r)
+        log.log('val', {'step': r['step'], 'loss': 2.0 / r['step'], 'eval/all/pass@1': 0.25})
+    log.log('samples', {'step': 3, 'response': 'text', 'reward': 1.0}, track=False)
+    log.print('a console line')
+    # JSONL streams: one line per record, as given; the others kept in memory (the stage saves them)
+    with open(tmp_path / 'run' / 'log.jsonl') as f:
+        assert [json.loads(line) for line in f] == recs
+    assert [r['loss'] for r in log.history['val']] == [2.0, 1.0, 2 / 3] and 'train' not in log.history
+    # the tracker: every record's numbers as stream/key at its step (a key already under the stream's name
+    # keeps it), None and texts left out, nothing from track=False
+    assert wandb.logged[:2] == [({'train/reward': 0.5, 'train/kl': 1e-3}, 1),
+                                ({'val/loss': 2.0, 'val/eval/all/pass@1': 0.25}, 1)]
+    assert len(wandb.logged) == 6 and capsys.readouterr().out == 'a console line\n'
+    # a resumed run drops the lines after its checkpoint; a new one starts its files afresh
+    log.trim(2)
+    assert [json.loads(line)['step'] for line in open(tmp_path / 'run' / 'log.jsonl')] == [1, 2]
+    log.clear()
+    assert not os.path.exists(tmp_path / 'run' / 'log.jsonl') and not os.path.exists(tmp_path / 'run' / 'samples.jsonl')
+    log.close()
+    assert wandb.finished == 1
+
+
+@pytest.mark.fast
+def test_runlog_other_ranks_write_nothing_and_an_object_is_a_tracker(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # not even imported on rank 1
+    log = M.RunLog(str(tmp_path / 'r1'), {}, 'pretrain', 'wandb', master=False, jsonl={'train': 'log.jsonl'},
+                   history={'val': []})
+    log.log('train', {'step': 1, 'loss': 1.0})
+    log.log('val', {'step': 1, 'loss': 2.0})
+    log.print('quiet')
+    log.write_json('log.json', {})
+    assert not os.path.exists(tmp_path / 'r1') and log.history == {'val': [{'step': 1, 'loss': 2.0}]}
+    stub = StubWandb()
+    M.RunLog(str(tmp_path / 'r0'), {}, 'eval', stub).log('base', {'ckpt_step': 7, 'all/pass@1': 0.5})
+    assert stub.logged == [({'base/ckpt_step': 7, 'base/all/pass@1': 0.5}, None)]
+
+
+@pytest.mark.fast
+def test_runlog_plot_writes_a_png(tmp_path):
+    log = M.RunLog(str(tmp_path), {}, 'pretrain', history={'train': [], 'val': []})
+    for s in range(1, 20):
+        log.log('train', {'step': s, 'loss': 5.0 / s})
+    log.log('val', {'step': 19, 'loss': 0.4})
+    log.plot('loss.png', 'loss', {'train': 'train', 'val': 'held-out val'}, logy=True)
+    with open(tmp_path / 'loss.png', 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('kind, package', [('wandb', 'wandb'), ('tensorboard', 'torch.utils.tensorboard')])
+def test_asking_for_a_tracker_that_is_not_installed_is_one_line(tmp_path, monkeypatch, kind, package):
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if it were not installed
+    with pytest.raises(M.UsageError) as e:
+        M.RunLog(str(tmp_path), {}, 'pretrain', kind)
+    msg = str(e.value)
+    assert f"logger='{kind}' needs the" in msg and 'pip install' in msg and "--logger=''" in msg and '\n' not in msg
+    with pytest.raises(M.UsageError, match="logger='mlflow'; choose one of"):
+        M.RunLog(str(tmp_path), {}, 'pretrain', 'mlflow')
+
 # -----------------------------------------------------------------------------
 # (7) Hugging Face export / import
 

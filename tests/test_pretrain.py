@@ -3,6 +3,7 @@ processes equal one, mid-training starts from the base with a fresh optimizer an
 config mistakes are clear errors."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -120,13 +121,42 @@ def test_resume_with_another_config_is_an_error_naming_the_keys(tiny_data, tmp_p
     out = f'{tmp_path}/run'
     args = MICRO + [f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_steps=2']
     pretrain.main(args)
-    with pytest.raises(ValueError, match=r"(?s)different config.*lr: checkpoint 0\.003 != now 0\.005.*resume_override"):
+    with pytest.raises(model.UsageError, match=r"(?s)different config.*lr: checkpoint 0\.003 != now 0\.005.*resume_override"):
         pretrain.main(args + ['--lr=0.005'])
     # how often we log / evaluate is not part of the trajectory: no error
     pretrain.main(args + ['--log_interval=5', '--eval_interval=7'])
     # an explicit override continues the run with the new settings (here: two more steps)
     log = pretrain.main(args + ['--max_steps=4', '--resume_override=True'])
     assert [r['step'] for r in log['train']] == [1, 2, 3, 4]
+
+
+def test_logger_tracker_gets_the_records_of_log_json(tiny_data, tmp_path, monkeypatch):
+    """--logger=wandb (a stub module standing in for the package): every record of log.json, and only
+    those, reaches the tracker at its step; log.json itself is what it is without a tracker."""
+    class Wandb:
+        logged, inits, finished = [], [], 0
+
+        def init(self, **kw):
+            self.inits.append(kw)
+            return self
+
+        def log(self, metrics, step=None):
+            self.logged.append((metrics, step))
+
+        def finish(self):
+            Wandb.finished += 1
+
+    monkeypatch.setitem(sys.modules, 'wandb', Wandb())
+    args = MICRO + [f'--data_dir={tiny_data}', '--max_steps=3']
+    log = pretrain.main(args + [f'--out_dir={tmp_path}/w', '--logger=wandb'])
+    assert Wandb.inits[0]['name'] == 'w' and Wandb.inits[0]['config']['logger'] == 'wandb' and Wandb.finished == 1
+    want = [({f'{kind}/{k}': v for k, v in r.items() if k != 'step' and v is not None}, r['step'])
+            for kind, r in [('val', log['val'][0])] + [(k, r) for s in range(1, 4) for k in ('train', 'val')
+                                                         for r in log[k] if r['step'] == s]]
+    assert Wandb.logged == want and load_log(f'{tmp_path}/w') == json.loads(json.dumps(log))
+    plain = pretrain.main(args + [f'--out_dir={tmp_path}/p'])
+    assert [r['loss'] for r in plain['train']] == [r['loss'] for r in log['train']]
+    assert load_log(f'{tmp_path}/p').keys() == load_log(f'{tmp_path}/w').keys() == {'config', 'train', 'val', 'summary'}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,7 +215,7 @@ def test_midtrain_refuses_data_from_another_tokenizer(tiny_base, tmp_path):
     other = data.train_tokenizer(['<question> a different corpus </question> entirely'] * 3)
     d = f'{tmp_path}/other'
     data.build_dataset(d, '2-3', 20_000, tokenizer=other, eval_ops=[2], eval_n=1, val_n=20)
-    with pytest.raises(ValueError, match='tokenizer mismatch'):
+    with pytest.raises(model.UsageError, match='tokenizer mismatch'):
         midtrain.main([f'--init_from={tiny_base["out_dir"]}', f'--data_dir={d}', f'--out_dir={tmp_path}/mid',
                        '--seq_len=32', '--micro_batch=2', '--batch_tokens=64', '--max_steps=1', '--progress=False'])
 
@@ -227,9 +257,13 @@ def test_tokens_for_flops():
 # config errors and the schedule
 
 def test_batch_not_divisible_names_the_fix(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match=r'batch_tokens=100 is not a multiple of .* = 64; set --batch_tokens'):
+    with pytest.raises(model.UsageError, match=r'batch_tokens=100 is not a multiple of .* = 64; set --batch_tokens'):
         pretrain.main(MICRO + [f'--data_dir={tiny_data}', f'--out_dir={tmp_path}', '--batch_tokens=100'])
     assert pretrain.grad_accum_steps({'batch_tokens': 512, 'micro_batch': 2, 'seq_len': 32}, 2) == 4
+    # from the command line: that one line and exit status 2, no traceback
+    p = run_pretrain(MICRO + [f'--data_dir={tiny_data}', f'--out_dir={tmp_path}', '--batch_tokens=100'], check=False)
+    assert p.returncode == 2 and p.stderr.startswith('pretrain.py: batch_tokens=100 is not a multiple')
+    assert p.stderr.count('\n') == 1 and 'Traceback' not in p.stderr
 
 
 def test_solution_loss_mask_matches_a_token_by_token_reference(tiny_data):
@@ -263,7 +297,7 @@ def test_doc_mask_and_solution_loss_train(tiny_data, tmp_path):
     both = pretrain.main(base + [f'--out_dir={tmp_path}/both', '--doc_mask=True', '--loss_on=solution'])
     assert plain['train'][0]['loss'] != both['train'][0]['loss']
     assert all(r['loss'] == r['loss'] for r in both['train'] + both['val'])  # finite, no NaN from empty masks
-    with pytest.raises(ValueError, match="loss_on='answers'.*'solution'"):
+    with pytest.raises(model.UsageError, match="loss_on='answers'.*'solution'"):
         pretrain.main(base + [f'--out_dir={tmp_path}/bad', '--loss_on=answers'])
 
 
