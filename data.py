@@ -27,7 +27,8 @@ pipeline order. Each section below starts with a numbered header; this docstring
 8. Dataset directories (what every training stage reads)
      build_dataset, load_eval_rows, standard_tokenizer, resolve_tokenizer
 9. Command line
-     COMMANDS (model.cli dispatches them), verify_main, SAMPLE_DEFAULTS, VERIFY_DEFAULTS, BUILD_DEFAULTS, TOKENIZER_DEFAULTS
+     COMMANDS (model.cli dispatches them), verify_main,
+     SAMPLE_DEFAULTS, VERIFY_DEFAULTS, BUILD_DEFAULTS, TOKENIZER_DEFAULTS
 
 The original generator (iGSM) draws a random graph and rejects it unless its op is the requested one
 (~30 problems/s). We instead build the solution DAG at exactly the requested op, group by group (a
@@ -2137,12 +2138,8 @@ def verify_main(argv) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if out:
-        with open(out, 'w', encoding='utf-8') as f:
-            for row, v in zip(rows, verdicts):
-                d = {k: row[k] for k in ('id', 'op', 'mode', 'template') if k in row}
-                d.update(v.to_dict())
-                d['rewards'] = {kind: reward(v, kind) for kind in REWARDS}
-                f.write(json.dumps(d) + '\n')
+        write_jsonl(out, ({**{k: row[k] for k in ('id', 'op', 'mode', 'template') if k in row}, **v.to_dict(),
+                           'rewards': {kind: reward(v, kind) for kind in REWARDS}} for row, v in zip(rows, verdicts)))
     s = summary
     if not s['n']:
         print('verified 0 rows')

@@ -726,7 +726,8 @@ def resume(S, C):
     state. A changed config (but for RESUME_SAFE_KEYS) is an error unless --resume_override=True."""
     ck = M.load_checkpoint(S.ckpt_path, device=S.device)
     if ck['tokenizer_identity'] != S.tok.identity:
-        raise M.UsageError(f"{S.ckpt_path} uses tokenizer {ck['tokenizer_identity']}, init_from uses {S.tok.identity}")
+        raise M.UsageError(f"{S.ckpt_path} uses tokenizer {ck['tokenizer_identity']}, init_from uses "
+                           f"{S.tok.identity}")
     diff = {k: v for k, v in pretrain.config_diff(ck['config'], S.run_config).items() if k not in RESUME_SAFE_KEYS}
     if diff:
         lines = '; '.join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
@@ -876,10 +877,9 @@ def evaluate_now(S, C):
     res = held_out_eval(S.policy, S.tok, S.eval_rows, C.eval_samples, C.eval_temperature, C.max_response_len, S.dist)
     res['step'] = S.last_eval = S.step
     S.log.log('eval', res)
-    if S.dist.is_master:
-        S.say(f"eval step {S.step}: pass@1 {res['eval/all/pass@1']:.3f} (process-verified) | outcome pass@1 "
-              f"{res['eval/all/outcome_pass@1']:.3f} | hack {res['eval/all/hack_rate']:.3f} | "
-              f"{len(S.eval_rows)} problems x {C.eval_samples}")
+    S.say(f"eval step {S.step}: pass@1 {res['eval/all/pass@1']:.3f} (process-verified) | outcome pass@1 "
+          f"{res['eval/all/outcome_pass@1']:.3f} | hack {res['eval/all/hack_rate']:.3f} | "
+          f"{len(S.eval_rows)} problems x {C.eval_samples}")
     return res
 
 

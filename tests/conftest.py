@@ -8,6 +8,7 @@ Shared fixtures.
               Developers on a shared machine can set TINY_BASE_CACHE=/some/dir to reuse both across sessions
               (keyed by a hash of the code that builds them).
   run_pretrain(argv)  run pretrain.py's main in a fresh process (a crash there cannot take pytest down)
+  StubWandb   stands in for the wandb package (sys.modules['wandb'] = StubWandb()) in the logger tests
 """
 import json
 import os
@@ -37,6 +38,23 @@ def run_pretrain(argv, script='pretrain.py', env=None, timeout=900, check=True, 
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n"
                              f"--- stderr\n{p.stderr[-4000:]}")
     return p
+
+
+class StubWandb:
+    """The part of the wandb package model.RunLog uses: records init's arguments and every log call."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, metrics, step=None):
+        self.logged.append((metrics, step))
+
+    def finish(self):
+        self.finished += 1
 
 
 # the tiny base: tiny_pretrain's model and optimizer, shortened to fit the test budget

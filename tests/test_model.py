@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import interop  # noqa: E402
 import model as M  # noqa: E402
+from conftest import StubWandb  # noqa: E402
 
 
 
@@ -497,23 +498,6 @@ def test_cli_dispatches_a_command_table(capsys):
 
 # -----------------------------------------------------------------------------
 # the logger (RunLog) and its optional trackers
-
-
-class StubWandb:
-    """Stands in for the wandb package: records init's arguments and every log call."""
-
-    def __init__(self):
-        self.inits, self.logged, self.finished = [], [], 0
-
-    def init(self, **kw):
-        self.inits.append(kw)
-        return self
-
-    def log(self, metrics, step=None):
-        self.logged.append((metrics, step))
-
-    def finish(self):
-        self.finished += 1
 
 
 @pytest.mark.fast

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import sys
 import types
 
 import pytest
@@ -683,14 +684,19 @@ def test_flop_budget_is_respected_from_the_first_step(tiny_base, tmp_path, one_t
     assert ra['flops']['total'] > 0
 
 
-def test_variants_run_end_to_end(tiny_base, tmp_path, one_thread):
+def test_variants_run_end_to_end(tiny_base, tmp_path, one_thread, monkeypatch):
     """DAPO (clip-higher, dynamic sampling, overlong penalty and masking) and GSPO run through the
-    loop and log what they did."""
+    loop and log what they did (to log.jsonl and, with --logger=wandb, a stand-in for the package)."""
+    from conftest import StubWandb
+    wandb = StubWandb()
+    monkeypatch.setitem(sys.modules, 'wandb', wandb)
     out = tmp_path / 'dapo'
     rl.main(SMALL + [f"--init_from={tiny_base['out_dir']}", '--max_steps=2', f'--out_dir={out}', '--loss_type=dapo',
                      '--dynamic_sampling=True', '--max_rollouts=2', '--overlong_buffer=8', '--mask_truncated=True',
-                     '--ratio_level=sequence', '--adv_norm=batch'])
+                     '--ratio_level=sequence', '--adv_norm=batch', '--logger=wandb'])
     log = _read_jsonl(out / 'log.jsonl')
+    assert wandb.logged == [({f'train/{k}': v for k, v in r.items() if k != 'step'}, r['step']) for r in log]
+    assert wandb.inits[0]['job_type'] == 'rl' and wandb.finished == 1
     assert [r['step'] for r in log] == [1, 2]
     for r in log:
         assert r['drawn'] in (4, 8) and r['dropped'] == r['drawn'] - 4 and 0 <= r['no_signal'] <= 1
