@@ -29,7 +29,6 @@ On the shared 2-core dev box (load 7-10) the same rows read 0.91-0.97x and 1.0-1
 noise, and 2 OpenMP threads there can be 10x slower than 1 (try --threads=1).
 """
 
-import sys
 import time
 
 import torch
@@ -341,7 +340,7 @@ def main(argv):
     names = [n for n, _, _ in BENCHMARKS]
     for s in only:
         if s not in names:
-            raise SystemExit(f"unknown benchmark {s!r}; available: {', '.join(names)}")
+            raise M.UsageError(f"unknown benchmark {s!r}; available: {', '.join(names)}")
     print(f"torch {torch.__version__}, device {cfg['device']}, {torch.get_num_threads()} threads")
     rows = []
     for name, _, fn in BENCHMARKS:
@@ -359,4 +358,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    M.cli('bench.py', main)

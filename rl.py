@@ -232,7 +232,9 @@ class PromptStream:
         if rows is not None:
             self.rows = [r for r in rows if (ops is None or r['op'] in ops) and (templates is None or r.get('template')
                          in templates) and r['id'] not in self.exclude and self.keep(r)]
-            assert self.rows, f"no prompt rows left after filtering to ops {ops}, templates {templates} and exclusions"
+            if not self.rows:
+                raise M.UsageError(f"no prompt rows left after filtering to ops {ops}, templates {templates} and "
+                                   f"exclusions; fix --prompts, --op_min/--op_max or --templates")
             self._perm_epoch, self._perm = -1, None
         else:
             assert mix is not None, "PromptStream needs a mixture or rows"

@@ -226,16 +226,17 @@ def print_plan(rows, out=sys.stdout):
 
 def main(argv):
     if len(argv) != 1:
-        raise SystemExit("usage: python runs/plan.py STAGES_FILE   (one 'script preset --key=value ...' per line)")
+        raise model.UsageError("usage: python runs/plan.py STAGES_FILE   (one 'script preset --key=value ...' "
+                               "per line)")
     with open(argv[0]) as f:
         lines = [ln for ln in f.read().splitlines() if ln.strip()]
     try:
         rows = plan(lines)
     except PlanError as e:
-        raise SystemExit(f"plan: error: {e}")
+        raise model.UsageError(str(e)) from None
     print_plan(rows)
     return rows
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    model.cli('plan.py', main)
