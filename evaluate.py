@@ -155,8 +155,8 @@ def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_te
         kept.append(r)
     if not kept:
         raise UsageError(f"the eval set is empty: {n_read} rows in {source}, none with op in {sorted(ops)}, "
-                        f"templates {list(templates) or 'any'}, modes {list(modes) or 'any'}; fix --eval_ops/"
-                        f"--eval_templates/--eval_modes or point --eval_file at another set")
+                         f"templates {list(templates) or 'any'}, modes {list(modes) or 'any'}; fix --eval_ops/"
+                         f"--eval_templates/--eval_modes or point --eval_file at another set")
     return ensure_unique_ids(kept), source
 
 
@@ -696,7 +696,7 @@ def read_generations(path, rows):
     known = {r['id'] for r in rows}
     if set(by_id) != known:
         raise UsageError(f"{path} covers {len(by_id)} problems, eval_set.jsonl has {len(known)} "
-                        f"({len(set(by_id) - known)} unknown ids); the two files must come from the same run")
+                         f"({len(set(by_id) - known)} unknown ids); the two files must come from the same run")
     return [[by_id[r['id']][j] for j in sorted(by_id[r['id']])] for r in rows]
 
 
@@ -723,7 +723,7 @@ def run_labels(cfg):
     bad = [lb for lb in labels if not re.fullmatch(r'[A-Za-z0-9._+-]+', lb)]
     if bad or len(set(labels)) != len(labels):
         raise UsageError(f"labels must be unique and filename-safe (letters, digits, . _ + -), got {labels}; "
-                        f"set --labels")
+                         f"set --labels")
     return labels, ckpts
 
 

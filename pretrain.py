@@ -230,7 +230,7 @@ def load_model(cfg, tok, ckpt_path, say):
         init = load_checkpoint(model.resolve_ckpt(cfg['init_from'], 'init_from checkpoint'), tok)
         if init['model'].config.max_seq_len < cfg['seq_len']:
             raise model.UsageError(f"seq_len={cfg['seq_len']} exceeds the base model's max_seq_len="
-                             f"{init['model'].config.max_seq_len}")
+                                   f"{init['model'].config.max_seq_len}")
         return init['model'], None
     torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts rank 0's weights)
     return model.Qwen2(model_config_for(cfg, tok.vocab_size)), None
@@ -287,7 +287,7 @@ def train(cfg):
     # ---- data: one tokenizer identity for the shards, the init checkpoint and a resumed run
     if not os.path.exists(os.path.join(data_dir, 'meta.json')):
         raise model.UsageError(f"{data_dir}/meta.json not found; build the data first (single process): "
-                                f"python {os.path.basename(sys.argv[0])} ... --prepare_only=True")
+                               f"python {os.path.basename(sys.argv[0])} ... --prepare_only=True")
     tok = Tokenizer.load(os.path.join(data_dir, 'tokenizer.json'))
     grad_accum = grad_accum_steps(cfg, dist.world_size)
     if cfg['loss_on'] not in ('all', 'solution'):

@@ -189,7 +189,7 @@ def resolve(cfg: dict) -> M.Config:
             raise M.UsageError(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
     if cfg['prompts_per_step'] % cfg['minibatch_prompts']:
         raise M.UsageError(f"prompts_per_step={cfg['prompts_per_step']} is not a multiple of minibatch_prompts="
-              f"{cfg['minibatch_prompts']}")
+                           f"{cfg['minibatch_prompts']}")
     if not 0 <= cfg['overlong_buffer'] < cfg['max_response_len']:
         raise M.UsageError(f"overlong_buffer={cfg['overlong_buffer']} must be in "
                            f"[0, max_response_len={cfg['max_response_len']})")
