@@ -744,6 +744,8 @@ class NullTracker:
 
 
 class WandbTracker:
+    """A Weights & Biases run (the wandb package passed in: imported only when asked for)."""
+
     def __init__(self, wandb, project, name, config, out_dir, stage):
         self.run = wandb.init(project=project, name=name, config=dict(config), dir=out_dir, job_type=stage)
 
@@ -755,6 +757,8 @@ class WandbTracker:
 
 
 class TensorBoardTracker:
+    """A TensorBoard event file (torch.utils.tensorboard's SummaryWriter, passed in likewise)."""
+
     def __init__(self, summary_writer, log_dir, config):
         self.writer = summary_writer(log_dir=log_dir)
         self.writer.add_text('config', json.dumps(_plain(config), indent=1, default=str))
