@@ -774,8 +774,8 @@ def evaluate(cfg):
     else:
         for label, ckpt_arg in zip(labels, ckpts):
             # on the CPU first: the optimizer state, if any, stays there
-            _, tok, ck = M.load_run(ckpt_arg, 'cpu', cfg['data_dir'] or None, fix='pass --data_dir=<the data dir '
-                                    'the checkpoint was trained on>, or fix --ckpts')
+            _, tok, ck = M.load_run(ckpt_arg, 'cpu', cfg['data_dir'] or None,
+                                    fix='pass --data_dir=<the data dir the checkpoint was trained on>')
             ckpt_path = ck['path']
             ck['model'].to(device)
             if rows is None:  # one eval set for every checkpoint, fixed by the first one's data dir

@@ -74,6 +74,7 @@ def ensure_dataset(cfg):
 
 def main(argv):
     cfg = resolve(model.configure(defaults, argv))
+    model.tracker_package(cfg.logger)  # a missing package is an error now, not after building the data
     if cfg.prepare_only or int(os.environ.get('WORLD_SIZE', '1')) == 1:
         ensure_dataset(cfg)
     if cfg.prepare_only:

@@ -775,28 +775,36 @@ TRACKERS = ('', 'wandb', 'tensorboard')
 WANDB_PROJECT = 'reasoning-study'  # W&B project of every run (WANDB_PROJECT in the environment wins)
 
 
-def open_tracker(kind, out_dir, config, stage, master=True):
-    """The tracker `kind` names ('': none; every rank but rank 0 gets none), its package imported
-    only now; an unknown kind or a missing package is a one-line UsageError. W&B runs are named after
-    out_dir, in project WANDB_PROJECT, job type `stage`; TensorBoard writes to out_dir/tb."""
+def tracker_package(kind):
+    """The package tracker `kind` needs (None for ''), imported now: a stage may call this before it
+    spends time (pretrain.py does, before building data). Unknown or not installed: a UsageError."""
     if kind not in TRACKERS:
         raise UsageError(f"config error: logger={kind!r}; choose one of {', '.join(map(repr, TRACKERS))}")
-    if not kind or not master:
-        return NullTracker()
     try:
         if kind == 'wandb':
             import wandb
-        else:
+            return wandb
+        if kind == 'tensorboard':
             from torch.utils.tensorboard import SummaryWriter
+            return SummaryWriter
     except ImportError:
-        pkg = 'wandb' if kind == 'wandb' else 'tensorboard'
-        raise UsageError(f"logger={kind!r} needs the {pkg} package: pip install {pkg}, "
+        raise UsageError(f"logger={kind!r} needs the {kind} package: pip install {kind}, "
                          f"or --logger='' (no tracker)") from None
+    return None
+
+
+def open_tracker(kind, out_dir, config, stage, master=True):
+    """The tracker `kind` names on rank 0 (master), a NullTracker for '' and on the other ranks. W&B
+    runs are named after out_dir, in project WANDB_PROJECT, job type `stage`; TensorBoard writes to
+    out_dir/tb."""
+    package = tracker_package(kind) if master else None
+    if package is None:
+        return NullTracker()
     os.makedirs(out_dir, exist_ok=True)
     if kind == 'wandb':
         name = os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
-        return WandbTracker(wandb, os.environ.get('WANDB_PROJECT') or WANDB_PROJECT, name, config, out_dir, stage)
-    return TensorBoardTracker(SummaryWriter, os.path.join(out_dir, 'tb'), config)
+        return WandbTracker(package, os.environ.get('WANDB_PROJECT') or WANDB_PROJECT, name, config, out_dir, stage)
+    return TensorBoardTracker(package, os.path.join(out_dir, 'tb'), config)
 
 
 class RunLog:

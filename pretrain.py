@@ -422,6 +422,7 @@ def train(cfg):
 
 def main(argv):
     cfg = model.configure(defaults, argv)
+    model.tracker_package(cfg['logger'])  # a missing package is an error now, not after building the data
     if cfg['prepare_only']:
         ensure_dataset(cfg)
         return None

@@ -669,9 +669,10 @@ def setup(C):
     torch.manual_seed(C.seed + dist.rank)
 
     # models: the policy (start or resume) and the frozen reference (always the start)
-    policy, tok, start = M.load_run(C.init_from, device, C.tokenizer or None, what='--init_from checkpoint',
-                                    fix='point --init_from at a pre/mid-training run dir (e.g. out/base) or its '
-                                        'ckpt.pt, and --tokenizer at its tokenizer.json if it has none')
+    init = M.resolve_ckpt(C.init_from, '--init_from checkpoint',
+                          fix='point it at a pre/mid-training run dir (e.g. out/base) or its ckpt.pt')
+    policy, tok, start = M.load_run(init, device, C.tokenizer or None,
+                                    fix='pass --tokenizer=PATH, the tokenizer.json it was trained with')
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if C.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=C.lr, betas=(C.beta1, C.beta2), weight_decay=C.weight_decay,
                                   fused='cuda' in str(device))
