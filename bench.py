@@ -29,12 +29,15 @@ On the shared 2-core dev box (load 7-10) the same rows read 0.91-0.97x and 1.0-1
 noise, and 2 OpenMP threads there can be 10x slower than 1 (try --threads=1).
 """
 
+import os
 import sys
 import time
 
 import torch
 
 import model as M
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 config = dict(
     only='',               # comma-separated benchmark names (empty = all)
@@ -47,6 +50,12 @@ config = dict(
     gen_prompts=64,        # sample: prompts in the batch
     gen_new_tokens=256,    # sample: new tokens per prompt (stopping disabled on both sides)
     gen_prompt_len=(64, 192),  # sample: prompt lengths drawn uniformly from this range
+    rollout_init='out/tiny/base',  # rollout: a trained tiny run (realistic stops); missing -> random init
+    rollout_old='281bfb1', # rollout: git commit whose model.py is the old engine ('' = skip it)
+    rollout_threads=(1, 2),  # rollout: CPU thread counts to time
+    rollout_iters=2,       # rollout: timed calls per side (alternating; the fastest counts)
+    gpu_rows=1024,         # rollout-gpu: rows (prompts x 6 samples) of the paper-preset GPU row
+    gpu_new_tokens=1024,   # rollout-gpu: max new tokens
     mfu_preset='paper',    # mfu: model preset
     mfu_batch_size=16,     # mfu: sequences per step
     mfu_seq_len=2048,      # mfu: tokens per sequence
@@ -200,6 +209,137 @@ def bench_sample(cfg):
     rows.append((f'sample/{cfg["preset"]} HF', f'{N * new / dt_hf:,.0f} tok/s', '', None))
     rows.append(('sample ours/HF', f'{dt_hf / dt:.2f}x', '>= 2.0x', dt_hf / dt >= 2.0))
     return rows
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: the generation engine on RL- and evaluation-shaped calls, new vs old side by side
+
+
+def old_engine_twin(ours, commit):
+    """`ours` with the weights copied into the Qwen2 of model.py at git `commit` (read with `git show`
+    into a throwaway module): the old generation engine, for side-by-side timings only."""
+    import subprocess
+    import types
+    src = subprocess.check_output(['git', 'show', f'{commit}:model.py'], cwd=ROOT, text=True)
+    mod = types.ModuleType(f'model_{commit}')
+    mod.__file__ = os.path.join(ROOT, f'model_{commit}.py')
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src, mod.__file__, 'exec'), mod.__dict__)
+    old = mod.Qwen2(mod.ModelConfig(**ours.config.to_dict()))
+    old.load_state_dict(ours.state_dict())
+    return old.to(next(ours.parameters()).device).eval()
+
+
+def rollout_setup(cfg, preset='tiny'):
+    """(model, tokenizer, stop ids, what): the trained run at cfg.rollout_init when it exists (it
+    stops where real responses do), else a random init whose stop set is ~1% of the vocabulary, so
+    lengths are geometric (mean ~100) -- a stand-in, said so in the row name."""
+    import data
+    path = cfg['rollout_init'] if os.path.isabs(cfg['rollout_init']) else os.path.join(ROOT, cfg['rollout_init'])
+    if preset == 'tiny' and os.path.exists(os.path.join(path, 'ckpt.pt')):
+        m, tok, _ = M.load_run(path, device=cfg['device'])
+        return m.eval(), tok, (tok.id_of('</answer>'), tok.eos_id), 'trained'
+    torch.manual_seed(cfg['seed'])
+    tok = data.standard_tokenizer()
+    m = M.Qwen2(M.ModelConfig(**{**M.MODEL_PRESETS[preset].to_dict(), 'vocab_size': tok.vocab_size}))
+    g = torch.Generator().manual_seed(cfg['seed'])
+    extra = torch.randperm(tok.vocab_size, generator=g)[:tok.vocab_size // 100].tolist()
+    return m.to(cfg['device']).eval(), tok, (tok.id_of('</answer>'), tok.eos_id, *extra), 'random init'
+
+
+def task_prompts(tok, world, n, seed=0, ops=range(2, 7)):
+    import data
+    mix = data.mixture(ops, modes=['normalforward'], world=data.WORLDS[world])
+    return [tok.encode(data.prompt_text(p.to_row())) for p in data.generate_problems(n, mix, seed=seed)]
+
+
+def timed_generate(models, prompts, G, new, temperature, stops, device, iters):
+    """Seconds (fastest of `iters`, calls alternating) and kept tokens of each model's generate."""
+    kept = [0] * len(models)
+
+    def call(i):
+        def fn():
+            with M.autocast_ctx(device):
+                out = models[i].generate(prompts, new, temperature=temperature, stop_ids=stops, num_samples=G,
+                                         generator=torch.Generator().manual_seed(0))
+            kept[i] = sum(len(t) for t in out.tokens)
+        return fn
+    return race([call(i) for i in range(len(models))], device, iters, warmup=0), kept
+
+
+@benchmark('rollout', target='new >= 2.5x old tokens/s (CPU, 2 threads)')
+def bench_rollout(cfg):
+    """RL-shaped rollouts (task-world prompts, 32 x 6 samples, stop at </answer> / EOS, <= 256 new
+    tokens, T 1) in both worlds, plus an RL-step-shaped call (tiny world, 16 x 6, <= 192, T 0.7) and
+    an evaluation-shaped call (30 problems x 16, <= 256, T 0.7): new engine vs the old one."""
+    device = cfg['device']
+    ours, tok, stops, what = rollout_setup(cfg)
+    models, names = [ours], ['new']
+    if cfg['rollout_old']:
+        models.append(old_engine_twin(ours, cfg['rollout_old']))
+        names.append(f"old {cfg['rollout_old']}")
+    if hf_twin(ours) is None:
+        print('rollout: transformers is not installed; its generate is skipped')
+    shapes = [(f'rollout/{world} 32x6 <=256 T1', task_prompts(tok, world, 32), 6, 256, 1.0)
+              for world in ('tiny', 'paper')]
+    shapes += [('rl-step call tiny 16x6 <=192 T.7', task_prompts(tok, 'tiny', 16, seed=1), 6, 192, 0.7),
+               ('eval call tiny 30x16 <=256 T.7', task_prompts(tok, 'tiny', 30, seed=2), 16, 256, 0.7)]
+    threads = cfg['rollout_threads'] if 'cuda' not in device else (torch.get_num_threads(),)
+    rows, n0 = [], torch.get_num_threads()
+    for th in threads:
+        torch.set_num_threads(th)
+        for name, prompts, G, new, T in shapes:
+            secs, kept = timed_generate(models, prompts, G, new, T, stops, device, cfg['rollout_iters'])
+            for nm, s, k in zip(names, secs, kept):
+                print(f'  {name} {nm} {th} thr: {k / s:,.0f} tok/s, {s:.2f} s, {k} tokens', flush=True)
+                rows.append((f'{name} {nm} ({what}, {th} thr)', f'{k / s:,.0f} tok/s, {s:.2f} s, '
+                             f'mean len {k / (len(prompts) * G):.0f}', '', None))
+            if len(models) > 1:
+                r = (kept[0] / secs[0]) / (kept[1] / secs[1])
+                target = name.startswith('rollout') and th == 2 and 'cuda' not in device
+                rows.append((f'{name} new/old tok/s ({th} thr)', f'{r:.2f}x (wall {secs[1] / secs[0]:.2f}x)',
+                             '>= 2.5x' if target else '', r >= 2.5 if target else None))
+    torch.set_num_threads(n0)
+    return rows
+
+
+PEAK_BW = {'H200': 4.8e12, 'H100 PCIe': 2.0e12, 'H100': 3.35e12, 'A100': 2.0e12, 'L40S': 0.86e12,
+           'RTX 4090': 1.0e12}  # bytes/s, first match of the device name wins
+
+
+@benchmark('rollout-gpu', target='>= 200k generated tok/s (paper preset, H100/H200)')
+def bench_rollout_gpu(cfg):
+    """Paper preset (random init, ~1% of the vocabulary are stops: geometric lengths, mean ~100, cut
+    at gpu_new_tokens), gpu_rows rows = prompts x 6, bf16. Achieved bandwidth counts, per decode step,
+    the bf16 weights once plus the KV cache the step reads (each slot's prompt once, each row's own
+    generated keys): a lower bound of what the step moves."""
+    device = cfg['device']
+    if 'cuda' not in device:
+        return [('rollout-gpu', 'skipped (no CUDA)', '>= 200k tok/s', None)]
+    ours, tok, stops, what = rollout_setup(cfg, preset='paper')
+    G, new = 6, cfg['gpu_new_tokens']
+    prompts = task_prompts(tok, 'paper', max(1, cfg['gpu_rows'] // G), ops=range(2, 21))
+    with M.autocast_ctx(device):
+        ours.generate(prompts[:G], 8, stop_ids=stops, num_samples=G)  # warm-up, graph capture paths
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng = M.Engine(ours, prompts, G, new, 1.0, None, None, stops, torch.Generator().manual_seed(0),
+                       False, None, None, 0, True)
+        with M.generation_sdpa_backends(device):
+            out = eng.run()
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    kept = sum(len(t) for t in out.tokens)
+    c = ours.config
+    per_token = 2 * c.n_layer * c.n_kv_head * c.head_dim * 2
+    kv = sum(len(p) * max(len(t) for t in out.tokens[i * G:(i + 1) * G]) + sum(len(t) ** 2 / 2 for t in
+             out.tokens[i * G:(i + 1) * G]) for i, p in enumerate(prompts)) * per_token
+    moved = eng.steps * 2 * ours.num_params() + kv
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BW.items() if k in name), None)
+    bw = f'{moved / dt / 1e9:,.0f} GB/s' + (f' = {moved / dt / peak:.0%} of {peak / 1e12:.2f} TB/s' if peak else '')
+    return [(f'rollout-gpu paper {len(prompts)}x{G} <={new} ({what}, {eng.S} slots)',
+             f'{kept / dt:,.0f} tok/s, {dt:.1f} s, {eng.steps} steps, {bw}', '>= 200k', kept / dt >= 200e3)]
 
 
 @benchmark('mfu', target='>= 45% on H100 (bf16)')
