@@ -28,6 +28,7 @@ Quick check:
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import hashlib
 import json
@@ -381,9 +382,10 @@ class Qwen2(nn.Module):
 
 DEFAULT_KV_BYTES = {'cuda': 8 << 30, 'cpu': 256 << 20}  # paper preset in bf16: 6 KiB a token -> 1.4M tokens
 SYNC_EVERY = 8     # decode steps between collections of finished slots
-ROW_COST = 64      # a row's non-attention work in a decode step, in cached keys read (for _compact)
-COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share (0.8 elsewhere); CUDA
+ROW_COST = 128     # a row's non-attention work in a decode step, in cached keys read (for _compact)
+COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share (0.9 elsewhere); CUDA
                               # must capture new graphs after a repack, so it waits for a bigger gain
+PREFILL_TOKENS = {'cuda': 1 << 16}  # padded tokens per prefill batch (4096 elsewhere)
 BUCKET = 64        # CUDA: key lengths attended are rounded up to this (one graph per bucket)
 GROW = 32          # elsewhere: the generated-key cache grows by this many positions at a time
 
@@ -406,7 +408,6 @@ class EngineCache:
         self.fill = None       # prefill: slot of each prompt in the batch ([B] long)
         self.wpos = None       # decode: [slots, G] where each row's new key goes (= its tokens so far - 1)
         self.bias = None       # decode: [slots, G, 1, 1, P + Tb], 0 where visible, -inf where not
-        self.Pb = P            # decode: prompt keys attended (>= every occupied slot's prompt length)
         self.Tb = T            # decode: generated keys attended (>= every row's wpos + 1)
 
     def attend(self, layer, q, k, v):
@@ -415,7 +416,7 @@ class EngineCache:
             self.pv[layer, self.fill, :, :v.size(2)] = v
             return sdpa(q, k, v, is_causal=True)
         _, S, G, Hk, _, D = self.gk.shape
-        P, Tb, r = self.Pb, self.Tb, self.rep
+        P, Tb, r = self.pk.size(3), self.Tb, self.rep
         # row-major flat index of (slot, row, kv head, wpos): one index_copy_ per tensor
         T = self.gk.size(4)
         flat = (self.wpos[:, :, None] + torch.arange(S * G * Hk, device=q.device).view(S, G, Hk) * T).view(-1)
@@ -424,7 +425,7 @@ class EngineCache:
         q = q.reshape(S, G, Hk, r, D) * self.scale                     # query head h reads KV head h // r
         qp = q.permute(0, 2, 1, 3, 4).reshape(S, Hk, G * r, D)          # a slot's queries, grouped by KV head
         kg, vg = self.gk[layer, :, :, :, :Tb], self.gv[layer, :, :, :, :Tb]
-        kp, vp = self.pk[layer, :, :, :P], self.pv[layer, :, :, :P]
+        kp, vp = self.pk[layer], self.pv[layer]
         sp = (qp @ kp.transpose(-1, -2)).view(S, Hk, G, r, P).permute(0, 2, 1, 3, 4)
         sg = q @ kg.transpose(-1, -2)                                   # [S, G, Hk, r, Tb]
         w = torch.softmax(torch.cat([sp, sg], -1).float() + self.bias, dim=-1).to(q.dtype)
@@ -468,12 +469,27 @@ def counter_uniform(seed, t):
     return ((z >> 40) & 0xFFFFFF).float() * 2.0 ** -24
 
 
+def autocast_twin(model, dtype):
+    """A copy of `model` whose Linear weights (lm_head untied) are already `dtype`: under autocast it
+    computes exactly what `model` does, but a CUDA graph no longer replays a cast of every weight
+    at every step (autocast's weight cache must be off while capturing)."""
+    twin = copy.deepcopy(model)
+    for mod in twin.modules():
+        if isinstance(mod, nn.Linear):
+            mod.weight = nn.Parameter(mod.weight.detach().to(dtype), requires_grad=False)
+            if mod.bias is not None:
+                mod.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
+    return twin
+
+
 class Engine:
     """One generate() call: a queue of prompts (G samples each), prompt-slots refilled as they free."""
 
     def __init__(self, model, prompts, G, max_new_tokens, temperature, top_k, top_p, stop_ids, generator,
                  logprobs, kv_bytes, max_rows, pad_id, graphs):
         cfg, dev = model.config, model.embed_tokens.weight.device
+        if graphs and torch.is_autocast_enabled('cuda'):
+            model = autocast_twin(model, torch.get_autocast_dtype('cuda'))
         self.m, self.cfg, self.dev, self.G, self.prompts = model, cfg, dev, G, prompts
         self.temperature, self.top_k, self.top_p, self.want_lp, self.pad_id = \
             temperature, top_k, top_p, logprobs, pad_id
@@ -502,6 +518,7 @@ class Engine:
             self.seeds.append([_job_seed(base, key, k * G + j) for j in range(G)])
         self.stop = torch.tensor(sorted({int(s) for s in stop_ids}), dtype=torch.long, device=dev)
         self.graphs = {} if graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -519,7 +536,6 @@ class Engine:
         self.out_lp = torch.zeros(R, T + 1, device=dev) if self.want_lp else None
         self.slot_job = [-1] * S      # host: prompt index in each slot (-1: free)
         self.slot_age = [0] * S       # host: decode steps since the slot was filled
-        self.slot_plen = [0] * S      # host: prompt length in each slot
         self.row_j = [-1] * R         # host: sample index of each row (-1: free, collected or padding)
 
     def _compact(self):
@@ -528,7 +544,7 @@ class Engine:
         prompt's keys); a short slot repeats one of its rows (marked done). C' minimises the keys a
         step reads plus a per-row cost; the repack (one gather of the caches) happens when it
         saves enough. Finished rows then stop costing anything."""
-        C, dev, Pb, Tb = self.C, self.dev, self.cache.Pb, self.cache.Tb
+        C, dev, Pb, Tb = self.C, self.dev, self.P, self.cache.Tb
         live = [(s, [c for c in range(C) if self.row_j[s * C + c] >= 0]) for s in range(self.S)]
         live = [(s, cs) for s, cs in live if cs]
 
@@ -536,7 +552,7 @@ class Engine:
             n = sum(-(-len(cs) // c2) for _, cs in live)
             return n * Pb + n * c2 * (Tb + ROW_COST)
         c2 = min(range(1, C + 1), key=cost)
-        if cost(c2) > COMPACT_GAIN.get(dev.type, 0.8) * self.S * (Pb + C * (Tb + ROW_COST)):
+        if cost(c2) > COMPACT_GAIN.get(dev.type, 0.9) * self.S * (Pb + C * (Tb + ROW_COST)):
             return
         slots, cols = [], []
         for s, cs in live:
@@ -557,7 +573,6 @@ class Engine:
         self.row_j = [-1 if p else self.row_j[s * C + c] for s, cc, pp in zip(slots, cols, pad) for c, p in zip(cc, pp)]
         self.slot_job = [self.slot_job[s] for s in slots]
         self.slot_age = [self.slot_age[s] for s in slots]
-        self.slot_plen = [self.slot_plen[s] for s in slots]
         self.S, self.C = len(slots), c2
         if self.graphs is not None:
             self.graphs = {}  # new tensors, new shapes
@@ -603,7 +618,7 @@ class Engine:
         if self.want_lp:
             self.out_lp[rows, 0] = lp
         for sl, j in zip(slots, jobs):
-            self.slot_job[sl], self.slot_age[sl], self.slot_plen[sl] = j, 0, len(self.prompts[j])
+            self.slot_job[sl], self.slot_age[sl] = j, 0
             self.row_j[sl * G:(sl + 1) * G] = range(G)
 
     def _stops(self, tok):
@@ -615,7 +630,7 @@ class Engine:
         """One decode step for every row, all on the device, state updated in place (so that the
         same code runs eagerly or replayed as a CUDA graph). Done rows run too; nothing they do is kept."""
         m, c, S, G = self.m, self.cache, self.S, self.C
-        P, Tb = c.Pb, c.Tb
+        P, Tb = self.P, c.Tb
         dev = self.dev
         live = ~self.done
         wpos = self.n_gen - 1                                          # the fed token's index among generated
@@ -637,26 +652,24 @@ class Engine:
         self.done.logical_or_(live & (self._stops(tok) | (self.n_gen >= self.cap)))
 
     def _set_lengths(self):
-        """The keys a step attends to: at least the longest occupied slot's prompt and the oldest
-        slot's rows (a row's n_gen <= its slot's age + 1); beyond them every key is masked anyway.
-        CUDA: slices of the full cache, rounded up to BUCKET (one graph per bucket). CPU: the whole
-        cache, grown GROW positions at a time -- a batched matmul over a strided slice of a larger
-        cache measured 3-4x slower than over a contiguous cache."""
-        occ = [s for s in range(self.S) if self.slot_job[s] >= 0] or [0]
-        need_p, need_t = max(self.slot_plen[s] for s in occ), max(self.slot_age[s] for s in occ) + 1
+        """The generated keys a step attends to: at least the oldest occupied slot's (a row's n_gen
+        <= its slot's age + 1); beyond them every key is masked anyway. CUDA: a slice of the full
+        cache, rounded up to BUCKET (one graph per bucket). CPU: the whole cache, grown GROW
+        positions at a time -- a batched matmul over a strided slice of a larger cache measured
+        3-4x slower than over a contiguous one."""
+        need = max([self.slot_age[s] for s in range(self.S) if self.slot_job[s] >= 0] or [0]) + 1
         c = self.cache
-        if self.graphs is not None or self.dev.type == 'cuda':
-            c.Pb = min(self.P, -(-need_p // BUCKET) * BUCKET)
-            c.Tb = min(self.T, -(-need_t // BUCKET) * BUCKET)
+        if self.dev.type == 'cuda':
+            c.Tb = min(self.T, -(-need // BUCKET) * BUCKET)
         else:
-            if need_t > c.gk.size(4):
-                c.grow(min(self.T, -(-need_t // GROW) * GROW))
-            c.Pb, c.Tb = self.P, c.gk.size(4)
+            if need > c.gk.size(4):
+                c.grow(min(self.T, -(-need // GROW) * GROW))
+            c.Tb = c.gk.size(4)
 
     def _run_step(self):
         if self.graphs is None:
             return self._step()
-        key = (self.S, self.C, self.cache.Pb, self.cache.Tb)
+        key = (self.S, self.C, self.cache.Tb)
         g = self.graphs.get(key)
         if g is not None:
             return g.replay()
@@ -670,7 +683,8 @@ class Engine:
         g = torch.cuda.CUDAGraph()
         ac = torch.is_autocast_enabled('cuda')
         # autocast's cache of cast weights must not live across captures
-        with torch.autocast('cuda', dtype=self.dtype, enabled=ac, cache_enabled=False), torch.cuda.graph(g):
+        with torch.autocast('cuda', dtype=self.dtype, enabled=ac, cache_enabled=False), \
+                torch.cuda.graph(g, pool=self.pool):  # one memory pool for all of this call's graphs
             self._step()
         self.graphs[key] = g
 
@@ -688,8 +702,12 @@ class Engine:
         while True:
             free = [s for s in range(self.S) if self.slot_job[s] < 0]
             if queue and free:
-                k = min(len(free), len(queue))
-                self._prefill(free[:k], [queue.pop() for _ in range(k)])
+                jobs = [queue.pop() for _ in range(min(len(free), len(queue)))]  # longest first
+                i = 0
+                while i < len(jobs):  # batches of about PREFILL_TOKENS padded tokens
+                    n = max(1, PREFILL_TOKENS.get(self.dev.type, 4096) // len(self.prompts[jobs[i]]))
+                    self._prefill(free[i:i + n][:len(jobs) - i], jobs[i:i + n])
+                    i += n
             for _ in range(SYNC_EVERY):
                 self._set_lengths()
                 self._run_step()
@@ -739,11 +757,28 @@ def sample_token(logits, temperature, top_k=None, top_p=None, generator=None, u=
     if u is None:
         gdev = generator.device if generator is not None else logits.device
         u = torch.rand(logits.size(0), generator=generator, device=gdev).to(logits.device)
-    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
-    total = cdf[:, -1:]
-    # u * total < total strictly (nextafter), so the draw never lands past the last token with mass
-    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).squeeze(1)
+    return inverse_cdf(torch.softmax(logits, dim=-1), u)
+
+
+def inverse_cdf(probs, u, block=64):
+    """The token whose cumulative-probability interval holds u * total: [N, V], [N] -> [N]. In two
+    levels (the block of `block` tokens, then the token inside it), because a cumulative sum over the
+    whole vocabulary is a slow sequential scan on CPU. A token of probability 0 is never returned,
+    whatever the rounding."""
+    N, V = probs.shape
+    nb = -(-V // block)
+    blocks = F.pad(probs, (0, nb * block - V)).view(N, nb, block)
+    bcdf = blocks.sum(-1).cumsum(-1)                                            # [N, nb]
+    total = bcdf[:, -1:]
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    bi = torch.searchsorted(bcdf, x, right=True).clamp(max=nb - 1)             # first block past x
+    below = torch.where(bi > 0, bcdf.gather(1, (bi - 1).clamp(min=0)), torch.zeros_like(x))
+    inner = blocks.gather(1, bi[:, :, None].expand(N, 1, block)).squeeze(1)     # [N, block]
+    icdf = inner.cumsum(-1)
+    ti = torch.searchsorted(icdf, (x - below).clamp(min=0), right=True)
+    # rounding may put x - below at or past the block's own sum: take its last token with mass
+    last = torch.where(inner > 0, torch.arange(block, device=probs.device), -1).amax(-1, keepdim=True)
+    return (bi * block + torch.minimum(ti, last)).squeeze(1)
 
 
 # -----------------------------------------------------------------------------
