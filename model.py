@@ -7,10 +7,11 @@ The model and the small library every stage shares.
   `model.` prefix), so importing / exporting Hugging Face checkpoints is a rename, not a remap,
   and tests/test_model.py checks that the logits match `transformers` to fp32 tolerance.
 
-  Qwen2.generate   batched sampling with a preallocated KV cache; prompts of different lengths
-                   share one batch (left padding + per-row positions + key mask); optional
-                   `num_samples` prefills each prompt once and copies its cache to the G samples
-                   of a GRPO group.
+  Qwen2.generate   sampling through the generation engine (Engine, EngineCache): prompt-slots x G
+                   rows, each prompt prefilled once and its keys shared by its G samples, a queue of
+                   prompts refilling freed slots, slots sized from a memory budget, stops found on
+                   the device, seeded draws that depend only on (seed, prompt, sample, position),
+                   CUDA graphs on CUDA. Pass every prompt of a step / shard in one call.
   save_checkpoint / load_checkpoint   one atomic, torch.load(weights_only=True)-safe format for
                    every stage (weights, model config, run config, tokenizer identity, step,
                    optimizer, data-loader/RNG state).
