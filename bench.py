@@ -5,6 +5,14 @@ Benchmarks, side by side in one run on the same machine, config and batch:
   train         training step (forward + backward) tokens/s: ours vs transformers' Qwen2
   sample        sampling tokens/s: our generate vs transformers' generate (its default KV cache),
                 64 prompts of different lengths x 256 new tokens, both forced to the full length
+  rollout       the generation engine on RL- and evaluation-shaped calls (task-world prompts, stops at
+                </answer> / EOS, lengths as real responses have them: a trained tiny run at
+                --rollout_init, else a random init with ~1% of the vocabulary as stops), useful (kept)
+                tokens/s and wall time of the new engine and of the old one (model.py of git commit
+                --rollout_old, loaded with `git show`), 1 and 2 threads; transformers' generate only
+                when transformers is installed (it is not on the dev box)
+  rollout-gpu   CUDA only: paper preset, --gpu_rows rows (prompts x 6), stops, <= --gpu_new_tokens,
+                bf16 + CUDA graphs: generated tokens/s and achieved memory bandwidth vs the peak
   data          problems generated and solutions verified per second on one core (targets 1000 / 5000)
   sizes         per-op problem / solution characters and steps next to the original's table
   mfu           CUDA only: model FLOPs utilisation of a bf16 training step of the `paper` preset
@@ -17,6 +25,8 @@ verifier throughput, ...) the same way. Prints a table: name, measured, target, 
   python bench.py --only=train,sample      # a subset
   python bench.py --preset=mini --batch_size=4 --seq_len=1024
   python bench.py --only=mfu --compile=True   # on a GPU
+  python bench.py --only=rollout --rollout_init=/work/main/out/tiny/base   # CPU, ~1.5 min
+  python bench.py --only=rollout-gpu           # one GPU, < 5 min (paper preset, 1024 rows, <= 1024 tokens)
 
 Measured (2026-11-27, torch 2.11 / transformers 5.17 on the H100 box; its CPU runs pinned to 2 idle
 cores with `taskset -c 0,1 ... --device=cpu --threads=2`):

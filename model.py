@@ -347,7 +347,7 @@ class Qwen2(nn.Module):
         bf16 precision under autocast); False skips that work and returns empty lists.
         Memory: kv_bytes bounds the KV cache (default DEFAULT_KV_BYTES of the device); max_rows
         optionally caps the rows decoded at once (evaluate.py's batch_size). cuda_graphs: capture the
-        decode step as CUDA graphs (default: on for CUDA; ignored elsewhere).
+        decode step as CUDA graphs (default CUDA_GRAPHS, on; ignored off CUDA).
         Call inside autocast_ctx(device) for bf16 on CUDA; the model's train/eval mode is kept."""
         device = self.embed_tokens.weight.device
         if any(len(p) == 0 for p in prompts):
@@ -361,7 +361,7 @@ class Qwen2(nn.Module):
         if not prompts or max_new_tokens <= 0:
             n = len(prompts) * num_samples
             return Generation([[] for _ in range(n)], [[] for _ in range(n)], [False] * n)
-        graphs = device.type == 'cuda' if cuda_graphs is None else cuda_graphs and device.type == 'cuda'
+        graphs = device.type == 'cuda' and (CUDA_GRAPHS if cuda_graphs is None else cuda_graphs)
         eng = Engine(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, stop_ids,
                      generator, logprobs, kv_bytes, max_rows, pad_id, graphs)
         with generation_sdpa_backends(device):
@@ -382,7 +382,8 @@ class Qwen2(nn.Module):
 # CUDA the step (static shapes) is captured once per (slots, length bucket) as a CUDA graph.
 
 DEFAULT_KV_BYTES = {'cuda': 8 << 30, 'cpu': 256 << 20}  # paper preset in bf16: 6 KiB a token -> 1.4M tokens
-SYNC_EVERY = 8     # decode steps between collections of finished slots
+SYNC_EVERY = 8     # decode steps between collections of finished rows
+CUDA_GRAPHS = True # generate's default on CUDA: replay the decode step as CUDA graphs (False: eager)
 ROW_COST = 128     # a row's non-attention work in a decode step, in cached keys read (for _compact)
 COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share (0.9 elsewhere); CUDA
                               # must capture new graphs after a repack, so it waits for a bigger gain
@@ -407,7 +408,7 @@ class EngineCache:
         self.gv = torch.zeros_like(self.gk)
         self.rep, self.scale = cfg.n_head // cfg.n_kv_head, cfg.head_dim ** -0.5
         self.fill = None       # prefill: slot of each prompt in the batch ([B] long)
-        self.wpos = None       # decode: [slots, G] where each row's new key goes (= its tokens so far - 1)
+        self.wflat = None      # decode: where each row's new key goes, as a flat index of gk[layer]
         self.bias = None       # decode: [slots, G, 1, 1, P + Tb], 0 where visible, -inf where not
         self.Tb = T            # decode: generated keys attended (>= every row's wpos + 1)
 
@@ -418,11 +419,8 @@ class EngineCache:
             return sdpa(q, k, v, is_causal=True)
         _, S, G, Hk, _, D = self.gk.shape
         P, Tb, r = self.pk.size(3), self.Tb, self.rep
-        # row-major flat index of (slot, row, kv head, wpos): one index_copy_ per tensor
-        T = self.gk.size(4)
-        flat = (self.wpos[:, :, None] + torch.arange(S * G * Hk, device=q.device).view(S, G, Hk) * T).view(-1)
-        self.gk[layer].view(-1, D).index_copy_(0, flat, k.reshape(-1, D))
-        self.gv[layer].view(-1, D).index_copy_(0, flat, v.reshape(-1, D))
+        self.gk[layer].view(-1, D).index_copy_(0, self.wflat, k.reshape(-1, D))
+        self.gv[layer].view(-1, D).index_copy_(0, self.wflat, v.reshape(-1, D))
         q = q.reshape(S, G, Hk, r, D) * self.scale                     # query head h reads KV head h // r
         qp = q.permute(0, 2, 1, 3, 4).reshape(S, Hk, G * r, D)          # a slot's queries, grouped by KV head
         kg, vg = self.gk[layer, :, :, :, :Tb], self.gv[layer, :, :, :, :Tb]
@@ -636,9 +634,11 @@ class Engine:
         live = ~self.done
         wpos = self.n_gen - 1                                          # the fed token's index among generated
         pos = self.plen.repeat_interleave(G) + wpos                    # its RoPE position
-        c.wpos = wpos.clamp(max=c.gk.size(4) - 1).view(S, G)           # (a done row may be past a grown cache)
+        wpos = wpos.clamp(max=c.gk.size(4) - 1)                       # (a done row may be past a grown cache)
+        Hk, T = c.gk.size(3), c.gk.size(4)                             # gk[layer] is [S, G, Hk, T, D]
+        c.wflat = (wpos[:, None] + torch.arange(S * G * Hk, device=dev).view(-1, Hk) * T).view(-1)
         key_p = torch.arange(P, device=dev) < self.plen[:, None]                           # [S, P]
-        key_g = torch.arange(Tb, device=dev) <= c.wpos[..., None]                         # [S, G, Tb]
+        key_g = torch.arange(Tb, device=dev) <= wpos.view(S, G, 1)                        # [S, G, Tb]
         ok = torch.cat([key_p[:, None].expand(S, G, P), key_g], -1)
         c.bias = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float('-inf'))[:, :, None, None]
         h = m._hidden(self.tok[:, None], m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None], c)
@@ -694,8 +694,8 @@ class Engine:
     def run(self) -> Generation:
         G, n = self.G, len(self.prompts)
         self._alloc()
-        # longest prompts first (pop() takes from the end): later prefills and the prompt keys
-        # attended shrink. The order changes no sample: draws depend on the prompt, not on when it runs.
+        # longest prompts first (pop() takes from the end), so a prefill batch pads little. The
+        # order changes no sample: a draw depends on its prompt, not on when or where it runs.
         queue = sorted(range(n), key=lambda i: len(self.prompts[i]))
         self.steps = 0
         res_tok, res_lp, res_fin = [None] * (n * G), [None] * (n * G), [False] * (n * G)
@@ -706,9 +706,9 @@ class Engine:
                 jobs = [queue.pop() for _ in range(min(len(free), len(queue)))]  # longest first
                 i = 0
                 while i < len(jobs):  # batches of about PREFILL_TOKENS padded tokens
-                    n = max(1, PREFILL_TOKENS.get(self.dev.type, 4096) // len(self.prompts[jobs[i]]))
-                    self._prefill(free[i:i + n][:len(jobs) - i], jobs[i:i + n])
-                    i += n
+                    k = max(1, PREFILL_TOKENS.get(self.dev.type, 4096) // len(self.prompts[jobs[i]]))
+                    self._prefill(free[i:i + k][:len(jobs) - i], jobs[i:i + k])
+                    i += k
             for _ in range(SYNC_EVERY):
                 self._set_lengths()
                 self._run_step()
