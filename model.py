@@ -543,23 +543,23 @@ class Engine:
         prompt's keys); a short slot repeats one of its rows (marked done). C' minimises the keys a
         step reads plus a per-row cost; the repack (one gather of the caches) happens when it
         saves enough. Finished rows then stop costing anything."""
-        C, dev, Pb, Tb = self.C, self.dev, self.P, self.cache.Tb
+        C, dev, P, Tb = self.C, self.dev, self.P, self.cache.Tb
         live = [(s, [c for c in range(C) if self.row_j[s * C + c] >= 0]) for s in range(self.S)]
         live = [(s, cs) for s, cs in live if cs]
 
         def cost(c2):  # key reads of a step + ROW_COST per row, in tokens
             n = sum(-(-len(cs) // c2) for _, cs in live)
-            return n * Pb + n * c2 * (Tb + ROW_COST)
+            return n * P + n * c2 * (Tb + ROW_COST)
         c2 = min(range(1, C + 1), key=cost)
-        if cost(c2) > COMPACT_GAIN.get(dev.type, 0.9) * self.S * (Pb + C * (Tb + ROW_COST)):
+        if cost(c2) > COMPACT_GAIN.get(dev.type, 0.9) * self.S * (P + C * (Tb + ROW_COST)):
             return
-        slots, cols = [], []
+        slots, cols, pad = [], [], []   # per new slot: its old slot, its old columns, which are repeats
         for s, cs in live:
             for i in range(0, len(cs), c2):
                 chunk = cs[i:i + c2]
                 slots.append(s)
                 cols.append(chunk + chunk[:1] * (c2 - len(chunk)))
-        pad = [[i >= len(set(c)) or c.index(c[i]) != i for i in range(c2)] for c in cols]
+                pad.append([False] * len(chunk) + [True] * (c2 - len(chunk)))
         sl = torch.tensor(slots, device=dev)
         cl = torch.tensor(cols, device=dev)
         rows = (sl[:, None] * C + cl).reshape(-1)

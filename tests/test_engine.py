@@ -85,6 +85,31 @@ def test_samples_do_not_depend_on_slots_order_or_subset():
     assert other != base
 
 
+def test_tail_repacking_keeps_every_row(monkeypatch):
+    """Sampled rows of a group stop at different steps, so the tail repacks them into fewer,
+    narrower slots (a group split over slots, repeated rows as padding): the samples are those of a
+    run that never repacks, and their log-probs those of the forward pass."""
+    m = make_model(peaky=True)
+    prompts = varied_prompts(6, seed=6)
+    kw = dict(temperature=1.0, stop_ids=[3, 4, 5, 6, 7], num_samples=5, generator=None)
+    shapes = []
+    real = M.Engine._compact
+
+    def spy(self):
+        before = (self.S, self.C)
+        real(self)
+        if (self.S, self.C) != before:
+            shapes.append((before, (self.S, self.C)))
+    monkeypatch.setattr(M.Engine, '_compact', spy)
+    a = m.generate(prompts, 40, **{**kw, 'generator': torch.Generator().manual_seed(3)})
+    assert any(c2 < c for (_, c), (_, c2) in shapes), shapes        # narrower slots happened
+    for i, (toks, lps) in enumerate(zip(a.tokens, a.logprobs)):
+        torch.testing.assert_close(torch.tensor(lps), forward_logprobs(m, prompts[i // 5], toks), rtol=0, atol=2e-5)
+    monkeypatch.setattr(M.Engine, '_compact', lambda self: None)
+    b = m.generate(prompts, 40, **{**kw, 'generator': torch.Generator().manual_seed(3)})
+    assert a.tokens == b.tokens and a.finished == b.finished
+
+
 def test_counter_uniform_is_splitmix64():
     """The device hash is SplitMix64 (reference: the 64-bit unsigned arithmetic written out)."""
     def splitmix(seed, t):
