@@ -422,12 +422,12 @@ class EngineCache:
         self.gk[layer].view(-1, D).index_copy_(0, self.wflat, k.reshape(-1, D))
         self.gv[layer].view(-1, D).index_copy_(0, self.wflat, v.reshape(-1, D))
         q = q.reshape(S, G, Hk, r, D) * self.scale                     # query head h reads KV head h // r
-        qp = q.permute(0, 2, 1, 3, 4).reshape(S, Hk, G * r, D)          # a slot's queries, grouped by KV head
+        qp = q.permute(0, 2, 1, 3, 4).reshape(S * Hk, G * r, D)         # a slot's queries, grouped by KV head
         kg, vg = self.gk[layer, :, :, :, :Tb], self.gv[layer, :, :, :, :Tb]
         kp, vp = self.pk[layer], self.pv[layer]
-        sp = (qp @ kp.transpose(-1, -2)).view(S, Hk, G, r, P).permute(0, 2, 1, 3, 4)
-        sg = q @ kg.transpose(-1, -2)                                   # [S, G, Hk, r, Tb]
-        w = torch.softmax(torch.cat([sp, sg], -1).float() + self.bias, dim=-1).to(q.dtype)
+        sp = scores(qp, kp.reshape(S * Hk, P, D)).view(S, Hk, G, r, P).permute(0, 2, 1, 3, 4)
+        sg = scores(q.reshape(S * G * Hk, r, D), kg.reshape(S * G * Hk, Tb, D)).view(S, G, Hk, r, Tb)
+        w = torch.softmax(torch.cat([sp, sg], -1) + self.bias, dim=-1).to(q.dtype)
         wp = w[..., :P].permute(0, 2, 1, 3, 4).reshape(S, Hk, G * r, P)
         y = (wp @ vp).view(S, Hk, G, r, D).permute(0, 2, 1, 3, 4) + w[..., P:] @ vg
         return y.reshape(S * G, Hk * r, 1, D)
@@ -442,6 +442,21 @@ class EngineCache:
         """Keep prompt-slots slots [S', 1] and, of each, the rows cols [S', C'] (Engine._compact)."""
         self.pk, self.pv = self.pk[:, slots[:, 0]], self.pv[:, slots[:, 0]]
         self.gk, self.gv = self.gk[:, slots, cols], self.gv[:, slots, cols]
+
+
+_BMM_OUT_DTYPE = [True]  # aten::bmm.dtype works here (cleared at the first failure)
+
+
+def scores(q, k):
+    """q [B, M, D] @ k [B, N, D]^T -> [B, M, N] in fp32. bf16 on CUDA: cuBLAS accumulates in fp32
+    and bmm's out_dtype keeps that result instead of rounding the scores to bf16 (no fp32 copy of
+    the cache either); where it is missing, bf16 scores as Hugging Face's eager attention has them."""
+    if q.is_cuda and q.dtype != torch.float32 and _BMM_OUT_DTYPE[0]:
+        try:
+            return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _BMM_OUT_DTYPE[0] = False
+    return torch.bmm(q, k.transpose(1, 2)).float()
 
 
 def _job_seed(base: int, prompt_key: bytes, sample: int) -> int:
@@ -621,7 +636,8 @@ class Engine:
             self.row_j[sl * G:(sl + 1) * G] = range(G)
 
     def _stops(self, tok):
-        return torch.isin(tok, self.stop) if self.stop.numel() else torch.zeros_like(tok, dtype=torch.bool)
+        # a broadcast compare, not torch.isin: isin may sort/unique, i.e. sync, inside a CUDA graph
+        return (tok[:, None] == self.stop).any(-1) if self.stop.numel() else torch.zeros_like(tok, dtype=torch.bool)
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -633,7 +649,7 @@ class Engine:
         dev = self.dev
         live = ~self.done
         wpos = self.n_gen - 1                                          # the fed token's index among generated
-        pos = self.plen.repeat_interleave(G) + wpos                    # its RoPE position
+        pos = self.plen[:, None].expand(S, G).reshape(-1) + wpos       # its RoPE position (no sync)
         wpos = wpos.clamp(max=c.gk.size(4) - 1)                       # (a done row may be past a grown cache)
         Hk, T = c.gk.size(3), c.gk.size(4)                             # gk[layer] is [S, G, Hk, T, D]
         c.wflat = (wpos[:, None] + torch.arange(S * G * Hk, device=dev).view(-1, Hk) * T).view(-1)
