@@ -93,8 +93,8 @@ defaults = dict(
     greedy=False,                        # greedy decoding: temperature 0 and one sample
     top_k=0,                             # 0 = off
     max_new_tokens=1024,                 # generation budget per sample (also capped by the model's context)
-    batch_size=0,                        # 0 = one generate() call per rank for all its problems x n samples
-                                         # (generate schedules memory); > 0 = calls of ~that many sequences
+    batch_size=0,                        # one generate() call per rank for all its problems x n samples;
+                                         # > 0 caps the sequences decoded at once (generate's max_rows)
     seed=0,                              # sampling seed (every checkpoint gets the same one)
     # scoring and reports
     bands={'ID': (2, 10), 'OOD-edge': (11, 14), 'OOD-hard': (15, 20)},  # band name -> inclusive op range
