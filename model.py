@@ -502,6 +502,7 @@ class Engine:
     def __init__(self, model, prompts, G, max_new_tokens, temperature, top_k, top_p, stop_ids, generator,
                  logprobs, kv_bytes, max_rows, pad_id, graphs):
         cfg, dev = model.config, model.embed_tokens.weight.device
+        graphs = graphs and dev.type == 'cuda'
         if graphs and torch.is_autocast_enabled('cuda'):
             model = autocast_twin(model, torch.get_autocast_dtype('cuda'))
         self.m, self.cfg, self.dev, self.G, self.prompts = model, cfg, dev, G, prompts

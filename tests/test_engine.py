@@ -258,6 +258,10 @@ def test_cuda_graph_decoding_equals_eager():
         assert a.tokens == b.tokens and a.finished == b.finished
         torch.testing.assert_close(torch.tensor(sum(a.logprobs, [])), torch.tensor(sum(b.logprobs, [])),
                                    rtol=0, atol=1e-5)
+    g = m.generate(prompts, 20, temperature=0, stop_ids=[3, 4], max_rows=5, cuda_graphs=True)
+    cpu = m.cpu()
+    assert g.tokens == [naive_greedy(cpu, p, 20, stop_ids=[3, 4]) for p in prompts]  # fp32 graphs vs forward
+    m = cpu.cuda()
     with M.autocast_ctx('cuda'):  # bf16: graphs replay the same kernels as the eager step
         a = m.generate(prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
         b = m.generate(prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=False, **kw)
