@@ -37,6 +37,21 @@ cores with `taskset -c 0,1 ... --device=cpu --threads=2`):
   mfu    paper bf16, H100: eager 27% (B16); compiled 43.5% (B16xT2048), 44.5% (B32xT2048).
 On the shared 2-core dev box (load 7-10) the same rows read 0.91-0.97x and 1.0-1.5x: contention
 noise, and 2 OpenMP threads there can be 10x slower than 1 (try --threads=1).
+
+Generation engine (2026-12-02, torch 2.13 CPU, the shared 2-core dev box, load ~1.5; `python bench.py
+--only=rollout --rollout_init=/work/main/out/tiny/base --rollout_iters=3`; out/tiny/base is the tiny
+study's trained base run; new = this model.py, old = commit 281bfb1's; fastest of 3 alternating calls):
+                                          1 thread                     2 threads
+  rollout tiny world  32x6 <=256 T1       10,653 vs 5,770 tok/s 1.85x  14,150 vs 8,420 1.68x
+  rollout paper world 32x6 <=256 T1        6,798 vs 3,578 tok/s 1.90x  10,580 vs 6,440 1.64x
+  RL-step call tiny   16x6 <=192 T0.7     0.76 vs 1.17 s       1.53x  0.61 vs 0.78 s  1.28x
+  eval call tiny      30x16 <=256 T0.7    2.91 vs 4.93 s       1.69x  1.87 vs 2.98 s  1.60x
+  (mean response 62-68 tokens in the tiny world, 166 with the paper world's longer prompts)
+  The 2.5x target is not met. Both engines spend about the same ~0.5 s of the tiny-world rollout in
+  the same Linear layers for the same kept tokens (cProfile, 1 thread: new 0.49 s of 1.1 s, old 0.54 s
+  of 2.3 s; the new engine decodes 1.07-1.12 row-steps per kept token), so what is left to win is
+  attention (0.33 s vs 0.78 s) and per-step overhead (~1 ms a step at a few rows). transformers is
+  not installed on the dev box, so its row is skipped. rollout-gpu has not been run (no GPU here).
 """
 
 import os
@@ -263,6 +278,34 @@ def task_prompts(tok, world, n, seed=0, ops=range(2, 7)):
     return [tok.encode(data.prompt_text(p.to_row())) for p in data.generate_problems(n, mix, seed=seed)]
 
 
+class HFGenerate:
+    """transformers' generate behind our generate's call (left padding, the same stops, G samples per
+    prompt); kept tokens are counted up to and including each row's first stop."""
+
+    def __init__(self, hf, pad_id):
+        self.hf, self.pad_id = hf.eval(), pad_id
+
+    def generate(self, prompts, new, temperature, stop_ids, num_samples, generator=None):
+        import types
+        dev = next(self.hf.parameters()).device
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = self.hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
+                                   do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
+                                   num_return_sequences=num_samples, eos_token_id=list(stop_ids),
+                                   pad_token_id=self.pad_id)
+        stops, toks = set(stop_ids), []
+        for row in out[:, P:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            toks.append(row[:cut])
+        return types.SimpleNamespace(tokens=toks)
+
+
 def timed_generate(models, prompts, G, new, temperature, stops, device, iters):
     """Seconds (fastest of `iters`, calls alternating) and kept tokens of each model's generate."""
     kept = [0] * len(models)
@@ -288,8 +331,12 @@ def bench_rollout(cfg):
     if cfg['rollout_old']:
         models.append(old_engine_twin(ours, cfg['rollout_old']))
         names.append(f"old {cfg['rollout_old']}")
-    if hf_twin(ours) is None:
+    hf = hf_twin(ours)
+    if hf is None:
         print('rollout: transformers is not installed; its generate is skipped')
+    else:
+        models.append(HFGenerate(hf, tok.pad_id))
+        names.append('transformers')
     shapes = [(f'rollout/{world} 32x6 <=256 T1', task_prompts(tok, world, 32), 6, 256, 1.0)
               for world in ('tiny', 'paper')]
     shapes += [('rl-step call tiny 16x6 <=192 T.7', task_prompts(tok, 'tiny', 16, seed=1), 6, 192, 0.7),
@@ -304,7 +351,7 @@ def bench_rollout(cfg):
                 print(f'  {name} {nm} {th} thr: {k / s:,.0f} tok/s, {s:.2f} s, {k} tokens', flush=True)
                 rows.append((f'{name} {nm} ({what}, {th} thr)', f'{k / s:,.0f} tok/s, {s:.2f} s, '
                              f'mean len {k / (len(prompts) * G):.0f}', '', None))
-            if len(models) > 1:
+            if cfg['rollout_old']:
                 r = (kept[0] / secs[0]) / (kept[1] / secs[1])
                 target = name.startswith('rollout') and th == 2 and 'cuda' not in device
                 rows.append((f'{name} new/old tok/s ({th} thr)', f'{r:.2f}x (wall {secs[1] / secs[0]:.2f}x)',

@@ -110,6 +110,23 @@ def test_tail_repacking_keeps_every_row(monkeypatch):
     assert a.tokens == b.tokens and a.finished == b.finished
 
 
+def test_greedy_equals_transformers_generate():
+    """The engine's greedy rows (prompt-slots refilled, stops) are Hugging Face's generate's."""
+    pytest.importorskip('transformers', reason='transformers not installed: no reference generate')
+    import bench
+    m = make_model(peaky=True)
+    hf = bench.hf_twin(m).eval()   # our weights in transformers' Qwen2
+    prompts, stop = varied_prompts(7, seed=8, lo=3), [3, 4, 5]
+    g = m.generate(prompts, 16, temperature=0, stop_ids=stop, num_samples=2, max_rows=4)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=16, do_sample=False, eos_token_id=stop, pad_token_id=0)
+        ref = out[0, len(p):].tolist()
+        ref = ref[:next((j + 1 for j, t in enumerate(ref) if t in stop), len(ref))]
+        assert g.tokens[2 * i] == g.tokens[2 * i + 1] == ref, i
+
+
 def test_counter_uniform_is_splitmix64():
     """The device hash is SplitMix64 (reference: the 64-bit unsigned arithmetic written out)."""
     def splitmix(seed, t):
