@@ -38,20 +38,22 @@ cores with `taskset -c 0,1 ... --device=cpu --threads=2`):
 On the shared 2-core dev box (load 7-10) the same rows read 0.91-0.97x and 1.0-1.5x: contention
 noise, and 2 OpenMP threads there can be 10x slower than 1 (try --threads=1).
 
-Generation engine (2026-12-02, torch 2.13 CPU, the shared 2-core dev box, load ~1.5; `python bench.py
---only=rollout --rollout_init=/work/main/out/tiny/base --rollout_iters=3`; out/tiny/base is the tiny
-study's trained base run; new = this model.py, old = commit 281bfb1's; fastest of 3 alternating calls):
-                                          1 thread                     2 threads
-  rollout tiny world  32x6 <=256 T1       10,653 vs 5,770 tok/s 1.85x  14,150 vs 8,420 1.68x
-  rollout paper world 32x6 <=256 T1        6,798 vs 3,578 tok/s 1.90x  10,580 vs 6,440 1.64x
-  RL-step call tiny   16x6 <=192 T0.7     0.76 vs 1.17 s       1.53x  0.61 vs 0.78 s  1.28x
-  eval call tiny      30x16 <=256 T0.7    2.91 vs 4.93 s       1.69x  1.87 vs 2.98 s  1.60x
-  (mean response 62-68 tokens in the tiny world, 166 with the paper world's longer prompts)
+Generation engine (2026-12-02, torch 2.13 CPU, transformers 5.24, the shared 2-core dev box, load ~1.5;
+`python bench.py --only=rollout --rollout_init=/work/main/out/tiny/base --rollout_iters=2`, where
+out/tiny/base is the tiny study's trained base run; new = this model.py, old = commit 281bfb1's, HF =
+transformers' generate with the same stops; fastest of 2 alternating calls; kept tokens/s or wall s):
+                                      1 thread: new / old / HF        new/old   2 threads: new/old
+  rollout tiny world  32x6 <=256 T1   11,266 / 6,444 / 1,782 tok/s    1.75x     15,581 / 9,897  1.57x
+  rollout paper world 32x6 <=256 T1    7,411 / 3,986 /   677 tok/s    1.86x     10,738 / 6,510  1.65x
+  RL-step call tiny   16x6 <=192 T.7   0.67 / 1.01 / 3.05 s           1.51x      0.63 / 0.83 s  1.33x
+  eval call tiny      30x16 <=256 T.7  2.62 / 4.60 / 50.8 s           1.76x      2.05 / 3.10 s  1.51x
+  (mean response 62-70 tokens in the tiny world, 166 with the paper world's longer prompts; an
+  earlier run with 3 calls a side read 1.85x / 1.90x / 1.53x / 1.69x at 1 thread.)
   The 2.5x target is not met. Both engines spend about the same ~0.5 s of the tiny-world rollout in
   the same Linear layers for the same kept tokens (cProfile, 1 thread: new 0.49 s of 1.1 s, old 0.54 s
   of 2.3 s; the new engine decodes 1.07-1.12 row-steps per kept token), so what is left to win is
-  attention (0.33 s vs 0.78 s) and per-step overhead (~1 ms a step at a few rows). transformers is
-  not installed on the dev box, so its row is skipped. rollout-gpu has not been run (no GPU here).
+  attention (0.33 s vs 0.78 s) and per-step overhead (~1 ms a step at a few rows, half of it small
+  ops). rollout-gpu has not been run (no GPU here): `python bench.py --only=rollout-gpu`.
 """
 
 import os
