@@ -5,6 +5,14 @@ Benchmarks, side by side in one run on the same machine, config and batch:
   train         training step (forward + backward) tokens/s: ours vs transformers' Qwen2
   sample        sampling tokens/s: our generate vs transformers' generate (its default KV cache),
                 64 prompts of different lengths x 256 new tokens, both forced to the full length
+  rollout       the generation engine on RL- and evaluation-shaped calls (task-world prompts, stops at
+                </answer> / EOS, lengths as real responses have them: a trained tiny run at
+                --rollout_init, else a random init with ~1% of the vocabulary as stops), useful (kept)
+                tokens/s and wall time of the new engine and of the old one (model.py of git commit
+                --rollout_old, loaded with `git show`), 1 and 2 threads; transformers' generate only
+                when transformers is installed (it is not on the dev box)
+  rollout-gpu   CUDA only: paper preset, --gpu_rows rows (prompts x 6), stops, <= --gpu_new_tokens,
+                bf16 + CUDA graphs: generated tokens/s and achieved memory bandwidth vs the peak
   data          problems generated and solutions verified per second on one core (targets 1000 / 5000)
   sizes         per-op problem / solution characters and steps next to the original's table
   mfu           CUDA only: model FLOPs utilisation of a bf16 training step of the `paper` preset
@@ -17,6 +25,8 @@ verifier throughput, ...) the same way. Prints a table: name, measured, target, 
   python bench.py --only=train,sample      # a subset
   python bench.py --preset=mini --batch_size=4 --seq_len=1024
   python bench.py --only=mfu --compile=True   # on a GPU
+  python bench.py --only=rollout --rollout_init=out/tiny/base   # CPU, ~1.5 min
+  python bench.py --only=rollout-gpu           # one GPU, < 5 min (paper preset, 1024 rows, <= 1024 tokens)
 
 Measured (2026-11-27, torch 2.11 / transformers 5.17 on the H100 box; its CPU runs pinned to 2 idle
 cores with `taskset -c 0,1 ... --device=cpu --threads=2`):
@@ -27,13 +37,34 @@ cores with `taskset -c 0,1 ... --device=cpu --threads=2`):
   mfu    paper bf16, H100: eager 27% (B16); compiled 43.5% (B16xT2048), 44.5% (B32xT2048).
 On the shared 2-core dev box (load 7-10) the same rows read 0.91-0.97x and 1.0-1.5x: contention
 noise, and 2 OpenMP threads there can be 10x slower than 1 (try --threads=1).
+
+Generation engine (2026-12-02, torch 2.13 CPU, transformers 5.24, the shared 2-core dev box, load ~1.5;
+`python bench.py --only=rollout --rollout_init=out/tiny/base --rollout_iters=2`, where
+out/tiny/base is the tiny study's trained base run; new = this model.py, old = commit 281bfb1's, HF =
+transformers' generate with the same stops; fastest of 2 alternating calls; kept tokens/s or wall s):
+                                      1 thread: new / old / HF        new/old   2 threads: new/old
+  rollout tiny world  32x6 <=256 T1   11,266 / 6,444 / 1,782 tok/s    1.75x     15,581 / 9,897  1.57x
+  rollout paper world 32x6 <=256 T1    7,411 / 3,986 /   677 tok/s    1.86x     10,738 / 6,510  1.65x
+  RL-step call tiny   16x6 <=192 T.7   0.67 / 1.01 / 3.05 s           1.51x      0.63 / 0.83 s  1.33x
+  eval call tiny      30x16 <=256 T.7  2.62 / 4.60 / 50.8 s           1.76x      2.05 / 3.10 s  1.51x
+  (mean response 62-70 tokens in the tiny world, 166 with the paper world's longer prompts; an
+  earlier run with 3 calls a side read 1.85x / 1.90x / 1.53x / 1.69x at 1 thread.)
+  The 2.5x target is not met. Both engines spend about the same ~0.5 s of the tiny-world rollout in
+  the same Linear layers for the same kept tokens (cProfile, 1 thread: new 0.49 s of 1.1 s, old 0.54 s
+  of 2.3 s; the new engine decodes 1.07-1.12 row-steps per kept token), so what is left to win is
+  attention (0.33 s vs 0.78 s) and per-step overhead (~1 ms a step at a few rows, half of it small
+  ops). rollout-gpu has not been run (no GPU here): `python bench.py --only=rollout-gpu`.
 """
 
+import os
+import sys
 import time
 
 import torch
 
 import model as M
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 config = dict(
     only='',               # comma-separated benchmark names (empty = all)
@@ -46,6 +77,12 @@ config = dict(
     gen_prompts=64,        # sample: prompts in the batch
     gen_new_tokens=256,    # sample: new tokens per prompt (stopping disabled on both sides)
     gen_prompt_len=(64, 192),  # sample: prompt lengths drawn uniformly from this range
+    rollout_init='out/tiny/base',  # rollout: a trained tiny run (realistic stops); missing -> random init
+    rollout_old='281bfb1', # rollout: git commit whose model.py is the old engine ('' = skip it)
+    rollout_threads=(1, 2),  # rollout: CPU thread counts to time
+    rollout_iters=2,       # rollout: timed calls per side (alternating; the fastest counts)
+    gpu_rows=1024,         # rollout-gpu: rows (prompts x 6 samples) of the paper-preset GPU row
+    gpu_new_tokens=1024,   # rollout-gpu: max new tokens
     mfu_preset='paper',    # mfu: model preset
     mfu_batch_size=16,     # mfu: sequences per step
     mfu_seq_len=2048,      # mfu: tokens per sequence
@@ -162,7 +199,8 @@ def bench_sample(cfg):
 
     def run_ours():
         with M.autocast_ctx(device):
-            out = ours.generate(prompts, new, temperature=1.0, generator=torch.Generator(device).manual_seed(0))
+            out = ours.generate(prompts, new, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
+                                logprobs=False)  # HF's side computes none either
         assert all(len(t) == new for t in out.tokens)
 
     with M.autocast_ctx(device):  # warm-up: first-call allocations and lazy initialisation
@@ -199,6 +237,169 @@ def bench_sample(cfg):
     rows.append((f'sample/{cfg["preset"]} HF', f'{N * new / dt_hf:,.0f} tok/s', '', None))
     rows.append(('sample ours/HF', f'{dt_hf / dt:.2f}x', '>= 2.0x', dt_hf / dt >= 2.0))
     return rows
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: the generation engine on RL- and evaluation-shaped calls, new vs old side by side
+
+
+def old_engine_twin(ours, commit):
+    """`ours` with the weights copied into the Qwen2 of model.py at git `commit` (read with `git show`
+    into a throwaway module): the old generation engine, for side-by-side timings only."""
+    import subprocess
+    import types
+    src = subprocess.check_output(['git', 'show', f'{commit}:model.py'], cwd=ROOT, text=True)
+    mod = types.ModuleType(f'model_{commit}')
+    mod.__file__ = os.path.join(ROOT, f'model_{commit}.py')
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(src, mod.__file__, 'exec'), mod.__dict__)
+    old = mod.Qwen2(mod.ModelConfig(**ours.config.to_dict()))
+    old.load_state_dict(ours.state_dict())
+    return old.to(next(ours.parameters()).device).eval()
+
+
+def rollout_setup(cfg, preset='tiny'):
+    """(model, tokenizer, stop ids, what): the trained run at cfg.rollout_init when it exists (it
+    stops where real responses do), else a random init whose stop set is ~1% of the vocabulary, so
+    lengths are geometric (mean ~100) -- a stand-in, said so in the row name."""
+    import data
+    path = cfg['rollout_init'] if os.path.isabs(cfg['rollout_init']) else os.path.join(ROOT, cfg['rollout_init'])
+    if preset == 'tiny' and os.path.exists(os.path.join(path, 'ckpt.pt')):
+        m, tok, _ = M.load_run(path, device=cfg['device'])
+        return m.eval(), tok, (tok.id_of('</answer>'), tok.eos_id), 'trained'
+    torch.manual_seed(cfg['seed'])
+    tok = data.standard_tokenizer()
+    m = M.Qwen2(M.ModelConfig(**{**M.MODEL_PRESETS[preset].to_dict(), 'vocab_size': tok.vocab_size}))
+    g = torch.Generator().manual_seed(cfg['seed'])
+    extra = torch.randperm(tok.vocab_size, generator=g)[:tok.vocab_size // 100].tolist()
+    return m.to(cfg['device']).eval(), tok, (tok.id_of('</answer>'), tok.eos_id, *extra), 'random init'
+
+
+def task_prompts(tok, world, n, seed=0, ops=range(2, 7)):
+    import data
+    mix = data.mixture(ops, modes=['normalforward'], world=data.WORLDS[world])
+    return [tok.encode(data.prompt_text(p.to_row())) for p in data.generate_problems(n, mix, seed=seed)]
+
+
+class HFGenerate:
+    """transformers' generate behind our generate's call (left padding, the same stops, G samples per
+    prompt); kept tokens are counted up to and including each row's first stop."""
+
+    def __init__(self, hf, pad_id):
+        self.hf, self.pad_id = hf.eval(), pad_id
+
+    def generate(self, prompts, new, temperature, stop_ids, num_samples, generator=None):
+        import types
+        dev = next(self.hf.parameters()).device
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p), 1
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out = self.hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
+                                   do_sample=temperature > 0, temperature=temperature or None, top_k=0, top_p=1.0,
+                                   num_return_sequences=num_samples, eos_token_id=list(stop_ids),
+                                   pad_token_id=self.pad_id)
+        stops, toks = set(stop_ids), []
+        for row in out[:, P:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            toks.append(row[:cut])
+        return types.SimpleNamespace(tokens=toks)
+
+
+def timed_generate(models, prompts, G, new, temperature, stops, device, iters):
+    """Seconds (fastest of `iters`, calls alternating) and kept tokens of each model's generate."""
+    kept = [0] * len(models)
+
+    def call(i):
+        def fn():
+            with M.autocast_ctx(device):
+                out = models[i].generate(prompts, new, temperature=temperature, stop_ids=stops, num_samples=G,
+                                         generator=torch.Generator().manual_seed(0))
+            kept[i] = sum(len(t) for t in out.tokens)
+        return fn
+    return race([call(i) for i in range(len(models))], device, iters, warmup=0), kept
+
+
+@benchmark('rollout', target='new >= 2.5x old tokens/s (CPU, 2 threads)')
+def bench_rollout(cfg):
+    """RL-shaped rollouts (task-world prompts, 32 x 6 samples, stop at </answer> / EOS, <= 256 new
+    tokens, T 1) in both worlds, plus an RL-step-shaped call (tiny world, 16 x 6, <= 192, T 0.7) and
+    an evaluation-shaped call (30 problems x 16, <= 256, T 0.7): new engine vs the old one."""
+    device = cfg['device']
+    ours, tok, stops, what = rollout_setup(cfg)
+    models, names = [ours], ['new']
+    if cfg['rollout_old']:
+        models.append(old_engine_twin(ours, cfg['rollout_old']))
+        names.append(f"old {cfg['rollout_old']}")
+    hf = hf_twin(ours)
+    if hf is None:
+        print('rollout: transformers is not installed; its generate is skipped')
+    else:
+        models.append(HFGenerate(hf, tok.pad_id))
+        names.append('transformers')
+    shapes = [(f'rollout/{world} 32x6 <=256 T1', task_prompts(tok, world, 32), 6, 256, 1.0)
+              for world in ('tiny', 'paper')]
+    shapes += [('rl-step call tiny 16x6 <=192 T.7', task_prompts(tok, 'tiny', 16, seed=1), 6, 192, 0.7),
+               ('eval call tiny 30x16 <=256 T.7', task_prompts(tok, 'tiny', 30, seed=2), 16, 256, 0.7)]
+    threads = cfg['rollout_threads'] if 'cuda' not in device else (torch.get_num_threads(),)
+    rows, n0 = [], torch.get_num_threads()
+    for th in threads:
+        torch.set_num_threads(th)
+        for name, prompts, G, new, T in shapes:
+            secs, kept = timed_generate(models, prompts, G, new, T, stops, device, cfg['rollout_iters'])
+            for nm, s, k in zip(names, secs, kept):
+                print(f'  {name} {nm} {th} thr: {k / s:,.0f} tok/s, {s:.2f} s, {k} tokens', flush=True)
+                rows.append((f'{name} {nm} ({what}, {th} thr)', f'{k / s:,.0f} tok/s, {s:.2f} s, '
+                             f'mean len {k / (len(prompts) * G):.0f}', '', None))
+            if cfg['rollout_old']:
+                r = (kept[0] / secs[0]) / (kept[1] / secs[1])
+                target = name.startswith('rollout') and th == 2 and 'cuda' not in device
+                rows.append((f'{name} new/old tok/s ({th} thr)', f'{r:.2f}x (wall {secs[1] / secs[0]:.2f}x)',
+                             '>= 2.5x' if target else '', r >= 2.5 if target else None))
+    torch.set_num_threads(n0)
+    return rows
+
+
+PEAK_BW = {'H200': 4.8e12, 'H100 PCIe': 2.0e12, 'H100': 3.35e12, 'A100': 2.0e12, 'L40S': 0.86e12,
+           'RTX 4090': 1.0e12}  # bytes/s, first match of the device name wins
+
+
+@benchmark('rollout-gpu', target='>= 200k generated tok/s (paper preset, H100/H200)')
+def bench_rollout_gpu(cfg):
+    """Paper preset (random init, ~1% of the vocabulary are stops: geometric lengths, mean ~100, cut
+    at gpu_new_tokens), gpu_rows rows = prompts x 6, bf16. Achieved bandwidth counts, per decode step,
+    the bf16 weights once plus the KV cache the step reads (each slot's prompt once, each row's own
+    generated keys): a lower bound of what the step moves."""
+    device = cfg['device']
+    if 'cuda' not in device:
+        return [('rollout-gpu', 'skipped (no CUDA)', '>= 200k tok/s', None)]
+    ours, tok, stops, what = rollout_setup(cfg, preset='paper')
+    G, new = 6, cfg['gpu_new_tokens']
+    prompts = task_prompts(tok, 'paper', max(1, cfg['gpu_rows'] // G), ops=range(2, 21))
+    with M.autocast_ctx(device):
+        ours.generate(prompts[:G], 8, stop_ids=stops, num_samples=G)  # warm-up, graph capture paths
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng = M.Engine(ours, prompts, G, new, 1.0, None, None, stops, torch.Generator().manual_seed(0),
+                       False, None, None, 0, True)
+        with M.generation_sdpa_backends(device):
+            out = eng.run()
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    kept = sum(len(t) for t in out.tokens)
+    c = ours.config
+    per_token = 2 * c.n_layer * c.n_kv_head * c.head_dim * 2
+    kv = sum(len(p) * max(len(t) for t in out.tokens[i * G:(i + 1) * G]) + sum(len(t) ** 2 / 2 for t in
+             out.tokens[i * G:(i + 1) * G]) for i, p in enumerate(prompts)) * per_token
+    moved = eng.steps * 2 * ours.num_params() + kv
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BW.items() if k in name), None)
+    bw = f'{moved / dt / 1e9:,.0f} GB/s' + (f' = {moved / dt / peak:.0%} of {peak / 1e12:.2f} TB/s' if peak else '')
+    return [(f'rollout-gpu paper {len(prompts)}x{G} <={new} ({what}, {eng.S} slots)',
+             f'{kept / dt:,.0f} tok/s, {dt:.1f} s, {eng.steps} steps, {bw}', '>= 200k', kept / dt >= 200e3)]
 
 
 @benchmark('mfu', target='>= 45% on H100 (bf16)')

@@ -93,8 +93,8 @@ defaults = dict(
     greedy=False,                        # greedy decoding: temperature 0 and one sample
     top_k=0,                             # 0 = off
     max_new_tokens=1024,                 # generation budget per sample (also capped by the model's context)
-    batch_size=0,                        # 0 = one generate() call per rank for all its problems x n samples
-                                         # (generate schedules memory); > 0 = calls of ~that many sequences
+    batch_size=0,                        # one generate() call per rank for all its problems x n samples;
+                                         # > 0 caps the sequences decoded at once (generate's max_rows)
     seed=0,                              # sampling seed (every checkpoint gets the same one)
     # scoring and reports
     bands={'ID': (2, 10), 'OOD-edge': (11, 14), 'OOD-hard': (15, 20)},  # band name -> inclusive op range
@@ -192,37 +192,27 @@ def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, b
     """n completions per row, returned as texts[row][sample] in the order of `rows`; a row's samples
     keep the order they were drawn in (the ordered pass@k reads it).
 
-    Prompts are tok.encode(data.prompt_text(row)); generation stops at '</answer>' or EOS. With
-    batch_size 0 every row goes to one generate(prompts, ..., num_samples=n) call, which prefills
-    each prompt once, shares its KV cache among its samples and schedules memory itself. batch_size
-    > 0 splits the rows (longest prompt first) into calls of about batch_size sequences, for a
-    generate that holds a whole call in memory. temperature 0 is greedy. The model's train/eval mode
-    is left as it was."""
+    Prompts are tok.encode(data.prompt_text(row)); generation stops at '</answer>' or EOS. Every row
+    goes to one generate(prompts, ..., num_samples=n) call, which prefills each prompt once, shares
+    its KV cache among its samples and sizes its slots from its memory budget; batch_size > 0 also
+    caps the sequences decoded at once (generate's max_rows), 0 leaves it to the budget. A sample
+    depends only on (seed, its prompt, its index), not on batch_size. temperature 0 is greedy. The
+    model's train/eval mode is left as it was."""
     if not rows:
         return []
     m = unwrap(model)
     device = next(m.parameters()).device
     prompts = [tok.encode(data.prompt_text(r)) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
-    if batch_size <= 0:
-        calls = [(order, n)]                         # (row indices, samples per row)
-    elif n >= batch_size:
-        calls = [([i], min(batch_size, n - s)) for i in order for s in range(0, n, batch_size)]
-    else:
-        per_call = batch_size // n
-        calls = [(order[j:j + per_call], n) for j in range(0, len(order), per_call)]
     gen = torch.Generator(device=device).manual_seed(seed)
-    stop_ids = (tok.id_of('</answer>'), tok.eos_id)
-    out = [[] for _ in rows]
     with tqdm(total=len(rows) * n, desc=desc, unit='sample', disable=not progress, dynamic_ncols=True) as bar:
-        for idx, g in calls:
-            with autocast_ctx(device):
-                res = m.generate([prompts[i] for i in idx], max_new_tokens, temperature=temperature,
-                                 top_k=top_k or None, stop_ids=stop_ids, generator=gen, num_samples=g,
-                                 pad_id=tok.pad_id)
-            for j, tokens in enumerate(res.tokens):  # rows come back [p0 s0, p0 s1, ..., p1 s0, ...]
-                out[idx[j // g]].append(completion_text(tok, tokens))
-            bar.update(len(res.tokens))
+        with autocast_ctx(device):
+            res = m.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                             stop_ids=(tok.id_of('</answer>'), tok.eos_id), generator=gen, num_samples=n,
+                             pad_id=tok.pad_id, logprobs=False, max_rows=batch_size if batch_size > 0 else None)
+        bar.update(len(res.tokens))
+    out = [[] for _ in rows]
+    for j, tokens in enumerate(res.tokens):  # rows come back [p0 s0, p0 s1, ..., p1 s0, ...]
+        out[j // n].append(completion_text(tok, tokens))
     return out
 
 

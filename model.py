@@ -7,10 +7,11 @@ The model and the small library every stage shares.
   `model.` prefix), so importing / exporting Hugging Face checkpoints is a rename, not a remap,
   and tests/test_model.py checks that the logits match `transformers` to fp32 tolerance.
 
-  Qwen2.generate   batched sampling with a preallocated KV cache; prompts of different lengths
-                   share one batch (left padding + per-row positions + key mask); optional
-                   `num_samples` prefills each prompt once and copies its cache to the G samples
-                   of a GRPO group.
+  Qwen2.generate   sampling through the generation engine (Engine, EngineCache): prompt-slots x G
+                   rows, each prompt prefilled once and its keys shared by its G samples, a queue of
+                   prompts refilling freed slots, slots sized from a memory budget, stops found on
+                   the device, seeded draws that depend only on (seed, prompt, sample, position),
+                   CUDA graphs on CUDA. Pass every prompt of a step / shard in one call.
   save_checkpoint / load_checkpoint   one atomic, torch.load(weights_only=True)-safe format for
                    every stage (weights, model config, run config, tokenizer identity, step,
                    optimizer, data-loader/RNG state).
@@ -31,7 +32,9 @@ Quick check:
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
+import hashlib
 import json
 import os
 import random
@@ -189,9 +192,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training / full forward: causal, or causal within each document (mask)
             y = sdpa(q, k, v, mask=mask, is_causal=mask is None)
-        else:  # generation: append to the cache, attend to everything written so far (masked)
-            k, v = cache.update(layer, k, v)
-            y = sdpa(q, k, v, mask=mask)
+        else:  # generation: the engine's cache stores k/v and attends (EngineCache.attend)
+            y = cache.attend(layer, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -219,36 +221,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class KVCache:
-    """Preallocated keys/values [n_layer, B, n_kv_head, max_len, head_dim]. All rows share one
-    write position `pos` (prompts are left-padded to a common length), so an update is one slice
-    assignment per layer; padded slots are hidden by the attention mask."""
-
-    def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, device, dtype):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0
-
-    def update(self, layer, k, v):
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        end = self.pos + T
-        if layer == self.k.size(0) - 1:
-            self.pos = end  # the last layer advances the shared position
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def select(self, rows):
-        """Keep only these batch rows (finished rows leave the batch)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-
-    def repeat_interleave(self, n: int):
-        """Copy each row's cache to n consecutive rows (one prompt -> its group of samples)."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
 
 
 @dataclass
@@ -346,128 +318,454 @@ class Qwen2(nn.Module):
                 loss = loss.view(B, T)
         return logits, loss
 
-    def _forward_cached(self, idx, pos_ids, mask, cache):
-        """One prefill or decode step through the cache. pos_ids [B, T] are the per-row RoPE
-        positions (left padding shifts them); mask [B, 1, T, Tk] says which cached keys each
-        query may see. Returns the logits of the last position, [B, V] fp32."""
+    def _hidden(self, idx, cos, sin, cache):
+        """Final-norm hidden states [B, T, C] of a prefill or decode step through the engine's cache."""
         x = self.embed_tokens(idx)
-        cos, sin = self.rope_cos[pos_ids][:, None], self.rope_sin[pos_ids][:, None]
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, i)
-        return self.lm_head(self.norm(x[:, -1])).float()
+            x = block(x, cos, sin, None, cache, i)
+        return self.norm(x)
 
     # --- sampling -------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_ids=(),
-                 generator: torch.Generator | None = None, num_samples: int = 1,
-                 pad_id: int = 0) -> Generation:
-        """Sample continuations of a batch of token-id prompts (any lengths).
+                 generator: torch.Generator | None = None, num_samples: int = 1, pad_id: int = 0,
+                 logprobs: bool = True, kv_bytes: int | None = None, max_rows: int | None = None,
+                 cuda_graphs: bool | None = None) -> Generation:
+        """Sample num_samples=G continuations of each token-id prompt (any lengths, any number of
+        prompts: pass them all, the engine schedules memory). Rows come back prompt-major:
+        [p0 s0, p0 s1, ..., p1 s0, ...].
 
         temperature 0 = greedy. Otherwise logits / temperature, then top_k, then top_p (nucleus),
-        then one draw per row using `generator` (any device; same seed -> same samples for the
-        same call). A row stops after emitting any token of stop_ids; the loop exits early once
-        every row has stopped, and finished rows are dropped from the batch as they accumulate.
-        num_samples=G returns G samples per prompt, rows ordered [p0 s0, p0 s1, ..., p1 s0, ...];
-        each prompt is prefilled once and its KV cache copied. max_new_tokens is cut to what fits
-        in max_seq_len after the longest prompt. pad_id only fills the (masked) left padding.
+        then one draw. A sample's draws depend only on (a base seed taken from `generator`, its
+        prompt's tokens, its sample index, its position) -- not on the other prompts, their order,
+        the number of slots or the device's memory -- so a subset or a reshuffled call gives the
+        same samples per prompt (up to float rounding of the logits across batch shapes). A row
+        stops after emitting any token of stop_ids, or after max_new_tokens, or when it reaches
+        max_seq_len. pad_id only fills the (masked) right padding of a prefill.
 
-        Returned logprobs are log_softmax(raw logits)[sampled token] in fp32 -- the distribution at
-        temperature 1 with no top-k/top-p -- which is exactly what forward() gives for the same
-        tokens, so RL can use them as the behaviour-policy log-probs when sampling at T=1.
-        Under bf16 autocast they match a forward pass only to bf16 precision.
-        Call inside autocast_ctx(device) for bf16 on CUDA; the model's train/eval mode is kept.
-        """
-        with generation_sdpa_backends(self.embed_tokens.weight.device):
-            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator,
-                                  num_samples, pad_id)
-
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, num_samples,
-                  pad_id):
-        cfg = self.config
+        logprobs=True returns log_softmax(raw logits)[sampled token] in fp32 -- the distribution at
+        temperature 1 with no top-k/top-p -- which is what forward() gives for the same tokens (to
+        bf16 precision under autocast); False skips that work and returns empty lists.
+        Memory: kv_bytes bounds the KV cache (default DEFAULT_KV_BYTES of the device); max_rows
+        optionally caps the rows decoded at once (evaluate.py's batch_size). cuda_graphs: capture the
+        decode step as CUDA graphs (default CUDA_GRAPHS, on; ignored off CUDA).
+        Call inside autocast_ctx(device) for bf16 on CUDA; the model's train/eval mode is kept."""
         device = self.embed_tokens.weight.device
-        assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts must be non-empty"
-        lens = torch.tensor([len(p) for p in prompts], device=device)
-        B, P, G = len(prompts), int(lens.max()), num_samples
-        max_new_tokens = min(max_new_tokens, cfg.max_seq_len - P)
-        assert max_new_tokens > 0, f"prompt of {P} tokens leaves no room in max_seq_len {cfg.max_seq_len}"
+        if any(len(p) == 0 for p in prompts):
+            raise UsageError("generate: every prompt needs at least one token")
+        too_long = [len(p) for p in prompts if len(p) >= self.config.max_seq_len]
+        if too_long:
+            raise UsageError(f"generate: a prompt of {too_long[0]} tokens leaves no room in max_seq_len "
+                             f"{self.config.max_seq_len}; shorten the prompt or use a longer model")
+        if num_samples < 1:
+            raise UsageError(f"generate: num_samples must be >= 1, got {num_samples}")
+        if not prompts or max_new_tokens <= 0:
+            n = len(prompts) * num_samples
+            return Generation([[] for _ in range(n)], [[] for _ in range(n)], [False] * n)
+        graphs = device.type == 'cuda' and (CUDA_GRAPHS if cuda_graphs is None else cuda_graphs)
+        eng = Engine(self, prompts, num_samples, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                     generator, logprobs, kv_bytes, max_rows, pad_id, graphs)
+        with generation_sdpa_backends(device):
+            return eng.run()
 
-        # Left-pad to a common length P; each row's RoPE positions start at 0 at its first real
-        # token, and pad keys are masked out. A pad query may see itself, so no softmax row is
-        # empty (that would give NaN); its output is never used.
-        idx = torch.full((B, P), pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        idx = idx.to(device)
-        pad = P - lens                                                        # [B]
-        ar = torch.arange(P + max_new_tokens, device=device)
-        key_ok = ar[None, :] >= pad[:, None]                                  # [B, P + new]
-        pos_ids = (ar[None, :P] - pad[:, None]).clamp(min=0)
-        no_pad = bool((pad == 0).all())
-        if no_pad:
-            mask = torch.ones(P, P, dtype=torch.bool, device=device).tril()[None, None]  # plain causal
+
+# -----------------------------------------------------------------------------
+# The generation engine
+#
+# Rows are laid out as prompt-slots x G: a prompt is prefilled once and its keys/values stored once
+# per slot; each of its G samples has its own cache for the tokens it generates. Decode attention
+# scores the G * (n_head / n_kv_head) queries of a slot against the prompt keys in one batched
+# matmul -- the prompt cache is read once per step for the whole group, never copied, never expanded
+# to the query heads -- and each row against its own generated keys; one softmax over both score
+# blocks, then the two value products are summed. When every row of a slot has stopped, the slot
+# takes the next waiting prompt (several freed slots are prefilled in one batch). Stops are
+# detected on the device and collected every SYNC_EVERY steps: no host sync inside a step, so on
+# CUDA the step (static shapes) is captured once per (slots, length bucket) as a CUDA graph.
+
+DEFAULT_KV_BYTES = {'cuda': 8 << 30, 'cpu': 256 << 20}  # paper preset in bf16: 6 KiB a token -> 1.4M tokens
+SYNC_EVERY = 8     # decode steps between collections of finished rows
+CUDA_GRAPHS = True # generate's default on CUDA: replay the decode step as CUDA graphs (False: eager)
+ROW_COST = 128     # a row's non-attention work in a decode step, in cached keys read (for _compact)
+COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share (0.9 elsewhere); CUDA
+                              # must capture new graphs after a repack, so it waits for a bigger gain
+PREFILL_TOKENS = {'cuda': 1 << 16}  # padded tokens per prefill batch (4096 elsewhere)
+BUCKET = 64        # CUDA: key lengths attended are rounded up to this (one graph per bucket)
+GROW = 32          # elsewhere: the generated-key cache grows by this many positions at a time
+
+
+class EngineCache:
+    """Prompt keys/values [n_layer, slots, n_kv_head, P, head_dim], stored once per prompt-slot,
+    and generated keys/values [n_layer, slots, G, n_kv_head, T, head_dim], one cache per row.
+    `attend` is called by every layer: in prefill mode it writes the prompt keys of the slots being
+    filled and runs causal attention; in decode mode it writes each row's new key at its own
+    position and attends over prompt + own generated keys (mask `bias`, built once per step)."""
+
+    def __init__(self, cfg: ModelConfig, slots, G, P, T, device, dtype):
+        L, H, D = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
+        # zeros, not empty: a masked key has weight 0, and 0 * NaN garbage would still be NaN
+        self.pk = torch.zeros(L, slots, H, P, D, device=device, dtype=dtype)
+        self.pv = torch.zeros_like(self.pk)
+        self.gk = torch.zeros(L, slots, G, H, T, D, device=device, dtype=dtype)
+        self.gv = torch.zeros_like(self.gk)
+        self.rep, self.scale = cfg.n_head // cfg.n_kv_head, cfg.head_dim ** -0.5
+        self.fill = None       # prefill: slot of each prompt in the batch ([B] long)
+        self.wflat = None      # decode: where each row's new key goes, as a flat index of gk[layer]
+        self.bias = None       # decode: [slots, G, 1, 1, P + Tb], 0 where visible, -inf where not
+        self.Tb = T            # decode: generated keys attended (>= every row's wpos + 1)
+
+    def attend(self, layer, q, k, v):
+        if self.fill is not None:  # prefill [B, H, Pb, D], right-padded: causal attention never sees the pads
+            self.pk[layer, self.fill, :, :k.size(2)] = k
+            self.pv[layer, self.fill, :, :v.size(2)] = v
+            return sdpa(q, k, v, is_causal=True)
+        _, S, G, Hk, _, D = self.gk.shape
+        P, Tb, r = self.pk.size(3), self.Tb, self.rep
+        self.gk[layer].view(-1, D).index_copy_(0, self.wflat, k.reshape(-1, D))
+        self.gv[layer].view(-1, D).index_copy_(0, self.wflat, v.reshape(-1, D))
+        q = q.reshape(S, G, Hk, r, D) * self.scale                     # query head h reads KV head h // r
+        qp = q.permute(0, 2, 1, 3, 4).reshape(S * Hk, G * r, D)         # a slot's queries, grouped by KV head
+        kg, vg = self.gk[layer, :, :, :, :Tb], self.gv[layer, :, :, :, :Tb]
+        kp, vp = self.pk[layer], self.pv[layer]
+        sp = scores(qp, kp.reshape(S * Hk, P, D)).view(S, Hk, G, r, P).permute(0, 2, 1, 3, 4)
+        sg = scores(q.reshape(S * G * Hk, r, D), kg.reshape(S * G * Hk, Tb, D)).view(S, G, Hk, r, Tb)
+        w = torch.softmax(torch.cat([sp, sg], -1) + self.bias, dim=-1).to(q.dtype)
+        wp = w[..., :P].permute(0, 2, 1, 3, 4).reshape(S, Hk, G * r, P)
+        y = (wp @ vp).view(S, Hk, G, r, D).permute(0, 2, 1, 3, 4) + w[..., P:] @ vg
+        return y.reshape(S * G, Hk * r, 1, D)
+
+    def grow(self, T):
+        """Room for T generated positions per row (the new positions zeroed)."""
+        extra = list(self.gk.shape)
+        extra[4] = T - self.gk.size(4)
+        self.gk, self.gv = (torch.cat([c, c.new_zeros(extra)], dim=4) for c in (self.gk, self.gv))
+
+    def select(self, slots, cols):
+        """Keep prompt-slots slots [S', 1] and, of each, the rows cols [S', C'] (Engine._compact)."""
+        self.pk, self.pv = self.pk[:, slots[:, 0]], self.pv[:, slots[:, 0]]
+        self.gk, self.gv = self.gk[:, slots, cols], self.gv[:, slots, cols]
+
+
+_BMM_OUT_DTYPE = [True]  # aten::bmm.dtype works here (cleared at the first failure)
+
+
+def scores(q, k):
+    """q [B, M, D] @ k [B, N, D]^T -> [B, M, N] in fp32. bf16 on CUDA: cuBLAS accumulates in fp32
+    and bmm's out_dtype keeps that result instead of rounding the scores to bf16 (no fp32 copy of
+    the cache either); where it is missing, bf16 scores as Hugging Face's eager attention has them."""
+    if q.is_cuda and q.dtype != torch.float32 and _BMM_OUT_DTYPE[0]:
+        try:
+            return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _BMM_OUT_DTYPE[0] = False
+    return torch.bmm(q, k.transpose(1, 2)).float()
+
+
+def _job_seed(base: int, prompt_key: bytes, sample: int) -> int:
+    """A signed int64 seed of one sample, from the call's base seed, its prompt and sample index."""
+    h = hashlib.blake2b(prompt_key + f':{base}:{sample}'.encode(), digest_size=8).digest()
+    return int.from_bytes(h, 'little', signed=True)
+
+
+def _i64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def counter_uniform(seed, t):
+    """SplitMix64's t-th output for each seed: int64 tensors [N] -> uniforms in [0, 1) [N] fp32.
+    A pure function of (seed, t), computed on the device with integer ops (the multiplications wrap
+    modulo 2^64; the masks turn torch's arithmetic right shifts into logical ones)."""
+    z = seed + (t + 1) * _GOLDEN
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    return ((z >> 40) & 0xFFFFFF).float() * 2.0 ** -24
+
+
+def autocast_twin(model, dtype):
+    """A copy of `model` whose Linear weights (lm_head untied) are already `dtype`: under autocast it
+    computes exactly what `model` does, but a CUDA graph no longer replays a cast of every weight
+    at every step (autocast's weight cache must be off while capturing)."""
+    twin = copy.deepcopy(model)
+    for mod in twin.modules():
+        if isinstance(mod, nn.Linear):
+            mod.weight = nn.Parameter(mod.weight.detach().to(dtype), requires_grad=False)
+            if mod.bias is not None:
+                mod.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
+    return twin
+
+
+class Engine:
+    """One generate() call: a queue of prompts (G samples each), prompt-slots refilled as they free."""
+
+    def __init__(self, model, prompts, G, max_new_tokens, temperature, top_k, top_p, stop_ids, generator,
+                 logprobs, kv_bytes, max_rows, pad_id, graphs):
+        cfg, dev = model.config, model.embed_tokens.weight.device
+        graphs = graphs and dev.type == 'cuda'
+        if graphs and torch.is_autocast_enabled('cuda'):
+            model = autocast_twin(model, torch.get_autocast_dtype('cuda'))
+        self.m, self.cfg, self.dev, self.G, self.prompts = model, cfg, dev, G, prompts
+        self.temperature, self.top_k, self.top_p, self.want_lp, self.pad_id = \
+            temperature, top_k, top_p, logprobs, pad_id
+        self.dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) \
+            else model.embed_tokens.weight.dtype
+        self.caps = [min(max_new_tokens, cfg.max_seq_len - len(p)) for p in prompts]
+        self.P, self.T = max(len(p) for p in prompts), max(self.caps)
+        # slots from the memory budget: a slot holds P prompt tokens and G rows of T tokens
+        per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        budget = kv_bytes or DEFAULT_KV_BYTES.get(dev.type, DEFAULT_KV_BYTES['cpu'])
+        slots = budget // (per_token * (self.P + G * self.T))
+        if max_rows:
+            slots = min(slots, max_rows // G)
+        self.S = max(1, min(len(prompts), slots))
+        # seeds: one int from the generator; a sample's seed hashes it with its prompt and sample
+        # index (the k-th copy of a repeated prompt continues its sample indices, so copies differ)
+        base = 0
+        if temperature > 0:
+            gdev = generator.device if generator is not None else 'cpu'
+            base = int(torch.randint(-2**63, 2**63 - 1, (1,), generator=generator, device=gdev))
+        seen = {}
+        self.seeds = []
+        for p in prompts:
+            key = np.asarray(p, dtype=np.int64).tobytes()
+            k = seen[key] = seen.get(key, -1) + 1
+            self.seeds.append([_job_seed(base, key, k * G + j) for j in range(G)])
+        self.stop = torch.tensor(sorted({int(s) for s in stop_ids}), dtype=torch.long, device=dev)
+        self.graphs = {} if graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _alloc(self):
+        S, C, dev, T = self.S, self.G, self.dev, self.T
+        R = S * C
+        self.C = C                    # rows per slot: G, fewer after a tail compaction
+        self.cache = EngineCache(self.cfg, S, C, self.P, T if dev.type == 'cuda' else min(T, GROW), dev, self.dtype)
+        z = lambda dt=torch.long: torch.zeros(R, dtype=dt, device=dev)  # noqa: E731
+        # per row: last sampled token (fed next), tokens generated, cap, seed, done; per slot: prompt length
+        self.tok, self.n_gen, self.cap, self.seed = z(), torch.ones(R, dtype=torch.long, device=dev), z(), z()
+        self.done = torch.ones(R, dtype=torch.bool, device=dev)       # a free slot's rows are done
+        self.plen = torch.ones(S, dtype=torch.long, device=dev)
+        self.out_tok = torch.zeros(R, T + 1, dtype=torch.long, device=dev)  # +1: a done row writes past its end
+        self.out_lp = torch.zeros(R, T + 1, device=dev) if self.want_lp else None
+        self.slot_job = [-1] * S      # host: prompt index in each slot (-1: free)
+        self.slot_age = [0] * S       # host: decode steps since the slot was filled
+        self.row_j = [-1] * R         # host: sample index of each row (-1: free, collected or padding)
+
+    def _compact(self):
+        """The tail of a call (no prompt waiting): repack the rows still running into fewer slots of
+        C' rows. A slot's running rows go to ceil(n / C') slots (a split slot gets a copy of its
+        prompt's keys); a short slot repeats one of its rows (marked done). C' minimises the keys a
+        step reads plus a per-row cost; the repack (one gather of the caches) happens when it
+        saves enough. Finished rows then stop costing anything."""
+        C, dev, P, Tb = self.C, self.dev, self.P, self.cache.Tb
+        live = [(s, [c for c in range(C) if self.row_j[s * C + c] >= 0]) for s in range(self.S)]
+        live = [(s, cs) for s, cs in live if cs]
+
+        def cost(c2):  # key reads of a step + ROW_COST per row, in tokens
+            n = sum(-(-len(cs) // c2) for _, cs in live)
+            return n * P + n * c2 * (Tb + ROW_COST)
+        c2 = min(range(1, C + 1), key=cost)
+        if cost(c2) > COMPACT_GAIN.get(dev.type, 0.9) * self.S * (P + C * (Tb + ROW_COST)):
+            return
+        slots, cols, pad = [], [], []   # per new slot: its old slot, its old columns, which are repeats
+        for s, cs in live:
+            for i in range(0, len(cs), c2):
+                chunk = cs[i:i + c2]
+                slots.append(s)
+                cols.append(chunk + chunk[:1] * (c2 - len(chunk)))
+                pad.append([False] * len(chunk) + [True] * (c2 - len(chunk)))
+        sl = torch.tensor(slots, device=dev)
+        cl = torch.tensor(cols, device=dev)
+        rows = (sl[:, None] * C + cl).reshape(-1)
+        self.cache.select(sl[:, None], cl)
+        self.tok, self.n_gen, self.cap, self.seed = (t[rows] for t in (self.tok, self.n_gen, self.cap, self.seed))
+        self.done = self.done[rows] | torch.tensor(pad, device=dev).reshape(-1)
+        self.out_tok = self.out_tok[rows]
+        self.out_lp = self.out_lp[rows] if self.want_lp else None
+        self.plen = self.plen[sl]
+        self.row_j = [-1 if p else self.row_j[s * C + c] for s, cc, pp in zip(slots, cols, pad) for c, p in zip(cc, pp)]
+        self.slot_job = [self.slot_job[s] for s in slots]
+        self.slot_age = [self.slot_age[s] for s in slots]
+        self.S, self.C = len(slots), c2
+        if self.graphs is not None:
+            self.graphs = {}  # new tensors, new shapes
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def _sample(self, logits, seed, t):
+        """logits [N, V] fp32 -> tokens [N] drawn with the counter-based uniforms of (seed, t);
+        the log-probs [N] of the raw distribution when asked for, else None."""
+        u = None if self.temperature == 0 else counter_uniform(seed, t)
+        tok = sample_token(logits, self.temperature, self.top_k, self.top_p, u=u)
+        lp = None
+        if self.want_lp:
+            lp = logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return tok, lp
+
+    # -- prefill -------------------------------------------------------------------------------
+
+    def _prefill(self, slots, jobs):
+        """Prefill the prompts `jobs` into the free prompt-slots `slots` (one right-padded batch) and
+        draw each of their G rows' first token."""
+        G, dev, m = self.G, self.dev, self.m
+        ps = [self.prompts[j] for j in jobs]
+        B, Pb = len(ps), max(len(p) for p in ps)
+        idx = torch.full((B, Pb), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(ps):
+            idx[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        lens = torch.tensor([len(p) for p in ps], device=dev)
+        s = torch.tensor(slots, device=dev)
+        self.cache.fill = s
+        h = m._hidden(idx.to(dev), m.rope_cos[:Pb][None, None], m.rope_sin[:Pb][None, None], self.cache)
+        self.cache.fill = None
+        logits = m.lm_head(h[torch.arange(B, device=dev), lens - 1]).float().repeat_interleave(G, dim=0)
+        rows = (s[:, None] * G + torch.arange(G, device=dev)).reshape(-1)
+        seed = torch.tensor([x for j in jobs for x in self.seeds[j]], device=dev)
+        cap = torch.tensor([self.caps[j] for j in jobs], device=dev).repeat_interleave(G)
+        tok, lp = self._sample(logits, seed, torch.zeros_like(seed))
+        self.plen[s] = lens
+        self.tok[rows], self.seed[rows], self.cap[rows] = tok, seed, cap  # rows per slot C == G here
+        self.n_gen[rows] = 1
+        self.done[rows] = self._stops(tok) | (cap <= 1)
+        self.out_tok[rows, 0] = tok
+        if self.want_lp:
+            self.out_lp[rows, 0] = lp
+        for sl, j in zip(slots, jobs):
+            self.slot_job[sl], self.slot_age[sl] = j, 0
+            self.row_j[sl * G:(sl + 1) * G] = range(G)
+
+    def _stops(self, tok):
+        # a broadcast compare, not torch.isin: isin may sort/unique, i.e. sync, inside a CUDA graph
+        return (tok[:, None] == self.stop).any(-1) if self.stop.numel() else torch.zeros_like(tok, dtype=torch.bool)
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def _step(self):
+        """One decode step for every row, all on the device, state updated in place (so that the
+        same code runs eagerly or replayed as a CUDA graph). Done rows run too; nothing they do is kept."""
+        m, c, S, G = self.m, self.cache, self.S, self.C
+        P, Tb = self.P, c.Tb
+        dev = self.dev
+        live = ~self.done
+        wpos = self.n_gen - 1                                          # the fed token's index among generated
+        pos = self.plen[:, None].expand(S, G).reshape(-1) + wpos       # its RoPE position (no sync)
+        wpos = wpos.clamp(max=c.gk.size(4) - 1)                       # (a done row may be past a grown cache)
+        Hk, T = c.gk.size(3), c.gk.size(4)                             # gk[layer] is [S, G, Hk, T, D]
+        c.wflat = (wpos[:, None] + torch.arange(S * G * Hk, device=dev).view(-1, Hk) * T).view(-1)
+        key_p = torch.arange(P, device=dev) < self.plen[:, None]                           # [S, P]
+        key_g = torch.arange(Tb, device=dev) <= wpos.view(S, G, 1)                        # [S, G, Tb]
+        ok = torch.cat([key_p[:, None].expand(S, G, P), key_g], -1)
+        c.bias = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float('-inf'))[:, :, None, None]
+        h = m._hidden(self.tok[:, None], m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None], c)
+        logits = m.lm_head(h[:, -1]).float()
+        tok, lp = self._sample(logits, self.seed, self.n_gen)
+        rows = torch.arange(S * G, device=dev)
+        self.out_tok[rows, self.n_gen] = tok                           # a done row writes past its kept tokens
+        if self.want_lp:
+            self.out_lp[rows, self.n_gen] = lp
+        self.tok.copy_(torch.where(live, tok, self.tok))
+        self.n_gen.add_(live.long())
+        self.done.logical_or_(live & (self._stops(tok) | (self.n_gen >= self.cap)))
+
+    def _set_lengths(self):
+        """The generated keys a step attends to: at least the oldest occupied slot's (a row's n_gen
+        <= its slot's age + 1); beyond them every key is masked anyway. CUDA: a slice of the full
+        cache, rounded up to BUCKET (one graph per bucket). CPU: the whole cache, grown GROW
+        positions at a time -- a batched matmul over a strided slice of a larger cache measured
+        3-4x slower than over a contiguous one."""
+        need = max([self.slot_age[s] for s in range(self.S) if self.slot_job[s] >= 0] or [0]) + 1
+        c = self.cache
+        if self.dev.type == 'cuda':
+            c.Tb = min(self.T, -(-need // BUCKET) * BUCKET)
         else:
-            causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-            mask = causal[None] & (key_ok[:, None, :P] | torch.eye(P, dtype=torch.bool, device=device)[None])
-            mask = mask[:, None]
+            if need > c.gk.size(4):
+                c.grow(min(self.T, -(-need // GROW) * GROW))
+            c.Tb = c.gk.size(4)
 
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-            else self.embed_tokens.weight.dtype
-        cache = KVCache(cfg.n_layer, B, cfg.n_kv_head, P + max_new_tokens, cfg.head_dim, device, dtype)
-        logits = self._forward_cached(idx, pos_ids, mask, cache)             # [B, V]
-        if G > 1:
-            cache.repeat_interleave(G)
-            logits, lens, key_ok = (t.repeat_interleave(G, dim=0) for t in (logits, lens, key_ok))
-        N = B * G
-        stop = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=torch.long, device=device)
-        out_tok = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
-        out_lp = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
-        n_out = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)  # tokens kept per row
-        done = torch.zeros(N, dtype=torch.bool, device=device)
-        rows = torch.arange(N, device=device)   # output row of each row still in the batch
-        steps = 0
-        for t in range(max_new_tokens):
-            tok = sample_token(logits, temperature, top_k, top_p, generator)
-            out_tok[rows, t] = tok
-            out_lp[rows, t] = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None]).squeeze(1)
-            steps = t + 1
-            if stop.numel():
-                hit = ~done[rows] & torch.isin(tok, stop)
-                n_out[rows[hit]] = t + 1
-                done[rows[hit]] = True
-            if t == max_new_tokens - 1:
-                break
-            if stop.numel():
-                live = ~done[rows]
-                n_live = int(live.sum())
-                if n_live == 0:
-                    break
-                if n_live <= 0.75 * len(rows):
-                    # Drop finished rows from the batch (and their caches): RL responses differ a
-                    # lot in length, and decoding dead rows would waste the rest of the loop.
-                    keep = live.nonzero().squeeze(1)
-                    rows, tok, lens, key_ok = rows[keep], tok[keep], lens[keep], key_ok[keep]
-                    cache.select(keep)
-            # decode one token: its position is the row's length so far; it sees all valid keys
-            pos = (lens + t)[:, None]
-            m = None if no_pad else key_ok[:, None, None, :P + t + 1]
-            logits = self._forward_cached(tok[:, None], pos, m, cache)
+    def _run_step(self):
+        if self.graphs is None:
+            return self._step()
+        key = (self.S, self.C, self.cache.Tb)
+        g = self.graphs.get(key)
+        if g is not None:
+            return g.replay()
+        # first time at this shape: run it eagerly on a side stream (a real step, and the warm-up
+        # that graph capture needs), then capture it for the next steps
+        s = torch.cuda.Stream(self.dev)
+        s.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(s):
+            self._step()
+        torch.cuda.current_stream(self.dev).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        ac = torch.is_autocast_enabled('cuda')
+        # autocast's cache of cast weights must not live across captures
+        with torch.autocast('cuda', dtype=self.dtype, enabled=ac, cache_enabled=False), \
+                torch.cuda.graph(g, pool=self.pool):  # one memory pool for all of this call's graphs
+            self._step()
+        self.graphs[key] = g
 
-        n_out = n_out.clamp(max=steps).tolist()
-        toks, lps, dn = out_tok[:, :steps].tolist(), out_lp[:, :steps].tolist(), done.tolist()
-        return Generation(tokens=[toks[i][:n_out[i]] for i in range(N)],
-                          logprobs=[lps[i][:n_out[i]] for i in range(N)],
-                          finished=dn)
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> Generation:
+        G, n = self.G, len(self.prompts)
+        self._alloc()
+        # longest prompts first (pop() takes from the end), so a prefill batch pads little. The
+        # order changes no sample: a draw depends on its prompt, not on when or where it runs.
+        queue = sorted(range(n), key=lambda i: len(self.prompts[i]))
+        self.steps = 0
+        res_tok, res_lp, res_fin = [None] * (n * G), [None] * (n * G), [False] * (n * G)
+        stop = set(self.stop.tolist())
+        while True:
+            free = [s for s in range(self.S) if self.slot_job[s] < 0]
+            if queue and free:
+                jobs = [queue.pop() for _ in range(min(len(free), len(queue)))]  # longest first
+                i = 0
+                while i < len(jobs):  # batches of about PREFILL_TOKENS padded tokens
+                    k = max(1, PREFILL_TOKENS.get(self.dev.type, 4096) // len(self.prompts[jobs[i]]))
+                    self._prefill(free[i:i + k][:len(jobs) - i], jobs[i:i + k])
+                    i += k
+            for _ in range(SYNC_EVERY):
+                self._set_lengths()
+                self._run_step()
+                self.slot_age = [a + 1 for a in self.slot_age]
+            self.steps += SYNC_EVERY
+            # collect the rows that have stopped (the one host sync of SYNC_EVERY steps)
+            done = self.done.tolist()
+            new = [r for r, d in enumerate(done) if d and self.row_j[r] >= 0]
+            if new:
+                ix = torch.tensor(new, device=self.dev)
+                ng, toks = self.n_gen[ix].tolist(), self.out_tok[ix].tolist()
+                lps = self.out_lp[ix].tolist() if self.want_lp else None
+                for i, r in enumerate(new):
+                    o = self.slot_job[r // self.C] * G + self.row_j[r]
+                    res_tok[o] = toks[i][:ng[i]]
+                    res_lp[o] = lps[i][:ng[i]] if self.want_lp else []
+                    res_fin[o] = res_tok[o][-1] in stop
+                    self.row_j[r] = -1
+                for s in {r // self.C for r in new}:
+                    if all(j < 0 for j in self.row_j[s * self.C:(s + 1) * self.C]):
+                        self.slot_job[s], self.slot_age[s] = -1, 0
+            if not queue:
+                if all(j < 0 for j in self.row_j):
+                    return Generation(tokens=res_tok, logprobs=res_lp, finished=res_fin)
+                self._compact()
 
 
-def sample_token(logits, temperature, top_k=None, top_p=None, generator=None):
-    """logits [N, V] fp32 -> token ids [N]. Greedy at temperature 0. Sampling uses the
-    exponential race argmax(p / E), E ~ Exp(1), which draws exactly from p and lets the uniform
-    noise come from a generator on any device (a CPU generator works for a CUDA model)."""
+def sample_token(logits, temperature, top_k=None, top_p=None, generator=None, u=None):
+    """logits [N, V] fp32 -> token ids [N]. Greedy at temperature 0. Sampling draws by inverse CDF
+    from the filtered distribution with one uniform per row: u [N] when given (the engine's
+    counter-based uniforms), else torch.rand from `generator` (any device: a CPU generator works for
+    a CUDA model). One uniform a row, not one per vocabulary entry, keeps the engine's seeded draws
+    cheap to compute on the device."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -477,10 +775,31 @@ def sample_token(logits, temperature, top_k=None, top_p=None, generator=None):
         drop = (p_sorted.cumsum(dim=-1) - p_sorted) >= top_p  # the tokens before already hold top_p
         sorted_logits = sorted_logits.masked_fill(drop, float('-inf'))
         logits = torch.full_like(logits, float('-inf')).scatter(1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    gdev = generator.device if generator is not None else logits.device
-    u = torch.rand(probs.shape, generator=generator, device=gdev).to(probs.device)
-    return (probs / -torch.log(u)).argmax(dim=-1)  # u = 0 -> E = inf -> ratio 0, never NaN
+    if u is None:
+        gdev = generator.device if generator is not None else logits.device
+        u = torch.rand(logits.size(0), generator=generator, device=gdev).to(logits.device)
+    return inverse_cdf(torch.softmax(logits, dim=-1), u)
+
+
+def inverse_cdf(probs, u, block=64):
+    """The token whose cumulative-probability interval holds u * total: [N, V], [N] -> [N]. In two
+    levels (the block of `block` tokens, then the token inside it), because a cumulative sum over the
+    whole vocabulary is a slow sequential scan on CPU. A token of probability 0 is never returned,
+    whatever the rounding."""
+    N, V = probs.shape
+    nb = -(-V // block)
+    blocks = F.pad(probs, (0, nb * block - V)).view(N, nb, block)
+    bcdf = blocks.sum(-1).cumsum(-1)                                            # [N, nb]
+    total = bcdf[:, -1:]
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    bi = torch.searchsorted(bcdf, x, right=True).clamp(max=nb - 1)             # first block past x
+    below = torch.where(bi > 0, bcdf.gather(1, (bi - 1).clamp(min=0)), torch.zeros_like(x))
+    inner = blocks.gather(1, bi[:, :, None].expand(N, 1, block)).squeeze(1)     # [N, block]
+    icdf = inner.cumsum(-1)
+    ti = torch.searchsorted(icdf, (x - below).clamp(min=0), right=True)
+    # rounding may put x - below at or past the block's own sum: take its last token with mass
+    last = torch.where(inner > 0, torch.arange(block, device=probs.device), -1).amax(-1, keepdim=True)
+    return (bi * block + torch.minimum(ti, last)).squeeze(1)
 
 
 # -----------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def rollout(model, tok, rows, cfg, generator=None):
     prompts = [tok.encode(data.prompt_text(r)) for r in rows]
     gen = M.unwrap(model).generate(prompts, cfg.max_response_len, temperature=cfg.temperature,
                                    stop_ids=(tok.id_of('</answer>'), tok.eos_id), generator=generator,
-                                   num_samples=G, pad_id=tok.pad_id)
+                                   num_samples=G, pad_id=tok.pad_id, logprobs=False)  # old log-probs: forward
     return {'row': [r for r in rows for _ in range(G)], 'prompt': [p for p in prompts for _ in range(G)],
             'response': gen.tokens, 'finished': list(gen.finished),
             'text': [tok.decode([t for t in r if t != tok.eos_id]) for r in gen.tokens]}
@@ -646,7 +646,7 @@ def held_out_eval(model, tok, rows, n, temperature, max_new_tokens, dist):
     generate() call per rank (rows sharded across ranks; every rank gets the same numbers)."""
     import evaluate
     res = evaluate.quick_eval(model, tok, rows, n, temperature, max_new_tokens=max_new_tokens,
-                              batch_size=max(1, len(rows) * n), dist=dist)
+                              batch_size=0, dist=dist)  # 0: generate's memory budget sets the rows
     return {f'eval/{k}': float(v) for k, v in res.items()}
 
 

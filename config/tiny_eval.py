@@ -14,5 +14,5 @@ eval_per_op_template = 0        # all of them: the data dir holds 5 forward prob
 n_samples = 16                  # pass@1, 2, 4, 8, 16
 temperature = 0.7
 max_new_tokens = 256            # gold forward solutions of op 10: ~120 tokens
-batch_size = 192                # sequences per generate() call
+batch_size = 192                # sequences decoded at once (one generate() call either way)
 bootstrap = 1000                # 95% intervals over problems in every table
