@@ -119,6 +119,8 @@ defaults = dict(
     dual_clip=3.0,              # dual clip for negative advantages (Ye et al. 2020); 0 = off
     kl_coef=0.001,              # k3 ("low_var_kl") KL loss to the reference model; 0 = no reference pass
     entropy_coef=0.0,           # entropy bonus
+    skip_no_signal=False,       # no optimizer step on a mini-batch whose advantages are all 0 (its only gradient
+                                # would be the KL term's noise, which Adam scales up to a full-size step)
     # DAPO's sampling and length shaping (all off in the paper's recipe)
     dynamic_sampling=False,     # drop groups whose rewards are all equal; draw more prompts to fill the step
     max_rollouts=3,             # dynamic sampling: at most this many rollouts (of prompts_per_step prompts) a step
@@ -601,15 +603,23 @@ def update_policy(model, optimizer, batch, cfg):
     resp_len = [len(r) * bool(k) for r, k in zip(batch['response'], keep.tolist())]
     minibatches = [list(range(j * size, (j + 1) * size)) for j in range(n_mb)]
     # the totals each mini-batch's loss is normalised by (tokens, sequences trained on): one all-reduce
-    totals = torch.tensor([[sum(resp_len[i] for i in idx), sum(resp_len[i] > 0 for i in idx)] for idx in minibatches],
-                          dtype=torch.float64, device=device)
-    totals = (all_reduce_sum(totals, W) / W).clamp(min=1 / W).tolist()  # per-rank share: DDP averages
+    # and the samples with a non-zero advantage (all ranks must agree to skip a mini-batch)
+    signal = (batch['adv'].cpu() != 0) & keep
+    totals = torch.tensor([[sum(resp_len[i] for i in idx), sum(resp_len[i] > 0 for i in idx),
+                            int(signal[idx].sum())] for idx in minibatches], dtype=torch.float64, device=device)
+    totals = (all_reduce_sum(totals, W) / W).tolist()
+    skip = [cfg.skip_no_signal and s == 0 for _, _, s in totals]
+    totals = [(max(t, 1 / W), max(n, 1 / W)) for t, n, _ in totals]  # per-rank share: DDP averages
     keep = keep.to(device)
     acc = torch.zeros(len(STAT_KEYS), device=device)
     grad_norms = []
     model.train()
     for _ in range(cfg.ppo_epochs):
-        for idx, (n_tokens, n_seqs) in zip(minibatches, totals):
+        for idx, (n_tokens, n_seqs), no_signal in zip(minibatches, totals, skip):
+            if no_signal:
+                # Adam divides by the running gradient scale, so a step on a mini-batch whose only
+                # gradient is the KL term's sampling noise moves the weights as far as a real one
+                continue
             mbs = micro_batches(idx, lengths, cfg.micro_batch_tokens)
             for k, mb in enumerate(mbs):
                 with nullcontext() if (not ddp or k == len(mbs) - 1) else model.no_sync():
@@ -630,10 +640,11 @@ def update_policy(model, optimizer, batch, cfg):
             grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float('inf')))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    vals = torch.cat([acc, torch.stack(grad_norms).float().mean()[None].to(device)]).tolist()  # the host sync
+    gn = torch.stack(grad_norms).float().mean()[None].to(device) if grad_norms else torch.zeros(1, device=device)
+    vals = torch.cat([acc, gn]).tolist()  # the host sync
     out = dict(zip(STAT_KEYS + ('grad_norm',), vals))
     out['updates'] = len(grad_norms)
-    out['pg_loss'] /= len(grad_norms)
+    out['pg_loss'] /= max(1, len(grad_norms))
     return out
 
 

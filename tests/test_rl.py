@@ -401,6 +401,31 @@ def test_update_moves_logprobs_with_the_advantage():
     assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0
 
 
+def test_skip_no_signal_leaves_weights_of_no_signal_minibatches_alone():
+    """A mini-batch whose advantages are all 0 has only the KL term's gradient; AdamW normalises it to
+    a full-size step (every weight moves by ~lr). skip_no_signal skips exactly those mini-batches."""
+    prompts, responses = _toy_batch(8)
+    ref = rl.batch_logprobs(_tiny_model(seed=1), prompts, responses, 45, 1.0, 'cpu')
+
+    def run(adv, skip):
+        m = _tiny_model()
+        before = [p.detach().clone() for p in m.parameters()]
+        batch = {'prompt': prompts, 'response': responses, 'adv': adv, 'old_logp': None, 'ref_logp': ref}
+        cfg = rl.config(prompts_per_step=2, minibatch_prompts=1, kl_coef=0.001, micro_batch_tokens=1000,
+                        skip_no_signal=skip)
+        st = rl.update_policy(m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0), batch, cfg)
+        return st, max(float((p - b).abs().max()) for p, b in zip(m.parameters(), before))
+
+    zero = torch.zeros(8)
+    st, moved = run(zero, skip=False)
+    assert st['updates'] == 2 and moved > 5e-4        # ~lr: Adam scales the KL noise up to a full step
+    st, moved = run(zero, skip=True)
+    assert st['updates'] == 0 and moved == 0.0
+    half = torch.cat([ADV8[:4], torch.zeros(4)])        # signal in the first mini-batch only
+    st, _ = run(half, skip=True)
+    assert st['updates'] == 1
+
+
 def test_several_minibatches_use_old_logprobs():
     """With 2 mini-batches the second update's ratio is against the rollout policy, not 1."""
     prompts, responses = _toy_batch(8)
