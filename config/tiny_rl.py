@@ -23,6 +23,8 @@ max_response_len = 192          # gold forward solutions of the tiny world: ~60 
 temperature = 0.7               # rollouts at the evaluation temperature: at T = 1 this model gets op 5 right in
                                 # ~6% of samples and 88-94% of groups had no signal (measured, first steps)
 lr = 2e-4
+skip_no_signal = True           # at this lr, AdamW turns the KL term's noise into full steps when no group
+                                # has signal (RESEARCH.md): such mini-batches are skipped
 max_steps = 20
 eval_every = 0                  # evaluate.py reports every model on the same problems
 eval_modes = 'normalforward'
