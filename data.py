@@ -1300,6 +1300,9 @@ MIXTURES = {
     # the tiny CPU study (runs/tiny.sh): the tiny world, forward mode only, in distribution op 2-4, edge op 5-6
     'tiny_pretrain': mixture(range(2, 5), modes=['normalforward'], world=WORLDS['tiny']),
     'tiny_mid': mixture([(0.2, range(2, 5)), (0.8, range(5, 7))], modes=['normalforward'], world=WORLDS['tiny']),
+    # the same base with minimal exposure to the edge (STUDY.md §5.2's idea applied to op): 5% op 5-6
+    'tiny_pretrain_exposure': mixture([(0.95, range(2, 5)), (0.05, range(5, 7))], modes=['normalforward'],
+                                      world=WORLDS['tiny']),
 }
 # STUDY.md §5.2: pre-training on zoo (op 2-10) with a school share, and the variant with school only at op 2
 for _name, _share in (('0pct', 0.0), ('0.1pct', 0.001), ('1pct', 0.01), ('5pct', 0.05), ('10pct', 0.1),
