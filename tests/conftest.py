@@ -119,3 +119,14 @@ def tiny_base(tiny_data, tmp_path_factory):
         out = str(tmp_path_factory.mktemp('tiny_base'))
         _build_tiny_base(tiny_data, out)
     return {'ckpt': os.path.join(out, 'ckpt.pt'), 'data_dir': tiny_data, 'out_dir': out}
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models: a second thread only adds sync cost, and on a shared 2-core box OpenMP threads
+    waiting for each other made a test file 5x slower. Restored afterwards."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

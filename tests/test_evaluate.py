@@ -19,6 +19,8 @@ from model import Generation, ModelConfig, Qwen2, save_checkpoint
 # -----------------------------------------------------------------------------------------------
 # helpers
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
+
 def gold_completion(row):
     """What a perfect model writes after '<solution>'."""
     full, prompt = data.training_text(row), data.prompt_text(row)
@@ -88,14 +90,6 @@ class OracleModel(torch.nn.Module):
 # the tiny_eval preset keeps forward problems of op 2..10 only; these tests use every row of their eval set
 ANY_EVAL = ['--eval_modes=', '--eval_per_op_template=0', f'--eval_ops={list(range(2, 21))}']
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """The models here are tiny: one thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')

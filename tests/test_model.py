@@ -19,18 +19,11 @@ from conftest import StubWandb  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # These models are tiny: a second thread only adds sync cost, and on a shared 2-core box
-    # OpenMP threads waiting for each other made this file 5x slower. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SMALL = dict(vocab_size=97, hidden_size=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=128,
              max_seq_len=128)
 
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # conftest.py
 
 def make_model(seed=0, tie=True, peaky=False, **kw):
     """A small random model. peaky=True scales the weights up so the next-token distributions are
