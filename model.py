@@ -192,7 +192,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # training / full forward: causal, or causal within each document (mask)
             y = sdpa(q, k, v, mask=mask, is_causal=mask is None)
-        else:  # generation: the engine's cache stores k/v and attends (EngineCache.attend)
+        else:  # the engine's prefill: its cache stores the prompt's k/v (EngineCache.attend)
             y = cache.attend(layer, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -393,6 +393,7 @@ COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share 
 PREFILL_TOKENS = {'cuda': 1 << 16}  # padded tokens per prefill batch (4096 elsewhere)
 BUCKET = 64        # CUDA: key lengths attended are rounded up to this (one graph per bucket)
 GROW = 32          # elsewhere: the generated-key cache grows by this many positions at a time
+ONEDNN_LINEAR = True  # CPU fp32: decode-step matmuls through oneDNN's packed GEMM (DecodeWeights)
 
 
 class EngineCache:
@@ -416,10 +417,14 @@ class EngineCache:
         self.Tb = T            # decode: generated keys attended (>= every row's wpos + 1)
 
     def attend(self, layer, q, k, v):
-        if self.fill is not None:  # prefill [B, H, Pb, D], right-padded: causal attention never sees the pads
-            self.pk[layer, self.fill, :, :k.size(2)] = k
-            self.pv[layer, self.fill, :, :v.size(2)] = v
-            return sdpa(q, k, v, is_causal=True)
+        """Prefill (Attention.forward's cache hook): q/k/v [B, H, Pb, D], right-padded -- causal
+        attention never sees the pads; the prompt keys of the slots being filled are stored."""
+        self.pk[layer, self.fill, :, :k.size(2)] = k
+        self.pv[layer, self.fill, :, :v.size(2)] = v
+        return sdpa(q, k, v, is_causal=True)
+
+    def decode(self, layer, q, k, v):
+        """One decode step of one layer: q [S*G, n_head, D], k/v [S*G, n_kv_head, D] -> [S*G, n_head * D]."""
         _, S, G, Hk, _, D = self.gk.shape
         P, Tb, r = self.pk.size(3), self.Tb, self.rep
         self.gk[layer].view(-1, D).index_copy_(0, self.wflat, k.reshape(-1, D))
@@ -433,7 +438,7 @@ class EngineCache:
         w = torch.softmax(torch.cat([sp, sg], -1) + self.bias, dim=-1).to(q.dtype)
         wp = w[..., :P].permute(0, 2, 1, 3, 4).reshape(S, Hk, G * r, P)
         y = (wp @ vp).view(S, Hk, G, r, D).permute(0, 2, 1, 3, 4) + w[..., P:] @ vg
-        return y.reshape(S * G, Hk * r, 1, D)
+        return y.reshape(S * G, Hk * r * D)
 
     def grow(self, T):
         """Room for T generated positions per row (the new positions zeroed)."""
@@ -486,17 +491,56 @@ def counter_uniform(seed, t):
     return ((z >> 40) & 0xFFFFFF).float() * 2.0 ** -24
 
 
-def autocast_twin(model, dtype):
-    """A copy of `model` whose Linear weights (lm_head untied) are already `dtype`: under autocast it
-    computes exactly what `model` does, but a CUDA graph no longer replays a cast of every weight
-    at every step (autocast's weight cache must be off while capturing)."""
-    twin = copy.deepcopy(model)
-    for mod in twin.modules():
-        if isinstance(mod, nn.Linear):
-            mod.weight = nn.Parameter(mod.weight.detach().to(dtype), requires_grad=False)
-            if mod.bias is not None:
-                mod.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
-    return twin
+def onednn_linear(x, w, b=None):
+    """F.linear through oneDNN with a weight packed by torch.ops.mkldnn._reorder_linear_weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
+
+
+class DecodeWeights:
+    """The weights of the decode step, built once per generate() call (the checkpoint keeps its own
+    layout): q/k/v stacked into one matrix and gate/up into another, so a layer runs 4 matmuls
+    instead of 7, all cast to `dtype` (under autocast on CUDA a graph would otherwise replay a cast
+    of every weight at every step; autocast's weight cache must be off while capturing).
+    CPU fp32: the matrices are also packed for oneDNN (ONEDNN_LINEAR). On the AMD EPYC dev box
+    torch's F.linear (MKL sgemm) runs at half the speed of oneDNN's packed GEMM, with the same
+    results (maxdiff 0 at 7-192 rows; oneDNN's rows also do not depend on the batch size)."""
+
+    def __init__(self, model, dtype, rows):
+        dev = model.embed_tokens.weight.device
+        self.linear, pack = F.linear, lambda w: w  # noqa: E731
+        if ONEDNN_LINEAR and dev.type == 'cpu' and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            try:  # (an internal op: fall back to F.linear where this torch build lacks it)
+                pk = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows)  # noqa: E731
+                onednn_linear(torch.zeros(1, 4), pk(torch.zeros(2, 4)), torch.zeros(2))
+                self.linear, pack = onednn_linear, pk
+            except (AttributeError, RuntimeError, NotImplementedError):
+                pass
+
+        def cast(*ts, packed=True):  # (no copy of a lone weight already in dtype)
+            w = (torch.cat(ts) if len(ts) > 1 else ts[0]).detach().to(dtype)
+            return pack(w) if packed else w
+        self.layers = []
+        for b in model.layers:
+            a, f = b.self_attn, b.mlp
+            self.layers.append((b.input_layernorm, cast(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                                cast(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, packed=False), cast(a.o_proj.weight),
+                                b.post_attention_layernorm, cast(f.gate_proj.weight, f.up_proj.weight),
+                                cast(f.down_proj.weight)))
+        self.embed, self.norm, self.lm_head = model.embed_tokens, model.norm, cast(model.lm_head.weight)
+        self.H, self.Hk, self.D = model.config.n_head, model.config.n_kv_head, model.config.head_dim
+
+    def logits(self, tok, cos, sin, cache):
+        """Tokens [N] at RoPE tables cos/sin [N, 1, D] -> next-token logits [N, V] fp32: Qwen2's
+        forward for one position, attending through the engine's cache."""
+        H, Hk, D, lin = self.H, self.Hk, self.D, self.linear
+        x = self.embed(tok)
+        for i, (ln1, wqkv, bqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
+            qkv = lin(ln1(x), wqkv, bqkv).view(-1, H + 2 * Hk, D)
+            qk = apply_rope(qkv[:, :H + Hk], cos, sin)                # q and k rotated in one go
+            x = x + lin(cache.decode(i, qk[:, :H], qk[:, H:], qkv[:, H + Hk:]), wo)
+            g, u = lin(ln2(x), wgu).chunk(2, dim=-1)
+            x = x + lin(F.silu(g) * u, wd)
+        return lin(self.norm(x), self.lm_head).float()
 
 
 class Engine:
@@ -506,11 +550,10 @@ class Engine:
                  logprobs, kv_bytes, max_rows, pad_id, graphs):
         cfg, dev = model.config, model.embed_tokens.weight.device
         graphs = graphs and dev.type == 'cuda'
-        if graphs and torch.is_autocast_enabled('cuda'):
-            model = autocast_twin(model, torch.get_autocast_dtype('cuda'))
         self.m, self.cfg, self.dev, self.G, self.prompts = model, cfg, dev, G, prompts
         self.temperature, self.top_k, self.top_p, self.want_lp, self.pad_id = \
             temperature, top_k, top_p, logprobs, pad_id
+        self.plain = temperature == 1 and (top_k is None or top_k >= cfg.vocab_size) and (top_p is None or top_p >= 1)
         self.dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) \
             else model.embed_tokens.weight.dtype
         self.caps = [min(max_new_tokens, cfg.max_seq_len - len(p)) for p in prompts]
@@ -535,6 +578,7 @@ class Engine:
             k = seen[key] = seen.get(key, -1) + 1
             self.seeds.append([_job_seed(base, key, k * G + j) for j in range(G)])
         self.stop = torch.tensor(sorted({int(s) for s in stop_ids}), dtype=torch.long, device=dev)
+        self.w = DecodeWeights(model, self.dtype, self.S * G)
         self.graphs = {} if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
@@ -601,6 +645,11 @@ class Engine:
         """logits [N, V] fp32 -> tokens [N] drawn with the counter-based uniforms of (seed, t);
         the log-probs [N] of the raw distribution when asked for, else None."""
         u = None if self.temperature == 0 else counter_uniform(seed, t)
+        if self.want_lp and self.plain:  # the raw distribution is the sampled one: one exp serves both
+            mx = logits.amax(-1, keepdim=True)
+            e = (logits - mx).exp_()                                  # softmax up to its sum
+            tok = inverse_cdf(e, u)
+            return tok, (logits.gather(1, tok[:, None]) - mx).squeeze(1) - e.sum(-1).log()
         tok = sample_token(logits, self.temperature, self.top_k, self.top_p, u=u)
         lp = None
         if self.want_lp:
@@ -661,8 +710,7 @@ class Engine:
         key_g = torch.arange(Tb, device=dev) <= wpos.view(S, G, 1)                        # [S, G, Tb]
         ok = torch.cat([key_p[:, None].expand(S, G, P), key_g], -1)
         c.bias = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float('-inf'))[:, :, None, None]
-        h = m._hidden(self.tok[:, None], m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None], c)
-        logits = m.lm_head(h[:, -1]).float()
+        logits = self.w.logits(self.tok, m.rope_cos[pos][:, None], m.rope_sin[pos][:, None], c)
         tok, lp = self._sample(logits, self.seed, self.n_gen)
         rows = torch.arange(S * G, device=dev)
         self.out_tok[rows, self.n_gen] = tok                           # a done row writes past its kept tokens
