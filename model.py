@@ -392,7 +392,7 @@ COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share 
                               # must capture new graphs after a repack, so it waits for a bigger gain
 PREFILL_TOKENS = {'cuda': 1 << 16}  # padded tokens per prefill batch (4096 elsewhere)
 BUCKET = 64        # CUDA: key lengths attended are rounded up to this (one graph per bucket)
-GROW = 32          # elsewhere: the generated-key cache grows by this many positions at a time
+GROW = 8           # elsewhere: the generated-key cache grows by this many positions at a time
 ONEDNN_LINEAR = True  # CPU fp32: decode-step matmuls through oneDNN's packed GEMM (DecodeWeights)
 
 
