@@ -184,16 +184,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_head * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:  # training / full forward: causal, or causal within each document (mask)
-            y = sdpa(q, k, v, mask=mask, is_causal=mask is None)
-        else:  # the engine's prefill: its cache stores the prompt's k/v (EngineCache.attend)
-            y = cache.attend(layer, q, k, v)
+        # causal, or causal within each document (mask); generation has its own path (EngineWeights)
+        y = sdpa(q, k, v, mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -218,8 +216,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -318,13 +316,6 @@ class Qwen2(nn.Module):
                 loss = loss.view(B, T)
         return logits, loss
 
-    def _hidden(self, idx, cos, sin, cache):
-        """Final-norm hidden states [B, T, C] of a prefill or decode step through the engine's cache."""
-        x = self.embed_tokens(idx)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, None, cache, i)
-        return self.norm(x)
-
     # --- sampling -------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -393,15 +384,16 @@ COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share 
 PREFILL_TOKENS = {'cuda': 1 << 16}  # padded tokens per prefill batch (4096 elsewhere)
 BUCKET = 64        # CUDA: key lengths attended are rounded up to this (one graph per bucket)
 GROW = 8           # elsewhere: the generated-key cache grows by this many positions at a time
-ONEDNN_LINEAR = True  # CPU fp32: decode-step matmuls through oneDNN's packed GEMM (DecodeWeights)
+ONEDNN_LINEAR = True  # CPU fp32: the engine's matmuls through oneDNN's packed GEMM (EngineWeights)
 
 
 class EngineCache:
     """Prompt keys/values [n_layer, slots, n_kv_head, P, head_dim], stored once per prompt-slot,
     and generated keys/values [n_layer, slots, G, n_kv_head, T, head_dim], one cache per row.
-    `attend` is called by every layer: in prefill mode it writes the prompt keys of the slots being
-    filled and runs causal attention; in decode mode it writes each row's new key at its own
-    position and attends over prompt + own generated keys (mask `bias`, built once per step)."""
+    `attend` is called by every layer (EngineWeights.hidden): in prefill mode it writes the prompt
+    keys of the slots being filled and runs causal attention; in decode mode it writes each row's
+    new key at its own position and attends over prompt + own generated keys (mask `bias`, built
+    once per step)."""
 
     def __init__(self, cfg: ModelConfig, slots, G, P, T, device, dtype):
         L, H, D = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
@@ -417,14 +409,13 @@ class EngineCache:
         self.Tb = T            # decode: generated keys attended (>= every row's wpos + 1)
 
     def attend(self, layer, q, k, v):
-        """Prefill (Attention.forward's cache hook): q/k/v [B, H, Pb, D], right-padded -- causal
-        attention never sees the pads; the prompt keys of the slots being filled are stored."""
-        self.pk[layer, self.fill, :, :k.size(2)] = k
-        self.pv[layer, self.fill, :, :v.size(2)] = v
-        return sdpa(q, k, v, is_causal=True)
-
-    def decode(self, layer, q, k, v):
-        """One decode step of one layer: q [S*G, n_head, D], k/v [S*G, n_kv_head, D] -> [S*G, n_head * D]."""
+        """q [B, T, n_head, D], k/v [B, T, n_kv_head, D] -> [B, T, n_head * D]."""
+        if self.fill is not None:  # prefill, right-padded: causal attention never sees the pads
+            B, T = q.shape[:2]
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            self.pk[layer, self.fill, :, :T] = k
+            self.pv[layer, self.fill, :, :T] = v
+            return sdpa(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
         _, S, G, Hk, _, D = self.gk.shape
         P, Tb, r = self.pk.size(3), self.Tb, self.rep
         self.gk[layer].view(-1, D).index_copy_(0, self.wflat, k.reshape(-1, D))
@@ -438,7 +429,7 @@ class EngineCache:
         w = torch.softmax(torch.cat([sp, sg], -1) + self.bias, dim=-1).to(q.dtype)
         wp = w[..., :P].permute(0, 2, 1, 3, 4).reshape(S, Hk, G * r, P)
         y = (wp @ vp).view(S, Hk, G, r, D).permute(0, 2, 1, 3, 4) + w[..., P:] @ vg
-        return y.reshape(S * G, Hk * r * D)
+        return y.reshape(S * G, 1, Hk * r * D)
 
     def grow(self, T):
         """Room for T generated positions per row (the new positions zeroed)."""
@@ -496,14 +487,15 @@ def onednn_linear(x, w, b=None):
     return torch.ops.mkldnn._linear_pointwise(x, w, b, 'none', [], '')
 
 
-class DecodeWeights:
-    """The weights of the decode step, built once per generate() call (the checkpoint keeps its own
-    layout): q/k/v stacked into one matrix and gate/up into another, so a layer runs 4 matmuls
-    instead of 7, all cast to `dtype` (under autocast on CUDA a graph would otherwise replay a cast
-    of every weight at every step; autocast's weight cache must be off while capturing).
-    CPU fp32: the matrices are also packed for oneDNN (ONEDNN_LINEAR). On the AMD EPYC dev box
-    torch's F.linear (MKL sgemm) runs at half the speed of oneDNN's packed GEMM, with the same
-    results (maxdiff 0 at 7-192 rows; oneDNN's rows also do not depend on the batch size)."""
+class EngineWeights:
+    """The engine's weights, built once per generate() call (the checkpoint keeps its own layout),
+    and Qwen2's forward through the engine's cache (prefill and decode). q/k/v are stacked into one
+    matrix and gate/up into another, so a layer runs 4 matmuls instead of 7, all cast to `dtype`
+    (under autocast on CUDA a graph would otherwise replay a cast of every weight at every step;
+    autocast's weight cache must be off while capturing). CPU fp32: the matrices are also packed for
+    oneDNN (ONEDNN_LINEAR): on the AMD EPYC dev box torch's F.linear (MKL sgemm) runs at half the
+    speed of oneDNN's packed GEMM, with the same results (maxdiff 0 at 7-192 rows; oneDNN's rows
+    also do not depend on the batch size)."""
 
     def __init__(self, model, dtype, rows):
         dev = model.embed_tokens.weight.device
@@ -529,18 +521,23 @@ class DecodeWeights:
         self.embed, self.norm, self.lm_head = model.embed_tokens, model.norm, cast(model.lm_head.weight)
         self.H, self.Hk, self.D = model.config.n_head, model.config.n_kv_head, model.config.head_dim
 
-    def logits(self, tok, cos, sin, cache):
-        """Tokens [N] at RoPE tables cos/sin [N, 1, D] -> next-token logits [N, V] fp32: Qwen2's
-        forward for one position, attending through the engine's cache."""
+    def hidden(self, idx, cos, sin, cache):
+        """Tokens idx [B, T] at RoPE tables cos/sin [B or 1, T, 1, D] -> final-norm hidden states
+        [B, T, C]: Qwen2's forward through the engine's cache (a prefill, or a decode step: T = 1)."""
         H, Hk, D, lin = self.H, self.Hk, self.D, self.linear
-        x = self.embed(tok)
+        B, T = idx.shape
+        x = self.embed(idx)
         for i, (ln1, wqkv, bqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
-            qkv = lin(ln1(x), wqkv, bqkv).view(-1, H + 2 * Hk, D)
-            qk = apply_rope(qkv[:, :H + Hk], cos, sin)                # q and k rotated in one go
-            x = x + lin(cache.decode(i, qk[:, :H], qk[:, H:], qkv[:, H + Hk:]), wo)
+            qkv = lin(ln1(x), wqkv, bqkv).view(B, T, H + 2 * Hk, D)
+            qk = apply_rope(qkv[:, :, :H + Hk], cos, sin)                # q and k rotated in one go
+            x = x + lin(cache.attend(i, qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hk:]), wo)
             g, u = lin(ln2(x), wgu).chunk(2, dim=-1)
             x = x + lin(F.silu(g) * u, wd)
-        return lin(self.norm(x), self.lm_head).float()
+        return self.norm(x)
+
+    def logits(self, h):
+        """Hidden states [N, C] -> logits [N, V] in fp32."""
+        return self.linear(h, self.lm_head).float()
 
 
 class Engine:
@@ -578,7 +575,7 @@ class Engine:
             k = seen[key] = seen.get(key, -1) + 1
             self.seeds.append([_job_seed(base, key, k * G + j) for j in range(G)])
         self.stop = torch.tensor(sorted({int(s) for s in stop_ids}), dtype=torch.long, device=dev)
-        self.w = DecodeWeights(model, self.dtype, self.S * G)
+        self.w = EngineWeights(model, self.dtype, self.S * G)
         self.graphs = {} if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
@@ -670,9 +667,9 @@ class Engine:
         lens = torch.tensor([len(p) for p in ps], device=dev)
         s = torch.tensor(slots, device=dev)
         self.cache.fill = s
-        h = m._hidden(idx.to(dev), m.rope_cos[:Pb][None, None], m.rope_sin[:Pb][None, None], self.cache)
+        h = self.w.hidden(idx.to(dev), m.rope_cos[:Pb][None, :, None], m.rope_sin[:Pb][None, :, None], self.cache)
         self.cache.fill = None
-        logits = m.lm_head(h[torch.arange(B, device=dev), lens - 1]).float().repeat_interleave(G, dim=0)
+        logits = self.w.logits(h[torch.arange(B, device=dev), lens - 1]).repeat_interleave(G, dim=0)
         rows = (s[:, None] * G + torch.arange(G, device=dev)).reshape(-1)
         seed = torch.tensor([x for j in jobs for x in self.seeds[j]], device=dev)
         cap = torch.tensor([self.caps[j] for j in jobs], device=dev).repeat_interleave(G)
@@ -710,7 +707,8 @@ class Engine:
         key_g = torch.arange(Tb, device=dev) <= wpos.view(S, G, 1)                        # [S, G, Tb]
         ok = torch.cat([key_p[:, None].expand(S, G, P), key_g], -1)
         c.bias = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float('-inf'))[:, :, None, None]
-        logits = self.w.logits(self.tok, m.rope_cos[pos][:, None], m.rope_sin[pos][:, None], c)
+        h = self.w.hidden(self.tok[:, None], m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None], c)
+        logits = self.w.logits(h[:, 0])
         tok, lp = self._sample(logits, self.seed, self.n_gen)
         rows = torch.arange(S * G, device=dev)
         self.out_tok[rows, self.n_gen] = tok                           # a done row writes past its kept tokens
