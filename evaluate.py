@@ -196,7 +196,8 @@ def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, b
     goes to one generate(prompts, ..., num_samples=n) call, which prefills each prompt once, shares
     its KV cache among its samples and sizes its slots from its memory budget; batch_size > 0 also
     caps the sequences decoded at once (generate's max_rows), 0 leaves it to the budget. A sample
-    depends only on (seed, its prompt, its index), not on batch_size. temperature 0 is greedy. The
+    depends only on (seed, its prompt, its index), not on batch_size nor on which rows share the call:
+    ranks pass the same seed, so results do not depend on the number of processes. temperature 0 is greedy. The
     model's train/eval mode is left as it was."""
     if not rows:
         return []
@@ -448,7 +449,7 @@ def quick_eval(model, tok, rows, n=4, temperature=1.0, *, max_new_tokens=512, ba
     mine = rows[dist.rank::world] if world > 1 else rows
     try:
         samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, seed=seed + (dist.rank if world > 1 else 0),
+                                   batch_size=batch_size, seed=seed,  # not the rank: see sample_solutions
                                    progress=progress, desc='quick_eval')
     finally:
         m.train(was_training)
@@ -782,7 +783,7 @@ def evaluate(cfg):
                 f"rank(s), temperature {temperature}, max_new_tokens {cfg['max_new_tokens']}")
             m, step = ck['model'].eval(), ck['step']
             samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=cfg['max_new_tokens'],
-                                       batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'] + dist.rank,
+                                       batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'],
                                        progress=cfg['progress'] and master, desc=f'sampling {label}')
             del m, ck
             verdicts = verify_all(mine, samples, cfg['workers'], cfg['progress'] and master)

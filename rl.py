@@ -52,7 +52,8 @@ Choices, and where we differ from verl (the paper's code):
   is all-reduced), so the gradient does not depend on micro-batch size or world size.
 - Weights stay fp32 with bf16 autocast on CUDA: at lr 1e-6 bf16 weights would drop most updates.
 - The prompt stream is a pure function of (prompt_seed, index) and the sampler's noise of
-  (seed, step, rank); with the optimizer and per-rank RNG states this makes resume exact.
+  (seed, step, prompt, sample index) -- not of the rank or the world size; with the optimizer and
+  per-rank RNG states this makes resume exact.
 - Dynamic sampling works per rank: each rank keeps the first groups with signal of its own slices
   until it holds its share of prompts_per_step (ranks roll out in lockstep, so every rank draws the
   same number of rounds). If max_rollouts rounds do not yield enough, the step is topped up with
@@ -159,7 +160,7 @@ defaults = dict(
     ckpt_every=50,              # checkpoint every N steps (0 = only at the end)
     logger='',                  # also log to 'wandb' or 'tensorboard' (if installed); '' = the JSONL files only
     # system
-    seed=1337,                  # sampler noise is seeded by (seed, step, rank)
+    seed=1337,                  # sampler noise is seeded by (seed, step) and each prompt / sample index
     device='',                  # '' = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
     compile=False,              # torch.compile the training forward (dynamic shapes)
 )
@@ -802,7 +803,9 @@ def collect_rollouts(S, C):
     """Take prompts -> rollout -> rewards, for one step (several rounds under dynamic sampling).
     This rank reads its slice of each round's prompts_per_step prompts of the stream."""
     P = C.prompts_per_step // S.W
-    gen = torch.Generator(device=S.device).manual_seed((C.seed * 1_000_003 + S.step * 1009 + S.rank) % 2**63)
+    # not the rank: a sample's draws hash its prompt and index with this base seed (Qwen2.generate), so a
+    # problem gets the same samples whatever the number of processes
+    gen = torch.Generator(device=S.device).manual_seed((C.seed * 1_000_003 + S.step * 1009) % 2**63)
     first = S.stream.next
 
     def draw(r):

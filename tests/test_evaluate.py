@@ -389,12 +389,13 @@ def test_tiny_base_pipeline(tiny_base, tmp_path):
 
 
 def test_torchrun_two_ranks_match_one_process(random_runs, tmp_path):
-    """Greedy decoding is deterministic, so 2 ranks (problems sharded, results gathered on rank 0) must
-    give exactly the single-process results and generations."""
+    """Sampled at temperature 1: a problem's samples depend on (seed, its prompt, sample index), not on
+    the rank that draws them, so 2 ranks (problems sharded, results gathered on rank 0) must give
+    exactly the single-process results and generations."""
     import subprocess
     import sys
     run0 = random_runs['runs'][0]
-    common = ['evaluate.py', 'tiny_eval', *ANY_EVAL, f'--ckpts={run0}', '--labels=g', '--greedy=True',
+    common = ['evaluate.py', 'tiny_eval', *ANY_EVAL, f'--ckpts={run0}', '--labels=g', '--n_samples=2', '--temperature=1.0',
               '--max_new_tokens=12', '--progress=False']
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -411,7 +412,8 @@ def test_torchrun_two_ranks_match_one_process(random_runs, tmp_path):
     assert two['records'] == one['records'] and two['aggregate'] == one['aggregate']
     gen = {n: sorted((g['id'], g['sample'], g['text']) for g in map(json.loads, open(outs[n] / 'generations_g.jsonl')))
            for n in (1, 2)}
-    assert gen[1] == gen[2] and len(gen[1]) == 9
+    assert gen[1] == gen[2] and len(gen[1]) == 18
+    assert len({text for _, _, text in gen[1]}) > 9  # really sampled: the samples of a problem differ
     assert not list(outs[2].glob('*.rank*'))  # the per-rank parts were merged and removed
 
 
