@@ -38,22 +38,45 @@ cores with `taskset -c 0,1 ... --device=cpu --threads=2`):
 On the shared 2-core dev box (load 7-10) the same rows read 0.91-0.97x and 1.0-1.5x: contention
 noise, and 2 OpenMP threads there can be 10x slower than 1 (try --threads=1).
 
-Generation engine (2026-12-02, torch 2.13 CPU, transformers 5.24, the shared 2-core dev box, load ~1.5;
-`python bench.py --only=rollout --rollout_init=out/tiny/base --rollout_iters=2`, where
-out/tiny/base is the tiny study's trained base run; new = this model.py, old = commit 281bfb1's, HF =
-transformers' generate with the same stops; fastest of 2 alternating calls; kept tokens/s or wall s):
-                                      1 thread: new / old / HF        new/old   2 threads: new/old
-  rollout tiny world  32x6 <=256 T1   11,266 / 6,444 / 1,782 tok/s    1.75x     15,581 / 9,897  1.57x
-  rollout paper world 32x6 <=256 T1    7,411 / 3,986 /   677 tok/s    1.86x     10,738 / 6,510  1.65x
-  RL-step call tiny   16x6 <=192 T.7   0.67 / 1.01 / 3.05 s           1.51x      0.63 / 0.83 s  1.33x
-  eval call tiny      30x16 <=256 T.7  2.62 / 4.60 / 50.8 s           1.76x      2.05 / 3.10 s  1.51x
-  (mean response 62-70 tokens in the tiny world, 166 with the paper world's longer prompts; an
-  earlier run with 3 calls a side read 1.85x / 1.90x / 1.53x / 1.69x at 1 thread.)
-  The 2.5x target is not met. Both engines spend about the same ~0.5 s of the tiny-world rollout in
-  the same Linear layers for the same kept tokens (cProfile, 1 thread: new 0.49 s of 1.1 s, old 0.54 s
-  of 2.3 s; the new engine decodes 1.07-1.12 row-steps per kept token), so what is left to win is
-  attention (0.33 s vs 0.78 s) and per-step overhead (~1 ms a step at a few rows, half of it small
-  ops). rollout-gpu has not been run (no GPU here): `python bench.py --only=rollout-gpu`.
+Generation engine (2026-12-03, torch 2.13 CPU, the shared 2-core AMD EPYC dev box under the lead's
+jobs (load 2.5-4); `python bench.py --only=rollout --rollout_init=out/tiny/base --rollout_iters=2`
+with transformers hidden (its generate takes minutes here); out/tiny/base = the tiny study's trained
+base as re-trained at 2026-12-02 23:59; new = this model.py, old = commit 281bfb1's; fastest of 2
+alternating calls; kept tokens/s, new/old):
+                                      1 thread: new / old         new/old   2 threads: new / old      new/old
+  rollout tiny world  32x6 <=256 T1    7,157 / 2,837 tok/s       2.52x     24,995 /  9,781 tok/s     2.56x
+  rollout paper world 32x6 <=256 T1    3,391 / 1,911 tok/s       1.77x     14,642 /  6,673 tok/s     2.19x
+  RL-step call tiny   16x6 <=192 T.7   7,251 / 3,739 tok/s       1.94x     20,015 / 11,124 tok/s     1.80x
+  eval call tiny      30x16 <=256 T.7 17,566 / 6,760 tok/s       2.60x     24,146 / 11,283 tok/s     2.14x
+  (the absolute numbers swing 2x with the box's load; the ratios are side by side. The same command
+  with transformers, 1 thread, on the base before its re-training: tiny 15,865 / 6,302 / HF 1,700
+  tok/s = 2.52x; paper 7,860 / 3,630 / 524 = 2.17x; RL-step 12,876 / 6,453 / 2,118 = 2.00x.)
+  The 2.5x target: met on the tiny world (2.5x at 1 and 2 threads), not on the paper world's long
+  prompts and responses (1.8-2.2x) nor at temperature 0.7 (1.8-1.9x: the T 1 one-exp sampling path
+  does not apply). Where the time goes (cProfile with a CPU-time clock, 1 thread): tiny world 0.90 s
+  = oneDNN GEMMs 0.24, attention 0.31 (its bmm/matmuls ~0.2), sampling 0.09, the rest small ops;
+  paper world 3.7 s = attention 1.67 (45%: memory-bound, the fp32 caches of a 192-row step are ~32 MB
+  per layer, read at ~12 GB/s), GEMMs 0.69, small ops the rest.
+  What was tried (CPU time of one call, side by side with the previous commit, 1 thread):
+    + fused q/k/v and gate/up weights (EngineWeights, built per call; the checkpoint is unchanged): 1.05x
+    + oneDNN's packed GEMM instead of F.linear (MKL sgemm, which runs AMD CPUs at half speed; oneDNN's
+      GEMMs are 2.2x faster at 12-192 rows, same results) and one exp pass for the T 1 draw and its
+      log-prob, with the above: 1.33x over the merged engine (a 192-row step: 1.37x), 2.42x over old
+    + GROW 8 instead of 32 (less cache read past the longest row): 1.03-1.09x (3 runs)
+    0 prefill through the same fused forward: 1.00x (kept: the model loses its cache hooks)
+    - attending a strided slice of a full-length cache (exact length rounded to 8 or 32) instead of
+      growing it: 0.68x / 0.64x; GROW 16: 1.02x, 64: 0.96x
+    - collecting stops every 2 or 4 steps instead of 8, repacking at a 5% gain: +-1% (noise)
+    - ATen's CPU flash attention with a log-sum-exp merge of the prompt and generated parts: no faster
+      (2.7 vs 2.7-3.2 ms for one paper-world layer step)
+    - trimming the prompt cache to the longest live prompt at repack: 0.99x (paper world)
+    - F.rms_norm with the weight inside: bitwise the same, 1.00x
+  Row-steps spent on stopped rows (why slots are refilled whole, see model.py): 8% (rollout), 10%
+  (eval), 12% (128x6 through 32 slots). rollout-gpu has not been run (no GPU here):
+  `python bench.py --only=rollout-gpu`.
+Before (the engine as merged for issue #13, 2026-12-02, load ~1.5, with transformers' generate):
+  1 thread new/old 1.75x (tiny) / 1.86x (paper) / 1.51x (RL-step) / 1.76x (eval); 2 threads 1.57x /
+  1.65x / 1.33x / 1.51x.
 """
 
 import os
