@@ -651,11 +651,12 @@ class Engine:
         """logits [N, V] fp32 -> tokens [N] drawn with the counter-based uniforms of (seed, t);
         the log-probs [N] of the raw distribution when asked for, else None."""
         u = None if self.temperature == 0 else counter_uniform(seed, t)
-        if self.want_lp and self.plain:  # the raw distribution is the sampled one: one exp serves both
+        if self.plain:  # the raw distribution is the sampled one: one exp serves the draw and the log-prob
             mx = logits.amax(-1, keepdim=True)
             e = (logits - mx).exp_()                                  # softmax up to its sum
             tok = inverse_cdf(e, u)
-            return tok, (logits.gather(1, tok[:, None]) - mx).squeeze(1) - e.sum(-1).log()
+            lp = (logits.gather(1, tok[:, None]) - mx).squeeze(1) - e.sum(-1).log() if self.want_lp else None
+            return tok, lp
         tok = sample_token(logits, self.temperature, self.top_k, self.top_p, u=u)
         lp = None
         if self.want_lp:

@@ -37,10 +37,15 @@ def forward_logprobs(m, prompt, tokens):
     return torch.stack([ls[len(prompt) - 1 + i, t] for i, t in enumerate(tokens)])
 
 
-def test_greedy_equals_uncached_forward_with_refilled_slots():
+@pytest.mark.parametrize('onednn', [True, False])
+def test_greedy_equals_uncached_forward_with_refilled_slots(onednn, monkeypatch):
     """Few slots, many prompts of varied lengths and stops at different steps: slots are refilled
-    mid-run (and dropped at the tail) and every row is still the naive decoder's output."""
+    mid-run (and dropped at the tail) and every row is still the naive decoder's output -- with the
+    engine's matmuls through oneDNN (CPU default) or F.linear (elsewhere)."""
+    monkeypatch.setattr(M, 'ONEDNN_LINEAR', onednn)
     m = make_model(peaky=True)
+    if torch.backends.mkldnn.is_available():  # (the oneDNN path is really taken, not fallen back from)
+        assert (M.EngineWeights(m, torch.float32, 8).linear is M.onednn_linear) == onednn
     prompts = varied_prompts(23)
     free = m.generate(prompts, 14, temperature=0)
     stop = list({t[i % 7] for i, t in enumerate(free.tokens)})[:5]
