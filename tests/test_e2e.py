@@ -16,19 +16,19 @@ def test_tiny_study_smoke_runs_every_stage(tmp_path):
     p = subprocess.run(['bash', 'runs/tiny.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = tmp_path / 'tiny'
-    for run in ('base', 'mid', 'rl_edge_blend', 'rl_edge_outcome', 'rl_id', 'rl_hard', 'mid_rl_edge'):
+    for run in ('base', 'mid', 'rl_edge_strict', 'rl_edge_outcome', 'rl_id', 'rl_hard', 'mid_rl_edge'):
         assert (out / run / 'ckpt.pt').exists(), run
     report = out / 'report'
     with open(report / 'results.json') as f:
         res = json.load(f)
-    labels = ['base', 'mid', 'rl_edge_blend', 'rl_edge_outcome', 'rl_id', 'rl_hard', 'mid+rl_edge']
+    labels = ['base', 'mid', 'rl_edge_strict', 'rl_edge_outcome', 'rl_id', 'rl_hard', 'mid+rl_edge']
     assert all(label in json.dumps(res) for label in labels)
     for png in ('passk_by_band.png', 'acc_vs_op.png'):
         assert (report / png).stat().st_size > 10_000
     summary = (report / 'summary.md').read_text()
     assert 'pass@k by band' in summary and '[' in summary  # intervals in the tables
     # the same command again: every training stage is finished, nothing is retrained
-    before = {run: (out / run / 'ckpt.pt').stat().st_mtime for run in ('base', 'mid', 'rl_edge_blend', 'mid_rl_edge')}
+    before = {run: (out / run / 'ckpt.pt').stat().st_mtime for run in ('base', 'mid', 'rl_edge_strict', 'mid_rl_edge')}
     p = subprocess.run(['bash', 'runs/tiny.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert all((out / run / 'ckpt.pt').stat().st_mtime == t for run, t in before.items())

@@ -87,7 +87,7 @@ class OracleModel(torch.nn.Module):
         return Generation(toks, [[0.0] * len(t) for t in toks], [True] * len(toks))
 
 
-# the tiny_eval preset keeps forward problems of op 2..10 only; these tests use every row of their eval set
+# the tiny_eval preset keeps forward problems of op 2..8 only; these tests use every row of their eval set
 ANY_EVAL = ['--eval_modes=', '--eval_per_op_template=0', f'--eval_ops={list(range(2, 21))}']
 
 
