@@ -807,7 +807,6 @@ def evaluate(cfg):
                 runs[label] = {'ckpt': ckpt_path, 'step': step,
                                'records': sorted(records, key=lambda r: pos[r['id']])}
     if world > 1:
-        torch_dist.barrier()
         cleanup_distributed()
     if not master:
         return None

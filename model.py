@@ -1461,8 +1461,11 @@ def setup_distributed() -> Dist:
 
 
 def cleanup_distributed():
+    """Tear the process group down once every rank has got here: a rank that destroys it while
+    another still talks to the store dies with 'terminate called without an active exception'."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

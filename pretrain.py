@@ -415,7 +415,6 @@ def train(cfg):
         say(f"done: val loss {log['val'][0]['loss']:.4f} -> {log['val'][-1]['loss']:.4f}; {out_dir}/ckpt.pt")
     logger.close()
     if dist.world_size > 1:
-        torch_dist.barrier()
         model.cleanup_distributed()
     return log
 
