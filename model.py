@@ -33,7 +33,6 @@ Quick check:
 from __future__ import annotations
 
 import ast
-import copy
 import difflib
 import hashlib
 import json
@@ -559,7 +558,6 @@ class Engine:
         self.m, self.cfg, self.dev, self.G, self.prompts = model, cfg, dev, G, prompts
         self.temperature, self.top_k, self.top_p, self.want_lp, self.pad_id = \
             temperature, top_k, top_p, logprobs, pad_id
-        self.plain = temperature == 1 and (top_k is None or top_k >= cfg.vocab_size) and (top_p is None or top_p >= 1)
         self.dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) \
             else model.embed_tokens.weight.dtype
         self.caps = [min(max_new_tokens, cfg.max_seq_len - len(p)) for p in prompts]
@@ -651,12 +649,6 @@ class Engine:
         """logits [N, V] fp32 -> tokens [N] drawn with the counter-based uniforms of (seed, t);
         the log-probs [N] of the raw distribution when asked for, else None."""
         u = None if self.temperature == 0 else counter_uniform(seed, t)
-        if self.plain:  # the raw distribution is the sampled one: one exp serves the draw and the log-prob
-            mx = logits.amax(-1, keepdim=True)
-            e = (logits - mx).exp_()                                  # softmax up to its sum
-            tok = inverse_cdf(e, u)
-            lp = (logits.gather(1, tok[:, None]) - mx).squeeze(1) - e.sum(-1).log() if self.want_lp else None
-            return tok, lp
         tok = sample_token(logits, self.temperature, self.top_k, self.top_p, u=u)
         lp = None
         if self.want_lp:
@@ -834,7 +826,8 @@ def sample_token(logits, temperature, top_k=None, top_p=None, generator=None, u=
     if u is None:
         gdev = generator.device if generator is not None else logits.device
         u = torch.rand(logits.size(0), generator=generator, device=gdev).to(logits.device)
-    return inverse_cdf(torch.softmax(logits, dim=-1), u)
+    # softmax up to its sum (inverse_cdf scales u by the total): one exp pass, no division
+    return inverse_cdf((logits - logits.amax(-1, keepdim=True)).exp_(), u)
 
 
 def inverse_cdf(probs, u, block=64):
