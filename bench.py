@@ -74,6 +74,8 @@ alternating calls; kept tokens/s, new/old):
   Row-steps spent on stopped rows (why slots are refilled whole, see model.py): 8% (rollout), 10%
   (eval), 12% (128x6 through 32 slots). rollout-gpu has not been run (no GPU here):
   `python bench.py --only=rollout-gpu`.
+Re-run at 2026-12-03 01:05 (idle box, --rollout_iters=3, three runs side by side): rollout tiny
+  new/old 2.56-2.59x at 1 thread, 2.11-2.37x at 2 threads -- the 2-thread target is not met reliably.
 Before (the engine as merged for issue #13, 2026-12-02, load ~1.5, with transformers' generate):
   1 thread new/old 1.75x (tiny) / 1.86x (paper) / 1.51x (RL-step) / 1.76x (eval); 2 threads 1.57x /
   1.65x / 1.33x / 1.51x.
