@@ -334,15 +334,17 @@ class HFGenerate:
         return types.SimpleNamespace(tokens=toks)
 
 
-def timed_generate(models, prompts, G, new, temperature, stops, device, iters):
-    """Seconds (fastest of `iters`, calls alternating) and kept tokens of each model's generate."""
+def timed_generate(models, prompts, G, new, temperature, stops, device, iters, kwargs=None):
+    """Seconds (fastest of `iters`, calls alternating) and kept tokens of each model's generate
+    (kwargs: extra arguments per model, e.g. logprobs=False where a generate takes it)."""
     kept = [0] * len(models)
+    kwargs = kwargs or [{}] * len(models)
 
     def call(i):
         def fn():
             with M.autocast_ctx(device):
                 out = models[i].generate(prompts, new, temperature=temperature, stop_ids=stops, num_samples=G,
-                                         generator=torch.Generator().manual_seed(0))
+                                         generator=torch.Generator().manual_seed(0), **kwargs[i])
             kept[i] = sum(len(t) for t in out.tokens)
         return fn
     return race([call(i) for i in range(len(models))], device, iters, warmup=0), kept
@@ -355,16 +357,20 @@ def bench_rollout(cfg):
     an evaluation-shaped call (30 problems x 16, <= 256, T 0.7): new engine vs the old one."""
     device = cfg['device']
     ours, tok, stops, what = rollout_setup(cfg)
-    models, names = [ours], ['new']
+    # ours is called as rl.py and evaluate.py call it: no per-token log-probs (RL recomputes them
+    # with a forward pass); the old engine and transformers have no such switch
+    models, names, kwargs = [ours], ['new'], [dict(logprobs=False)]
     if cfg['rollout_old']:
         models.append(old_engine_twin(ours, cfg['rollout_old']))
         names.append(f"old {cfg['rollout_old']}")
+        kwargs.append({})
     hf = hf_twin(ours)
     if hf is None:
         print('rollout: transformers is not installed; its generate is skipped')
     else:
         models.append(HFGenerate(hf, tok.pad_id))
         names.append('transformers')
+        kwargs.append({})
     shapes = [(f'rollout/{world} 32x6 <=256 T1', task_prompts(tok, world, 32), 6, 256, 1.0)
               for world in ('tiny', 'paper')]
     shapes += [('rl-step call tiny 16x6 <=192 T.7', task_prompts(tok, 'tiny', 16, seed=1), 6, 192, 0.7),
@@ -374,7 +380,7 @@ def bench_rollout(cfg):
     for th in threads:
         torch.set_num_threads(th)
         for name, prompts, G, new, T in shapes:
-            secs, kept = timed_generate(models, prompts, G, new, T, stops, device, cfg['rollout_iters'])
+            secs, kept = timed_generate(models, prompts, G, new, T, stops, device, cfg['rollout_iters'], kwargs)
             for nm, s, k in zip(names, secs, kept):
                 print(f'  {name} {nm} {th} thr: {k / s:,.0f} tok/s, {s:.2f} s, {k} tokens', flush=True)
                 rows.append((f'{name} {nm} ({what}, {th} thr)', f'{k / s:,.0f} tok/s, {s:.2f} s, '

@@ -138,25 +138,21 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: ModelConfig, device=None):
-    """cos/sin [max_seq_len, head_dim] in fp32. Hugging Face's layout: the frequencies are
-    repeated (cat(f, f)) and paired with rotate_half, i.e. dimension i rotates with i + d/2."""
+    """cos / signed sin [max_seq_len, head_dim] in fp32. Hugging Face's layout: the frequencies are
+    repeated (cat(f, f)), i.e. dimension i rotates with i + d/2, and HF's rotate_half(x) * sin =
+    cat(-x2, x1) * sin is computed as cat(x2, x1) * cat(-sin1, sin2): the sign lives in the table."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     t = torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    # x [B, H, T, D]; cos/sin [B or 1, 1, T, D] fp32 tables, cast so that under bf16 autocast q/k
-    # stay bf16 (fp32 * bf16 would promote and push SDPA off its fast kernels)
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    # x [B, H, T, D]; cos / signed sin [B or 1, 1, T, D] fp32 tables (rope_tables), cast so that
+    # under bf16 autocast q/k stay bf16 (fp32 * bf16 would promote and push SDPA off its fast
+    # kernels). roll swaps the halves in one op (chunk, neg and cat took three; bitwise the same)
+    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin.to(x.dtype)
 
 
 def sdpa(q, k, v, mask=None, is_causal=False):
@@ -424,20 +420,22 @@ class EngineCache:
             self.pk[layer, self.fill, :, :T] = k
             self.pv[layer, self.fill, :, :T] = v
             return sdpa(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
-        _, S, G, Hk, _, D = self.gk.shape
+        _, S, G, Hk, T, D = self.gk.shape
         P, Tb, r = self.pk.size(3), self.Tb, self.rep
-        self.gk[layer].view(-1, D).index_copy_(0, self.wflat, k.reshape(-1, D))
-        self.gv[layer].view(-1, D).index_copy_(0, self.wflat, v.reshape(-1, D))
+        kg, vg, kp, vp = self.gk[layer], self.gv[layer], self.pk[layer], self.pv[layer]
+        kg.view(-1, D).index_copy_(0, self.wflat, k.reshape(-1, D))
+        vg.view(-1, D).index_copy_(0, self.wflat, v.reshape(-1, D))
+        if Tb < T:  # (CUDA's length buckets; on CPU the cache is grown to Tb instead)
+            kg, vg = kg[:, :, :, :Tb], vg[:, :, :, :Tb]
         q = q.reshape(S, G, Hk, r, D) * self.scale                     # query head h reads KV head h // r
         qp = q.permute(0, 2, 1, 3, 4).reshape(S * Hk, G * r, D)         # a slot's queries, grouped by KV head
-        kg, vg = self.gk[layer, :, :, :, :Tb], self.gv[layer, :, :, :, :Tb]
-        kp, vp = self.pk[layer], self.pv[layer]
         sp = scores(qp, kp.reshape(S * Hk, P, D)).view(S, Hk, G, r, P).permute(0, 2, 1, 3, 4)
         sg = scores(q.reshape(S * G * Hk, r, D), kg.reshape(S * G * Hk, Tb, D)).view(S, G, Hk, r, Tb)
         w = torch.softmax(torch.cat([sp, sg], -1) + self.bias, dim=-1).to(q.dtype)
-        wp = w[..., :P].permute(0, 2, 1, 3, 4).reshape(S, Hk, G * r, P)
-        y = (wp @ vp).view(S, Hk, G, r, D).permute(0, 2, 1, 3, 4) + w[..., P:] @ vg
-        return y.reshape(S * G, 1, Hk * r * D)
+        wp = w[..., :P].permute(0, 2, 1, 3, 4).reshape(S * Hk, G * r, P)
+        yp = torch.bmm(wp, vp.view(S * Hk, P, D)).view(S, Hk, G, r, D).permute(0, 2, 1, 3, 4)
+        yg = torch.bmm(w[..., P:].reshape(S * G * Hk, r, Tb), vg.reshape(S * G * Hk, Tb, D)).view(S, G, Hk, r, D)
+        return (yp + yg).reshape(S * G, 1, Hk * r * D)  # (bmm, not @ on 5-d tensors: a third of the ops)
 
     def grow(self, T):
         """Room for T generated positions per row (the new positions zeroed)."""
@@ -709,7 +707,8 @@ class Engine:
         key_g = torch.arange(Tb, device=dev) <= wpos.view(S, G, 1)                        # [S, G, Tb]
         ok = torch.cat([key_p[:, None].expand(S, G, P), key_g], -1)
         c.bias = torch.zeros(ok.shape, device=dev).masked_fill_(~ok, float('-inf'))[:, :, None, None]
-        h = self.w.hidden(self.tok[:, None], m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None], c)
+        cos, sin = (t.index_select(0, pos)[:, None, None] for t in (m.rope_cos, m.rope_sin))  # (faster than t[pos])
+        h = self.w.hidden(self.tok[:, None], cos, sin, c)
         logits = self.w.logits(h[:, 0])
         tok, lp = self._sample(logits, self.seed, self.n_gen)
         rows = torch.arange(S * G, device=dev)
