@@ -76,6 +76,17 @@ alternating calls; kept tokens/s, new/old):
   `python bench.py --only=rollout-gpu`.
 Re-run at 2026-12-03 01:05 (idle box, --rollout_iters=3, three runs side by side): rollout tiny
   new/old 2.56-2.59x at 1 thread, 2.11-2.37x at 2 threads -- the 2-thread target is not met reliably.
+Re-run at 2026-12-03 02:50, after the op diet of a decode step (427 -> 395 ops: RoPE by roll, the
+  RoPE rows by index_select, bmm on 3-d views; 1.01-1.03x in A/B runs) and with ours called as rl.py
+  and evaluate.py call it (logprobs=False; the old engine always computed them), two runs, idle box,
+  --rollout_iters=3: rollout tiny 2.84x / 2.83x at 1 thread (19,595 / 6,910 tok/s), 2.37x / 2.41x at
+  2 threads (26,613 / 11,237); paper world 2.33-2.39x / 2.10-2.13x; RL-step call 2.11-2.19x /
+  1.75-1.76x; eval call 2.55-2.58x / 2.32-2.33x. Why 2 threads fall short: the old engine gains 1.62x
+  from the second thread (its big expanded-head matmuls), ours 1.37x -- a decode step is ~400 small
+  ops whose dispatch (~1.1 ms a step, measured with 1 row) does not shrink with threads, besides
+  GEMMs that scale 1.7x. Tried and dropped: the small ops at 1 thread and only the GEMMs at 2
+  (0.82-0.85x), sampling at 1 thread (0.97-1.00x), two halves of the call on two Python threads with
+  1 thread each (0.87-0.95x: the GIL), a two-part softmax without the score concat (0.75-0.83x a layer).
 Before (the engine as merged for issue #13, 2026-12-02, load ~1.5, with transformers' generate):
   1 thread new/old 1.75x (tiny) / 1.86x (paper) / 1.51x (RL-step) / 1.76x (eval); 2 threads 1.57x /
   1.65x / 1.33x / 1.51x.
