@@ -641,6 +641,12 @@ def _render(rng, T, tpl, mode, nodes, noise, unknown):
     return Problem(problem, question, solution, answer, T, tpl.name, mode, problem_id(problem, question), graph)
 
 
+def given_statements(problem: str) -> int:
+    """How many statements a problem text gives (_render joins them with '. '), distractors included.
+    In the tiny world this, more than op, is what a small model finds hard (RESEARCH.md)."""
+    return max(1, problem.count('. '))
+
+
 def generate(rng: random.Random, ops, template: str, mode: str, world: World = PAPER_WORLD) -> Problem:
     """One problem at op `ops` (an int, or a list: one is drawn uniformly), built from `rng` alone,
     in `world` (the paper's by default)."""

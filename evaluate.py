@@ -112,7 +112,7 @@ defaults = dict(
 BANDS = defaults['bands']
 # the groupings every aggregate reports; a key joins the row's values with '/' ("ID/forwardreverse")
 GROUPS = (('all',), ('op',), ('band',), ('template',), ('mode',),
-          ('op', 'mode'), ('band', 'mode'), ('band', 'template'), ('op', 'template'))
+          ('op', 'mode'), ('band', 'mode'), ('band', 'template'), ('op', 'template'), ('op', 'given'))
 MODE_NOTE = "reverse-mode answers are always 1..4, so outcome pass@k is flattered there"
 
 
@@ -255,6 +255,7 @@ def problem_record(row, verdicts):
     first_outcome / first_process: the 1-based rank of the first right / perfect sample (0 = none)."""
     n = len(verdicts)
     return {'id': row['id'], 'op': row['op'], 'template': row['template'], 'mode': row['mode'], 'n': n,
+            'given': data.given_statements(row['problem']),
             'c_outcome': sum(v.outcome for v in verdicts),
             'c_process': sum(v.perfect for v in verdicts),
             'c_hacked': sum(v.outcome and not v.perfect for v in verdicts),
@@ -384,14 +385,14 @@ def weighted_stats(records, ops_spec, ks, n_boot=0, seed=0):
 
 def aggregate(records, ks=None, bands=BANDS, weighted_bands=None, n_boot=0, seed=0):
     """{'ks', 'bands', 'all': stats, 'op': {'2': stats, ...}, 'band': {'ID': ...}, 'template': ...,
-    'mode': ..., 'op/mode': {'2/normalforward': ...}, 'band/mode', 'band/template', 'op/template',
+    'mode': ..., 'op/mode': {'2/normalforward': ...}, 'band/mode', 'band/template', 'op/template', 'op/given',
     'weighted': {'ID': ...} (weighted_bands)}; stats as group_stats. ks default to 1, 2, 4, ..., n
     (k > the smallest n is dropped). n_boot > 0 adds bootstrap intervals (seeded by seed)."""
     if not records:
         raise UsageError("nothing to aggregate: no scored problems")
     n_min = min(r['n'] for r in records)
     ks = [k for k in (ks or default_ks(n_min)) if k <= n_min]
-    keyed = [dict(r, all='all', band=band_of(r['op'], bands)) for r in records]
+    keyed = [dict(r, all='all', band=band_of(r['op'], bands), given=r.get('given', '?')) for r in records]
     out = {'ks': ks, 'bands': {b: list(v) for b, v in bands.items()}}
     for dims in GROUPS:
         buckets = defaultdict(list)
@@ -572,6 +573,11 @@ def write_summary(runs, meta, path):
         for lb in labels:
             for key, st in runs[lb]['aggregate']['band/template'].items():
                 L.append(f"| {lb} | {key} | {_cell(st, 1, est)} | {_cell(st, kmax, est)} |")
+    L += ['', f'## By op and statements given: pass@1 and pass@{kmax}, unbiased (what makes a problem hard)', '',
+          f'| label | op/statements | problems | pass@1 | pass@{kmax} |', '|---|---|---|---|---|']
+    for lb in labels:
+        for key, st in runs[lb]['aggregate'].get('op/given', {}).items():
+            L.append(f"| {lb} | {key} | {st['n_problems']} | {_cell(st, 1, 'unbiased')} | {_cell(st, kmax, 'unbiased')} |")
     with open(path, 'w') as f:
         f.write('\n'.join(L) + '\n')
 

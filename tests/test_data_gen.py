@@ -724,3 +724,15 @@ def test_parse_world_names_and_errors():
     for bad in ('huge', '3,3', '0,3,1'):
         with pytest.raises(ValueError, match='world'):
             data.parse_world(bad)
+
+
+def test_given_statements_counts_what_the_text_states(sample):
+    # forward mode: every statement (stated gold nodes -- totals are implied -- and distractors)
+    # starts with a capitalised "The number of", and every non-total gold node is stated
+    assert data.given_statements(FIXTURE_ROWS[0]['problem']) == 2
+    forward = [p.to_row() for p in sample if p.mode == 'normalforward']
+    assert len(forward) > 500
+    for r in forward:
+        n = data.given_statements(r['problem'])
+        assert n == r['problem'].count('The number of'), r['problem']
+        assert n >= sum(1 for name in r['graph']['nodes'] if not name.startswith('total number')), r['id']
