@@ -43,7 +43,8 @@ data_dir '' means the data dir recorded in the first checkpoint's run config.
 What ends up in out_dir:
   results.json             config, checkpoints, every aggregate and per-problem counts, per label
   results.csv              one row per (label, grouping, key): counts, ProcessAcc, hacking, pass@k
-  summary.md               the tables a reader wants first (bands x modes, ops, hacking, templates)
+  summary.md               the tables a reader wants first (bands x modes, ops, hacking, templates,
+                           ops x statements given)
   passk_by_band.png        pass@k curves per band (columns) and mode (rows), checkpoints overlaid
   acc_vs_op.png            pass@1 and pass@n versus op, checkpoints overlaid, bands shaded; rows per mode
   acc_vs_op_by_template.png   the same with one row per template (contextual generalization, STUDY.md §5.2)
