@@ -51,7 +51,8 @@ alternating calls; kept tokens/s, new/old):
   (the absolute numbers swing 2x with the box's load; the ratios are side by side. The same command
   with transformers, 1 thread, on the base before its re-training: tiny 15,865 / 6,302 / HF 1,700
   tok/s = 2.52x; paper 7,860 / 3,630 / 524 = 2.17x; RL-step 12,876 / 6,453 / 2,118 = 2.00x.)
-  The 2.5x target: met on the tiny world (2.5x at 1 and 2 threads), not on the paper world's long
+  The 2.5x target in that run: met on the tiny world (2.5x at 1 and 2 threads; later runs below: 2 threads
+  2.1-2.4x), not on the paper world's long
   prompts and responses (1.8-2.2x) nor at temperature 0.7 (1.8-1.9x: the T 1 one-exp sampling path
   does not apply). Where the time goes (cProfile with a CPU-time clock, 1 thread): tiny world 0.90 s
   = oneDNN GEMMs 0.24, attention 0.31 (its bmm/matmuls ~0.2), sampling 0.09, the rest small ops;
