@@ -415,7 +415,7 @@ def train(cfg):
         say(f"done: val loss {log['val'][0]['loss']:.4f} -> {log['val'][-1]['loss']:.4f}; {out_dir}/ckpt.pt")
     logger.close()
     if dist.world_size > 1:
-        del m  # DDP's reducer goes before the process group it uses (tests/test_rl.py)
+        del m  # (the DDP wrapper goes first: model.cleanup_distributed)
         model.cleanup_distributed()
     return log
 

@@ -939,7 +939,7 @@ def finish(S, results):
     S.log.close()
     results.update(step=S.step, flops=S.flops)
     if S.dist.ddp:
-        S.train_model = None  # DDP's reducer goes before the process group it uses (tests/test_rl.py)
+        S.train_model = None  # (the DDP wrapper goes first: cleanup_distributed)
         M.cleanup_distributed()
     return results
 
