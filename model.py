@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -134,6 +136,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # F.rms_norm is one fused kernel; same numbers as HF's pow/mean/rsqrt chain
+        if x.dtype == self.weight.dtype == torch.float32:  # weight inside: one op fewer, bitwise the same
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
@@ -592,8 +596,11 @@ class Engine:
         self.C = C                    # rows per slot: G, fewer after a tail compaction
         self.cache = EngineCache(self.cfg, S, C, self.P, T if dev.type == 'cuda' else min(T, GROW), dev, self.dtype)
         z = lambda dt=torch.long: torch.zeros(R, dtype=dt, device=dev)  # noqa: E731
-        # per row: last sampled token (fed next), tokens generated, cap, seed, done; per slot: prompt length
-        self.tok, self.n_gen, self.cap, self.seed = z(), torch.ones(R, dtype=torch.long, device=dev), z(), z()
+        # per row: last sampled token (fed next), tokens generated, cap, done, the uniform of each of
+        # its draws (counter_uniform of its seed, drawn at prefill: one gather a step, not ~20 integer
+        # ops); per slot: prompt length
+        self.tok, self.n_gen, self.cap = z(), torch.ones(R, dtype=torch.long, device=dev), z()
+        self.u = torch.zeros(R, T + 1, device=dev) if self.temperature > 0 else None
         self.done = torch.ones(R, dtype=torch.bool, device=dev)       # a free slot's rows are done
         self.plen = torch.ones(S, dtype=torch.long, device=dev)
         self.out_tok = torch.zeros(R, T + 1, dtype=torch.long, device=dev)  # +1: a done row writes past its end
@@ -629,7 +636,8 @@ class Engine:
         cl = torch.tensor(cols, device=dev)
         rows = (sl[:, None] * C + cl).reshape(-1)
         self.cache.select(sl[:, None], cl)
-        self.tok, self.n_gen, self.cap, self.seed = (t[rows] for t in (self.tok, self.n_gen, self.cap, self.seed))
+        self.tok, self.n_gen, self.cap = (t[rows] for t in (self.tok, self.n_gen, self.cap))
+        self.u = self.u[rows] if self.u is not None else None
         self.done = self.done[rows] | torch.tensor(pad, device=dev).reshape(-1)
         self.out_tok = self.out_tok[rows]
         self.out_lp = self.out_lp[rows] if self.want_lp else None
@@ -643,10 +651,9 @@ class Engine:
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def _sample(self, logits, seed, t):
-        """logits [N, V] fp32 -> tokens [N] drawn with the counter-based uniforms of (seed, t);
-        the log-probs [N] of the raw distribution when asked for, else None."""
-        u = None if self.temperature == 0 else counter_uniform(seed, t)
+    def _sample(self, logits, u):
+        """logits [N, V] fp32 -> tokens [N] drawn with the uniforms u [N] (None: greedy); the
+        log-probs [N] of the raw distribution when asked for, else None."""
         tok = sample_token(logits, self.temperature, self.top_k, self.top_p, u=u)
         lp = None
         if self.want_lp:
@@ -671,11 +678,14 @@ class Engine:
         self.cache.fill = None
         logits = self.w.logits(h[torch.arange(B, device=dev), lens - 1]).repeat_interleave(G, dim=0)
         rows = (s[:, None] * G + torch.arange(G, device=dev)).reshape(-1)
-        seed = torch.tensor([x for j in jobs for x in self.seeds[j]], device=dev)
         cap = torch.tensor([self.caps[j] for j in jobs], device=dev).repeat_interleave(G)
-        tok, lp = self._sample(logits, seed, torch.zeros_like(seed))
+        u = None
+        if self.u is not None:  # draw t of a row uses counter_uniform(its seed, t)
+            seed = torch.tensor([x for j in jobs for x in self.seeds[j]], device=dev)
+            u = self.u[rows] = counter_uniform(seed[:, None], torch.arange(self.T + 1, device=dev))
+        tok, lp = self._sample(logits, None if u is None else u[:, 0])
         self.plen[s] = lens
-        self.tok[rows], self.seed[rows], self.cap[rows] = tok, seed, cap  # rows per slot C == G here
+        self.tok[rows], self.cap[rows] = tok, cap  # rows per slot C == G here
         self.n_gen[rows] = 1
         self.done[rows] = self._stops(tok) | (cap <= 1)
         self.out_tok[rows, 0] = tok
@@ -710,7 +720,8 @@ class Engine:
         cos, sin = (t.index_select(0, pos)[:, None, None] for t in (m.rope_cos, m.rope_sin))  # (faster than t[pos])
         h = self.w.hidden(self.tok[:, None], cos, sin, c)
         logits = self.w.logits(h[:, 0])
-        tok, lp = self._sample(logits, self.seed, self.n_gen)
+        u = self.u.gather(1, self.n_gen[:, None]).squeeze(1) if self.u is not None else None
+        tok, lp = self._sample(logits, u)
         rows = torch.arange(S * G, device=dev)
         self.out_tok[rows, self.n_gen] = tok                           # a done row writes past its kept tokens
         if self.want_lp:
@@ -825,18 +836,26 @@ def sample_token(logits, temperature, top_k=None, top_p=None, generator=None, u=
     if u is None:
         gdev = generator.device if generator is not None else logits.device
         u = torch.rand(logits.size(0), generator=generator, device=gdev).to(logits.device)
-    # softmax up to its sum (inverse_cdf scales u by the total): one exp pass, no division
-    return inverse_cdf((logits - logits.amax(-1, keepdim=True)).exp_(), u)
+    # (inverse_cdf scales u by the probabilities' total, so their rounding to a sum of 1 is harmless)
+    return inverse_cdf(torch.softmax(logits, dim=-1), u)
 
 
-def inverse_cdf(probs, u, block=64):
+@functools.lru_cache
+def cdf_block(V: int) -> int:
+    """inverse_cdf's block size for a vocabulary of V: a divisor of V near 64 where one lies in
+    [32, 256] (the blocks are then a view of the probabilities, no padded copy), else 64."""
+    return min((b for b in range(32, 257) if V % b == 0), key=lambda b: abs(math.log(b / 64)), default=64)
+
+
+def inverse_cdf(probs, u, block=None):
     """The token whose cumulative-probability interval holds u * total: [N, V], [N] -> [N]. In two
     levels (the block of `block` tokens, then the token inside it), because a cumulative sum over the
     whole vocabulary is a slow sequential scan on CPU. A token of probability 0 is never returned,
     whatever the rounding."""
     N, V = probs.shape
+    block = block or cdf_block(V)
     nb = -(-V // block)
-    blocks = F.pad(probs, (0, nb * block - V)).view(N, nb, block)
+    blocks = (probs if nb * block == V else F.pad(probs, (0, nb * block - V))).reshape(N, nb, block)
     bcdf = blocks.sum(-1).cumsum(-1)                                            # [N, nb]
     total = bcdf[:, -1:]
     x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total

@@ -143,22 +143,25 @@ def test_counter_uniform_is_splitmix64():
     assert float(u.min()) >= 0 and float(u.max()) < 1
 
 
-def test_inverse_cdf_is_exact_on_a_grid_and_skips_zero_mass():
+@pytest.mark.parametrize('block', [None, 64])
+def test_inverse_cdf_is_exact_on_a_grid_and_skips_zero_mass(block):
     """u on a regular grid of n points picks each token n * p times (+-1), across block edges, with
-    zero-probability tokens (never picked) and u as close to 1 as a float gets."""
+    zero-probability tokens (never picked) and u as close to 1 as a float gets; with blocks that
+    divide the vocabulary (cdf_block: 60 of 300, no padding) and with a padded last block (64)."""
+    assert (M.cdf_block(300), M.cdf_block(2771), M.cdf_block(4099)) == (60, 163, 64)  # 4099 is prime
     g = torch.Generator().manual_seed(0)
     p = torch.rand(300, generator=g) ** 3
-    p[[0, 63, 64, 65, 128, 250, 299]] = 0       # zero mass at block edges and at the end
+    p[[0, 59, 60, 63, 64, 65, 128, 180, 250, 299]] = 0  # zero mass at block edges (60 and 64) and at the end
     p[100:140] = 0                               # a whole empty block
     p /= p.sum()
     n = 20000
     u = (torch.arange(n) + 0.5) / n
-    tok = M.inverse_cdf(p.expand(n, -1), u)
+    tok = M.inverse_cdf(p.expand(n, -1), u, block)
     counts = torch.bincount(tok, minlength=300).float()
     assert (counts - n * p).abs().max() <= 1.0 + 1e-3
     assert counts[p == 0].sum() == 0
     edge = torch.tensor([0.0, 1 - 2 ** -24, 0.99999994])
-    assert all(p[t] > 0 for t in M.inverse_cdf(p.expand(3, -1), edge))
+    assert all(p[t] > 0 for t in M.inverse_cdf(p.expand(3, -1), edge, block))
 
 
 def test_draws_follow_the_softmax():

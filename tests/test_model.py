@@ -137,6 +137,25 @@ def test_matches_transformers_both_directions(tie):
 
 
 @pytest.mark.fast
+def test_rms_norm_paths_agree():
+    """RMSNorm in fp32 runs as one op with the weight inside: bitwise the weight times the
+    normalised input (the path bf16 takes), and Hugging Face's pow/mean/rsqrt chain up to rounding."""
+    g = torch.Generator().manual_seed(0)
+    norm = M.RMSNorm(48, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+        x = torch.randn(5, 7, 48, generator=g) * 3
+        y = norm(x)
+        assert torch.equal(y, norm.weight * torch.nn.functional.rms_norm(x, (48,), eps=1e-6))
+        hf = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        torch.testing.assert_close(y, hf, rtol=1e-6, atol=1e-6)
+        xb = x.bfloat16()  # the cast path: fp32 inside, cast back, weight in bf16
+        yb = norm.bfloat16()(xb)
+        assert yb.dtype == torch.bfloat16
+        torch.testing.assert_close(yb.float(), hf, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.fast
 def test_loss_ignore_index_and_reduction_none():
     m = make_model(peaky=True)
     x = torch.randint(0, 97, (2, 12))
