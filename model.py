@@ -389,7 +389,7 @@ CUDA_GRAPHS = True # generate's default on CUDA: replay the decode step as CUDA 
 ROW_COST = 128     # a row's non-attention work in a decode step, in cached keys read (for _compact)
 COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share (0.9 elsewhere); CUDA
                               # must capture new graphs after a repack, so it waits for a bigger gain
-PREFILL_TOKENS = {'cuda': 1 << 16}  # padded tokens per prefill batch (4096 elsewhere)
+PREFILL_TOKENS = {'cuda': 1 << 16}  # padded tokens per prefill batch (1024 elsewhere: less padding, as fast)
 BUCKET = 64        # CUDA: key lengths attended are rounded up to this (one graph per bucket)
 GROW = 8           # elsewhere: the generated-key cache grows by this many positions at a time
 ONEDNN_LINEAR = True  # CPU fp32: the engine's matmuls through oneDNN's packed GEMM (EngineWeights)
@@ -784,7 +784,7 @@ class Engine:
                 jobs = [queue.pop() for _ in range(min(len(free), len(queue)))]  # longest first
                 i = 0
                 while i < len(jobs):  # batches of about PREFILL_TOKENS padded tokens
-                    k = max(1, PREFILL_TOKENS.get(self.dev.type, 4096) // len(self.prompts[jobs[i]]))
+                    k = max(1, PREFILL_TOKENS.get(self.dev.type, 1024) // len(self.prompts[jobs[i]]))
                     self._prefill(free[i:i + k][:len(jobs) - i], jobs[i:i + k])
                     i += k
             for _ in range(SYNC_EVERY):
