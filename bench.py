@@ -11,6 +11,8 @@ Benchmarks, side by side in one run on the same machine, config and batch:
                 tokens/s and wall time of the new engine and of the old one (model.py of git commit
                 --rollout_old, loaded with `git show`), 1 and 2 threads; transformers' generate only
                 when transformers is installed (it is not on the dev box)
+  stages        the tiny study's RL step and evaluation (rl.py, evaluate.py) with the new engine and
+                with the old one patched in: wall times (~4 min, only when named in --only)
   rollout-gpu   CUDA only: paper preset, --gpu_rows rows (prompts x 6), stops, <= --gpu_new_tokens,
                 bf16 + CUDA graphs: generated tokens/s and achieved memory bandwidth vs the peak
   data          problems generated and solutions verified per second on one core (targets 1000 / 5000)
@@ -25,8 +27,9 @@ verifier throughput, ...) the same way. Prints a table: name, measured, target, 
   python bench.py --only=train,sample      # a subset
   python bench.py --preset=mini --batch_size=4 --seq_len=1024
   python bench.py --only=mfu --compile=True   # on a GPU
-  python bench.py --only=rollout --rollout_init=out/tiny/base   # CPU, ~1.5 min
+  python bench.py --only=rollout --rollout_init=out/tiny/base   # CPU, ~3 min
   python bench.py --only=rollout-gpu           # one GPU, < 5 min (paper preset, 1024 rows, <= 1024 tokens)
+  python bench.py --only=stages --rollout_init=out/tiny/base    # CPU, ~4 min: tiny RL step / evaluation
 
 Measured (2026-11-27, torch 2.11 / transformers 5.17 on the H100 box; its CPU runs pinned to 2 idle
 cores with `taskset -c 0,1 ... --device=cpu --threads=2`):
@@ -88,14 +91,49 @@ Re-run at 2026-12-03 02:50, after the op diet of a decode step (427 -> 395 ops: 
   GEMMs that scale 1.7x. Tried and dropped: the small ops at 1 thread and only the GEMMs at 2
   (0.82-0.85x), sampling at 1 thread (0.97-1.00x), two halves of the call on two Python threads with
   1 thread each (0.87-0.95x: the GIL), a two-part softmax without the score concat (0.75-0.83x a layer).
+Re-run at 2026-12-03 06:30-07:00 (same box, load 0.3-1.2, `--rollout_iters=3` / `=5`), after the
+  sampling and setup trims of that morning: sampling by one fused softmax instead of max / subtract /
+  exp (1.8x faster over [192, 2771]); inverse-CDF blocks that divide the vocabulary (163 x 17 for
+  2771: no padded copy); each row's uniforms drawn once at prefill (one gather a step instead of ~20
+  integer ops); F.rms_norm with the weight inside; CPU prefill batches of ~1024 padded tokens instead
+  of 4096 (less padding: 24 vs 29-38 ms for the 32 rollout prompts). A/B against the previous commit,
+  whole rollout call, 2 threads: 1.04-1.10x (4 runs). Five bench runs:
+    rollout tiny  32x6, 2 threads: 2.70x, 2.46x, 2.43x (iters 3, before the prefill change), 2.68x,
+                        2.53x (iters 5, after it) -- median 2.53x
+                        1 thread:  2.72x, 2.97x, 3.07x, 2.90x, 2.89x
+    rollout paper world, 2 threads 2.53x, 2.25x, 2.37x, 2.30x, 2.10x; eval call 2.68-2.96x / 2.57-3.38x
+    (2 / 1 threads); RL-step call 1.87-2.14x / 2.22-2.40x.
+  A 192-row decode step of the tiny rollout now (profiler, 2 threads, ~5.5 ms): oneDNN GEMMs 1.6-1.7
+  ms (near the cores' peak), the attention's batched matmuls 1.4-1.8 ms (MKL's batched GEMV-like
+  products, memory-bound: a step reads ~40 MB of cache), softmax / cache writes / the rest ~2.3 ms.
+  Tried and dropped (A/B of whole calls, 2 threads, best of 8-14 alternating calls):
+    - generated caches laid out [slots, KV head, row, T, D] so that scores, weights and outputs stay in
+      one order (no permuted copies of the scores; baddbmm for the two value products): 0.96-1.00x
+    - views of the per-layer caches made once per cache shape, arange tables cached, the mask by one
+      torch.where, the inverse CDF's "mass below" by a padded cumsum: 377 -> 335 ops a step, 0.99-1.00x
+      -- at 192 rows the op count is not the limit, the kernels' work is
+    - two preallocated buffers per cache written in turn by grow() and the repack (a fresh allocation
+      is page-faulted in: grows alone 2x faster): 1.00x / 0.98x on the whole call
+    - index_put_ instead of index_copy_ for the new keys (1.07x, 0.98x, 0.96x: noise); values stored
+      transposed so that the weights-times-values product has the faster operand order (0.7-1.5x
+      depending on the length attended); one bmm over the prompt keys and all G rows' keys of a slot
+      with the other rows masked (0.5-0.9x); ATen's CPU flash attention for the prompt part (slower)
+    - GROW 16 / 24 (1.06x, 1.04x, 0.98x, 0.84x, 1.03x at 1 thread: noise around 1)
+The tiny study's stages with the new engine vs the old one patched in as Qwen2.generate (everything
+  else identical; 1 thread as runs/tiny.sh runs them; /work-style script research/eng/stage_times.py
+  in the notes): an RL step of tiny_rl (16 prompts x 6, 8 steps from out/tiny/base) 6.09 s vs 7.12 s
+  (generation 11.7k vs 4.9k tok/s: 2.4x; the step is now ~85% policy update and log-prob passes);
+  the evaluation of one checkpoint (tiny_eval: 210 problems x 16 samples) 31.3 s vs 112.3 s (3.6x).
 Before (the engine as merged for issue #13, 2026-12-02, load ~1.5, with transformers' generate):
   1 thread new/old 1.75x (tiny) / 1.86x (paper) / 1.51x (RL-step) / 1.76x (eval); 2 threads 1.57x /
   1.65x / 1.33x / 1.51x.
 """
 
+import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -117,7 +155,9 @@ config = dict(
     rollout_init='out/tiny/base',  # rollout: a trained tiny run (realistic stops); missing -> random init
     rollout_old='281bfb1', # rollout: git commit whose model.py is the old engine ('' = skip it)
     rollout_threads=(1, 2),  # rollout: CPU thread counts to time
-    rollout_iters=2,       # rollout: timed calls per side (alternating; the fastest counts)
+    stages_rl_steps=8,     # stages: RL steps timed (the median step counts)
+    rollout_iters=5,       # rollout: timed calls per side (alternating; the fastest counts: on a shared
+                           # box 2-3 calls left the 2-thread ratio swinging 2.4-2.7x)
     gpu_rows=1024,         # rollout-gpu: rows (prompts x 6 samples) of the paper-preset GPU row
     gpu_new_tokens=1024,   # rollout-gpu: max new tokens
     mfu_preset='paper',    # mfu: model preset
@@ -402,6 +442,61 @@ def bench_rollout(cfg):
                 target = name.startswith('rollout') and th == 2 and 'cuda' not in device
                 rows.append((f'{name} new/old tok/s ({th} thr)', f'{r:.2f}x (wall {secs[1] / secs[0]:.2f}x)',
                              '>= 2.5x' if target else '', r >= 2.5 if target else None))
+    torch.set_num_threads(n0)
+    return rows
+
+
+@contextmanager
+def generate_of(commit, model_cls):
+    """Inside: every Qwen2.generate call (rl.py's, evaluate.py's) runs on the old engine of git
+    `commit` (a twin model given the caller's current weights at every call); commit '' = unchanged."""
+    if not commit:
+        yield
+        return
+    ours, twins = model_cls.generate, {}
+
+    def old_generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+                     generator=None, num_samples=1, pad_id=0, logprobs=True, **_):
+        twin = twins.get(id(self)) or twins.setdefault(id(self), old_engine_twin(self, commit))
+        twin.load_state_dict(self.state_dict())
+        twin.train(self.training)
+        return twin.generate(prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator,
+                             num_samples, pad_id)
+    model_cls.generate = old_generate
+    try:
+        yield
+    finally:
+        model_cls.generate = ours
+
+
+@benchmark('stages', 'wall times, new vs old engine (only with --only=stages)')
+def bench_stages(cfg):
+    """The tiny study's RL step and evaluation as runs/tiny.sh runs them (1 thread): rl.py tiny_rl
+    for stages_rl_steps steps and evaluate.py tiny_eval of one checkpoint, both from --rollout_init
+    (its run's data dir holds the held-out problems), once with this engine and once with --rollout_old's
+    patched in as Qwen2.generate; everything else identical. ~4 minutes, so only when asked for."""
+    import tempfile
+    import evaluate
+    import rl
+    if 'stages' not in cfg['only'].split(','):
+        return [('stages', 'skipped (run with --only=stages)', '', None)]
+    init = cfg['rollout_init'] if os.path.isabs(cfg['rollout_init']) else os.path.join(ROOT, cfg['rollout_init'])
+    if not os.path.exists(os.path.join(init, 'ckpt.pt')):
+        return [('stages', f'skipped (no trained run at {init})', '', None)]
+    rows, n0 = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name, commit in [('new', ''), (f"old {cfg['rollout_old']}", cfg['rollout_old'])]:
+        with tempfile.TemporaryDirectory() as tmp, generate_of(commit, M.Qwen2):
+            rl.main(['tiny_rl', f'--init_from={init}', f'--out_dir={tmp}/rl', f"--max_steps={cfg['stages_rl_steps']}",
+                     '--ckpt_every=0', '--sample_every=0'])
+            log = [json.loads(line) for line in open(os.path.join(tmp, 'rl', 'log.jsonl'))]
+            t0 = time.perf_counter()
+            evaluate.main(['tiny_eval', f'--ckpts={init}', f'--out_dir={tmp}/eval'])  # (its run's data dir)
+            t_eval = time.perf_counter() - t0
+        step = sorted(r['step_s'] for r in log)[len(log) // 2]
+        gen = sum(r['gen_tok_per_s'] for r in log) / len(log)
+        rows += [(f'stages/rl tiny_rl step {name} (1 thr)', f'{step:.2f} s, gen {gen:,.0f} tok/s', '', None),
+                 (f'stages/evaluate tiny_eval, 1 ckpt, {name} (1 thr)', f'{t_eval:.1f} s', '', None)]
     torch.set_num_threads(n0)
     return rows
 

@@ -125,6 +125,29 @@ def test_greedy_equals_transformers_generate():
         assert g.tokens[2 * i] == g.tokens[2 * i + 1] == ref, i
 
 
+def test_bench_patches_in_the_old_engine_and_restores_ours():
+    """bench.generate_of (the `stages` benchmark's before/after switch): inside it Qwen2.generate is
+    the old engine of git commit 281bfb1 -- greedy rows equal the new engine's, with the caller's
+    current weights -- and after it ours is back."""
+    import subprocess
+    import bench
+    if subprocess.run(['git', 'cat-file', '-e', '281bfb1:model.py'], cwd=bench.ROOT, capture_output=True).returncode:
+        pytest.skip('git history without commit 281bfb1 (a shallow clone): no old engine to compare with')
+    m = make_model(peaky=True)
+    prompts, stop = varied_prompts(5, seed=4, lo=3), [3, 4]
+    new = m.generate(prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
+    ours = M.Qwen2.generate
+    with bench.generate_of('281bfb1', M.Qwen2):
+        assert M.Qwen2.generate is not ours
+        old = m.generate(prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(-1)   # the twin follows the caller's weights
+        flipped = m.generate(prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
+    assert M.Qwen2.generate is ours
+    assert type(old).__module__ != M.__name__ and old.tokens == new.tokens and old.finished == new.finished
+    assert flipped.tokens == m.generate(prompts, 12, temperature=0, stop_ids=stop, num_samples=2).tokens != new.tokens
+
+
 def test_counter_uniform_is_splitmix64():
     """The device hash is SplitMix64 (reference: the 64-bit unsigned arithmetic written out)."""
     def splitmix(seed, t):
