@@ -91,7 +91,7 @@ Re-run at 2026-12-03 02:50, after the op diet of a decode step (427 -> 395 ops: 
   GEMMs that scale 1.7x. Tried and dropped: the small ops at 1 thread and only the GEMMs at 2
   (0.82-0.85x), sampling at 1 thread (0.97-1.00x), two halves of the call on two Python threads with
   1 thread each (0.87-0.95x: the GIL), a two-part softmax without the score concat (0.75-0.83x a layer).
-Re-run at 2026-12-03 06:30-07:00 (same box, load 0.3-1.2, `--rollout_iters=3` / `=5`), after the
+Re-run on 2026-12-03 from 06:30 (same box, load 0.3-1.2, `--rollout_iters=3` / `=5`), after the
   sampling and setup trims of that morning: sampling by one fused softmax instead of max / subtract /
   exp (1.8x faster over [192, 2771]); inverse-CDF blocks that divide the vocabulary (163 x 17 for
   2771: no padded copy); each row's uniforms drawn once at prefill (one gather a step instead of ~20
@@ -117,13 +117,20 @@ Re-run at 2026-12-03 06:30-07:00 (same box, load 0.3-1.2, `--rollout_iters=3` / 
     - index_put_ instead of index_copy_ for the new keys (1.07x, 0.98x, 0.96x: noise); values stored
       transposed so that the weights-times-values product has the faster operand order (0.7-1.5x
       depending on the length attended); one bmm over the prompt keys and all G rows' keys of a slot
-      with the other rows masked (0.5-0.9x); ATen's CPU flash attention for the prompt part (slower)
+      with the other rows masked (0.5-0.9x); ATen's CPU flash attention for the prompt part (slower);
+      the batched products as grouped 1x1 conv1d, to reach oneDNN instead of MKL (3.3x slower)
     - GROW 16 / 24 (1.06x, 1.04x, 0.98x, 0.84x, 1.03x at 1 thread: noise around 1)
-The tiny study's stages with the new engine vs the old one patched in as Qwen2.generate (everything
-  else identical; 1 thread as runs/tiny.sh runs them; /work-style script research/eng/stage_times.py
-  in the notes): an RL step of tiny_rl (16 prompts x 6, 8 steps from out/tiny/base) 6.09 s vs 7.12 s
-  (generation 11.7k vs 4.9k tok/s: 2.4x; the step is now ~85% policy update and log-prob passes);
-  the evaluation of one checkpoint (tiny_eval: 210 problems x 16 samples) 31.3 s vs 112.3 s (3.6x).
+The tiny study's stages, `python bench.py --only=stages --rollout_init=out/tiny/base` (2026-12-03,
+  right after the two rollout runs named below; rl.py tiny_rl for 8 steps and evaluate.py tiny_eval of out/tiny/base, 1 thread as
+  runs/tiny.sh runs them, with the old engine patched in as Qwen2.generate for "old"): an RL step
+  6.63 s new vs 7.60 s old (median; generation 8.7k vs 4.2k tok/s -- the step is now ~85% log-prob
+  passes and the policy update), one checkpoint's evaluation (210 problems x 16 samples) 31.7 s vs
+  84.0 s (2.65x). An earlier run of the same comparison (a script doing what this row does): 6.09 vs
+  7.12 s; 31.3 vs 112.3 s.
+  Two more rollout runs (iters 5): tiny 2 threads 2.39x, 2.49x; 1 thread 2.87x, 2.72x
+  -- over all seven runs of the morning the 2-thread ratio is 2.39-2.70x, median 2.49x: the 2.5x
+  target sits inside the box's run-to-run spread (in the 2.39x run the second thread added 8% to
+  ours and 30% to the old engine: another process held a core).
 Before (the engine as merged for issue #13, 2026-12-02, load ~1.5, with transformers' generate):
   1 thread new/old 1.75x (tiny) / 1.86x (paper) / 1.51x (RL-step) / 1.76x (eval); 2 threads 1.57x /
   1.65x / 1.33x / 1.51x.
