@@ -291,12 +291,15 @@ class Qwen2(nn.Module):
 
     # --- forward ------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, loss_reduction: str = 'mean', doc_ids=None):
+    def forward(self, idx, targets=None, loss_reduction: str = 'mean', doc_ids=None, positions=None):
         """idx [B, T] -> (logits [B, T, V] in fp32, loss). loss is the mean cross-entropy over
         targets != -100 (None when no targets). loss_reduction='none' returns the per-token loss
         [B, T] instead (0 where ignored), for RL losses built from the same forward pass.
         doc_ids [B, T] (optional, see document_ids): a token attends only to earlier tokens of its own
-        document, so packed documents do not see each other (plain causal attention when None)."""
+        document, so packed documents do not see each other (plain causal attention when None).
+        positions [B, R] (optional): logits (and targets [B, R]) only at these positions of each row
+        -- RL needs them at the response tokens only, and the output layer and its [B, T, V] logits
+        are a large share of a small model's pass."""
         B, T = idx.shape
         assert T <= self.config.max_seq_len, f"sequence length {T} > max_seq_len {self.config.max_seq_len}"
         x = self.embed_tokens(idx)
@@ -307,7 +310,11 @@ class Qwen2(nn.Module):
             mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
         for block in self.layers:
             x = block(x, cos, sin, mask)
-        logits = self.lm_head(self.norm(x)).float()
+        x = self.norm(x)
+        if positions is not None:
+            x = x.gather(1, positions[:, :, None].expand(-1, -1, x.size(-1)))
+            T = positions.size(1)
+        logits = self.lm_head(x).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,

@@ -509,10 +509,12 @@ def loss_kwargs(cfg):
 # Forward passes and the update
 
 
-def forward_logprobs(model, prompts, responses, temperature=1.0, device='cpu', entropy_grad=False):
+def forward_logprobs(model, prompts, responses, temperature=1.0, device='cpu', entropy_grad=False, entropy=True):
     """Log-probs of each response token under `model` given its prompt, in one forward over the
-    right-padded [prompt + response] rows (right padding is invisible to causal attention).
-    -> (logp [B, R] fp32, entropy [B, R] (differentiable only if entropy_grad), mask [B, R])."""
+    right-padded [prompt + response] rows (right padding is invisible to causal attention), with
+    logits computed at the response positions only.
+    -> (logp [B, R] fp32, entropy [B, R] (differentiable only if entropy_grad; None unless
+    `entropy`), mask [B, R])."""
     B = len(prompts)
     R = max(len(r) for r in responses)
     T = max(len(p) + len(r) for p, r in zip(prompts, responses)) - 1  # the last token predicts nothing
@@ -528,15 +530,15 @@ def forward_logprobs(model, prompts, responses, temperature=1.0, device='cpu', e
         mask[i, :len(r)] = True
     ids, pos, tgt, mask = ids.to(device), pos.to(device), tgt.to(device), mask.to(device)
     with M.autocast_ctx(device):
-        logits, _ = model(ids)
-    logits = logits.float().gather(1, pos[:, :, None].expand(-1, -1, logits.size(-1)))
+        logits, _ = model(ids, positions=pos)                                  # [B, R, V] fp32
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, tgt[:, :, None]).squeeze(-1)
+    if not entropy:
+        return logp * mask, None, mask
     lp = logp_all if entropy_grad else logp_all.detach()
-    entropy = -(lp.exp() * lp).sum(-1)
-    return logp * mask, entropy * mask, mask
+    return logp * mask, -(lp.exp() * lp).sum(-1) * mask, mask
 
 
 def micro_batches(indices, lengths, max_tokens):
@@ -558,7 +560,7 @@ def batch_logprobs(model, prompts, responses, max_tokens, temperature, device):
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     for mb in micro_batches(range(len(prompts)), lengths, max_tokens):
         logp, _, _ = forward_logprobs(model, [prompts[i] for i in mb], [responses[i] for i in mb],
-                                      temperature, device)
+                                      temperature, device, entropy=False)
         for k, i in enumerate(mb):
             out[i] = logp[k, :len(responses[i])]
     return out

@@ -156,6 +156,24 @@ def test_rms_norm_paths_agree():
 
 
 @pytest.mark.fast
+def test_logits_at_positions_equal_the_full_logits_there():
+    """forward(positions=...) (RL's response tokens only) gives the full pass's logits at those
+    positions, and its per-token loss against targets of the same shape."""
+    m = make_model()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, SMALL['vocab_size'], (3, 20), generator=g)
+    pos = torch.tensor([[2, 5, 19], [0, 0, 7], [18, 3, 3]])
+    tgt = torch.randint(0, SMALL['vocab_size'], (3, 3), generator=g)
+    with torch.no_grad():
+        full, _ = m(x)
+        part, loss = m(x, targets=tgt, loss_reduction='none', positions=pos)
+    want = full.gather(1, pos[:, :, None].expand(-1, -1, full.size(-1)))
+    torch.testing.assert_close(part, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(want.transpose(1, 2), tgt, reduction='none'),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.fast
 def test_loss_ignore_index_and_reduction_none():
     m = make_model(peaky=True)
     x = torch.randint(0, 97, (2, 12))
