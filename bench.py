@@ -130,7 +130,12 @@ The tiny study's stages, `python bench.py --only=stages --rollout_init=out/tiny/
   Two more rollout runs (iters 5): tiny 2 threads 2.39x, 2.49x; 1 thread 2.87x, 2.72x
   -- over all seven runs of the morning the 2-thread ratio is 2.39-2.70x, median 2.49x: the 2.5x
   target sits inside the box's run-to-run spread (in the 2.39x run the second thread added 8% to
-  ours and 30% to the old engine: another process held a core).
+  ours and 30% to the old engine: another process held a core). Two 2-thread-only runs
+  (`--rollout_threads=(2,) --rollout_iters=8`): 2.47x (20,794 / 8,420 tok/s), 2.57x (18,829 /
+  7,340); paper world 2.17x, 2.15x; eval call 2.16x, 2.37x; RL-step call 1.42x, 1.75x.
+  After rl.py's log-prob passes were trimmed (logits at the response positions only, no entropy
+  where unused), `--only=stages` again: RL step 4.48 s new vs 5.52 s old engine (both with the
+  trimmed rl.py; the step before either change: 7.1-7.6 s), evaluation 23.5 s vs 83.1 s (3.5x).
 Before (the engine as merged for issue #13, 2026-12-02, load ~1.5, with transformers' generate):
   1 thread new/old 1.75x (tiny) / 1.86x (paper) / 1.51x (RL-step) / 1.76x (eval); 2 threads 1.57x /
   1.65x / 1.33x / 1.51x.
