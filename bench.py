@@ -15,6 +15,7 @@ Benchmarks, side by side in one run on the same machine, config and batch:
                 with the old one patched in: wall times (~4 min, only when named in --only)
   rollout-gpu   CUDA only: paper preset, --gpu_rows rows (prompts x 6), stops, <= --gpu_new_tokens,
                 bf16 + CUDA graphs: generated tokens/s and achieved memory bandwidth vs the peak
+  gemm          CPU, 1 thread: a training linear's three GEMMs through F.linear (MKL) vs oneDNN
   data          problems generated and solutions verified per second on one core (targets 1000 / 5000)
   sizes         per-op problem / solution characters and steps next to the original's table
   mfu           CUDA only: model FLOPs utilisation of a bf16 training step of the `paper` preset
@@ -136,6 +137,11 @@ The tiny study's stages, `python bench.py --only=stages --rollout_init=out/tiny/
   After rl.py's log-prob passes were trimmed (logits at the response positions only, no entropy
   where unused), `--only=stages` again: RL step 4.48 s new vs 5.52 s old engine (both with the
   trimmed rl.py; the step before either change: 7.1-7.6 s), evaluation 23.5 s vs 83.1 s (3.5x).
+`python bench.py --only=gemm` (2026-12-03, the AMD dev box, 1 thread, [4096 x 128] -> 512): F.linear
+  (MKL) vs oneDNN forward 6.63 vs 3.07 ms (2.16x), input gradient 6.75 vs 3.31 ms (2.04x), weight
+  gradient 6.79 vs 5.32 ms (1.28x) -- training (pre-training, the RL update and its log-prob passes)
+  still runs on MKL; a oneDNN-backed linear with its own backward for CPU fp32 is the next lever for
+  the tiny study's wall time on such CPUs (not built).
 Before (the engine as merged for issue #13, 2026-12-02, load ~1.5, with transformers' generate):
   1 thread new/old 1.75x (tiny) / 1.86x (paper) / 1.51x (RL-step) / 1.76x (eval); 2 threads 1.57x /
   1.65x / 1.33x / 1.51x.
@@ -412,6 +418,36 @@ def timed_generate(models, prompts, G, new, temperature, stops, device, iters, k
             kept[i] = sum(len(t) for t in out.tokens)
         return fn
     return race([call(i) for i in range(len(models))], device, iters, warmup=0), kept
+
+
+@benchmark('gemm', 'where oneDNN beats F.linear (CPU)')
+def bench_gemm(cfg):
+    """CPU fp32, 1 thread: the three GEMMs of a linear layer in training (forward, input gradient,
+    weight gradient) at the tiny preset's MLP shape and a training micro-batch of rows (8 x 512 = 4096
+    tokens x 128 -> 512), through F.linear / matmul (MKL's sgemm) and through oneDNN's GEMM
+    (torch.ops.mkldnn._linear_pointwise, the engine's path): the case for a oneDNN-backed training
+    linear on CPUs where MKL is slow (on the AMD dev box it ran at about half oneDNN's speed)."""
+    import torch.nn.functional as F
+    if 'cuda' in cfg['device'] or not torch.backends.mkldnn.is_available():
+        return [('gemm', 'skipped (CPU with oneDNN only)', '', None)]
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(cfg['seed'])
+    N, K, O = cfg['batch_size'] * cfg['seq_len'], 128, 512
+    x, w, dy = torch.randn(N, K, generator=g), torch.randn(O, K, generator=g), torch.randn(N, O, generator=g)
+    wt, xt = w.t().contiguous(), x.t().contiguous()
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, N)
+    dnn = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, 'none', [], '')  # noqa: E731
+    pairs = [('forward x W^T', lambda: F.linear(x, w), lambda: dnn(x, packed)),
+             ('input grad dY W', lambda: dy @ w, lambda: dnn(dy, wt)),
+             ('weight grad dY^T X', lambda: dy.t() @ x, lambda: dnn(dy.t().contiguous(), xt))]
+    rows = []
+    for name, mkl, onednn in pairs:
+        t_mkl, t_dnn = race([mkl, onednn], 'cpu', 10)
+        rows.append((f'gemm/{name} [{N}x{K}x{O}] 1 thr',
+                     f'MKL {t_mkl * 1e3:.2f} / oneDNN {t_dnn * 1e3:.2f} ms ({t_mkl / t_dnn:.2f}x)', '', None))
+    torch.set_num_threads(n0)
+    return rows
 
 
 @benchmark('rollout', target='new >= 2.5x old tokens/s (CPU, 2 threads)')
