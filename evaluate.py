@@ -765,7 +765,10 @@ def evaluate(cfg):
             verdicts = verify_all(rows, samples, cfg['workers'], cfg['progress'])
             data.write_jsonl(path, generation_lines(rows, samples, verdicts))
             old = prev.get(label, {})
-            runs[label] = {'ckpt': ckpt or old.get('ckpt', ''), 'step': old.get('step'),
+            step = old.get('step')
+            if step is None and ckpt:  # (two processes wrote results.json: the other's labels are gone)
+                step = M.checkpoint_step(ckpt)
+            runs[label] = {'ckpt': ckpt or old.get('ckpt', ''), 'step': step,
                            'records': [problem_record(r, vs) for r, vs in zip(rows, verdicts)]}
             say(f"{label}: re-scored {sum(map(len, samples))} samples from {path}")
             n = min(len(s) for s in samples)

@@ -1068,6 +1068,15 @@ def resolve_ckpt(path, what='checkpoint', fix='train it first or fix the path') 
     return p
 
 
+def checkpoint_step(path) -> int | None:
+    """The step a checkpoint (a ckpt.pt or a run directory) was saved at, read without building the
+    model (memory-mapped: the weights stay on disk); None where there is no checkpoint."""
+    p = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        return None
+    return int(torch.load(p, map_location='cpu', weights_only=True, mmap=True)['step'])
+
+
 def run_tokenizer_path(ckpt_path, ckpt_config: dict) -> str | None:
     """Where a run's tokenizer lives: the run directory's tokenizer.json, else its data_dir's."""
     run_dir = os.path.dirname(os.path.abspath(ckpt_path))

@@ -13,6 +13,7 @@ import torch
 
 import data
 import evaluate as ev
+import model as M
 from model import Generation, ModelConfig, Qwen2, save_checkpoint
 
 
@@ -348,6 +349,13 @@ def test_command_end_to_end_and_rescore(random_runs, tmp_path):
     assert after['a']['aggregate'] == res['runs']['a']['aggregate'] and after['a']['step'] == 7
     assert after['b']['records'] == res['runs']['b']['records']
     assert (out / 'results.csv').exists()
+    # a label missing from results.json (two processes wrote it: runs/tiny.sh) gets its step from --ckpts
+    res['runs'].pop('b')
+    (out / 'results.json').write_text(json.dumps(res))
+    ev.main(['tiny_eval', *ANY_EVAL, '--labels=a,b', f'--ckpts={run0},{run1}', f'--out_dir={out}', '--rescore=True',
+             '--progress=False'])
+    assert [r['step'] for r in json.loads((out / 'results.json').read_text())['runs'].values()] == [7, 8]
+    assert M.checkpoint_step(run1) == 8 and M.checkpoint_step(str(tmp_path / 'none')) is None
 
 
 def test_command_errors(random_runs, tmp_path):
