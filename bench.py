@@ -505,7 +505,9 @@ def generate_of(commit, model_cls):
 
     def old_generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
                      generator=None, num_samples=1, pad_id=0, logprobs=True, **_):
-        twin = twins.get(id(self)) or twins.setdefault(id(self), old_engine_twin(self, commit))
+        if id(self) not in twins:
+            twins[id(self)] = old_engine_twin(self, commit)
+        twin = twins[id(self)]
         twin.load_state_dict(self.state_dict())
         twin.train(self.training)
         return twin.generate(prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator,

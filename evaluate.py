@@ -765,9 +765,9 @@ def evaluate(cfg):
             verdicts = verify_all(rows, samples, cfg['workers'], cfg['progress'])
             data.write_jsonl(path, generation_lines(rows, samples, verdicts))
             old = prev.get(label, {})
-            step = old.get('step')
-            if step is None and ckpt:  # (two processes wrote results.json: the other's labels are gone)
-                step = M.checkpoint_step(ckpt)
+            # the checkpoint's own step where it is named (results.json may lack the label: runs/tiny.sh's
+            # two evaluation processes each write it)
+            step = M.checkpoint_step(ckpt) if ckpt else old.get('step')
             runs[label] = {'ckpt': ckpt or old.get('ckpt', ''), 'step': step,
                            'records': [problem_record(r, vs) for r, vs in zip(rows, verdicts)]}
             say(f"{label}: re-scored {sum(map(len, samples))} samples from {path}")

@@ -1071,8 +1071,9 @@ def resolve_ckpt(path, what='checkpoint', fix='train it first or fix the path') 
 def checkpoint_step(path) -> int | None:
     """The step a checkpoint (a ckpt.pt or a run directory) was saved at, read without building the
     model (memory-mapped: the weights stay on disk); None where there is no checkpoint."""
-    p = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-    if not os.path.isfile(p):
+    try:
+        p = resolve_ckpt(path)
+    except UsageError:
         return None
     return int(torch.load(p, map_location='cpu', weights_only=True, mmap=True)['step'])
 
