@@ -414,7 +414,7 @@ def test_skip_no_signal_leaves_weights_of_no_signal_minibatches_alone():
         cfg = rl.config(prompts_per_step=2, minibatch_prompts=1, kl_coef=0.001, micro_batch_tokens=1000,
                         skip_no_signal=skip)
         st = rl.update_policy(m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0), batch, cfg)
-        return st, max(float((p - b).abs().max()) for p, b in zip(m.parameters(), before))
+        return st, max(float((p.detach() - b).abs().max()) for p, b in zip(m.parameters(), before))
 
     zero = torch.zeros(8)
     st, moved = run(zero, skip=False)
