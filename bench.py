@@ -137,11 +137,37 @@ The tiny study's stages, `python bench.py --only=stages --rollout_init=out/tiny/
   After rl.py's log-prob passes were trimmed (logits at the response positions only, no entropy
   where unused), `--only=stages` again: RL step 4.48 s new vs 5.52 s old engine (both with the
   trimmed rl.py; the step before either change: 7.1-7.6 s), evaluation 23.5 s vs 83.1 s (3.5x).
+Re-run on 2026-12-03 from 08:50 (next session), after generate() moved from torch.no_grad to
+  torch.inference_mode (no autograd bookkeeping on any op: 1.08x a whole rollout call at 1 and at 2
+  threads, A/B of the two model.py files, best of 8 / 6 alternating calls). Rollout tiny 32x6, 2
+  threads: before it 2.66x, 2.65x, 4.49x (an outlier: the old engine's calls slowed), 2.38x (iters
+  5), 2.37x, 1.96x, 2.41x (iters 8; the box slowed from 26.3k to 13-18k tok/s for ours meanwhile); after it 2.72x, 2.53x, 2.42x (2 threads only,
+  iters 5, the box still slow), then 2.69x and 2.85x in two full runs (iters 5; 1 thread 2.94x,
+  2.92x; 19.4-23.3k / 7.2-8.2k tok/s at 2 threads) -- median of the five after: 2.69x. Same two full
+  runs: paper world 2.45x / 2.35x (2 threads), 2.41x / 2.53x (1); RL-step call 1.92x / 2.23x, 2.38x /
+  2.28x; eval call 2.31x / 2.60x, 2.93x / 2.63x. `--only=stages` after it: RL step 4.82 s vs 6.13 s
+  with the old engine, one checkpoint's evaluation 25.8 s vs 86.1 s (3.3x).
+  The target row is the tiny world's (the tiny preset's own world: its RL and evaluation prompts).
+  The paper-world row is a stress row: its 32 prompts run 42-327 tokens, and every slot attends over
+  the longest one's padded prompt cache -- one layer's decode attention at 192 rows, generated
+  length 40, costs 1.19 ms with a 327-token prompt cache vs 0.59 ms with 81. Prompt-length tiers
+  (slots grouped by prompt length, each group attending over its own shorter cache) would save an
+  estimated ~40% of the prompt part there for twice the attention ops: ~6% of a step, not built.
+  Also tried this session: scores, softmax and weights kept in the prompt part's [slot, KV head,
+  row] order with the mask added in place and the prompt weights read strided (0.89-1.06x a layer
+  at prompt 81 / 327, length 40 / 120); a [T, rows, D] cache layout whose first Tb positions are a
+  contiguous prefix (no grow copies): its batched products 1.6-1.7x slower at length 120.
+  oneDNN's linear costs ~10-12 us a call whatever the size: F.linear is 3x faster at 1 row, even at
+  8, and oneDNN 1.7-2.3x faster from 64 rows up -- the switch would only help the last few steps of
+  a call (<1% of the rollout), not built.
 `python bench.py --only=gemm` (2026-12-03, the AMD dev box, 1 thread, [4096 x 128] -> 512): F.linear
   (MKL) vs oneDNN forward 6.63 vs 3.07 ms (2.16x), input gradient 6.75 vs 3.31 ms (2.04x), weight
   gradient 6.79 vs 5.32 ms (1.28x) -- training (pre-training, the RL update and its log-prob passes)
-  still runs on MKL; a oneDNN-backed linear with its own backward for CPU fp32 is the next lever for
-  the tiny study's wall time on such CPUs (not built).
+  still runs on MKL. A prototype oneDNN linear with its own backward (forward and input gradient
+  through oneDNN, weight gradient through MKL) on the tiny model's whole training step (8 x 512
+  tokens, forward + backward): 1.10-1.33x at 1 thread, 0.98-1.21x at 2 (three runs each; the loss
+  bitwise the same, gradients within 2e-6 relative) -- not built: a modest gain for a second
+  training code path in every stage.
 Before (the engine as merged for issue #13, 2026-12-02, load ~1.5, with transformers' generate):
   1 thread new/old 1.75x (tiny) / 1.86x (paper) / 1.51x (RL-step) / 1.76x (eval); 2 threads 1.57x /
   1.65x / 1.33x / 1.51x.
