@@ -269,7 +269,7 @@ def test_solution_loss_mask_matches_a_token_by_token_reference(tiny_data):
         inside = inside and t != qc
     W = 256  # windows at many offsets: some begin mid-question, a few hold no tag at all
     starts = list(range(0, 8000 - W - 1, 37))
-    s = torch.from_numpy(np.stack([stream[i:i + W + 1] for i in starts]).astype(np.int64))
+    s = torch.from_numpy(np.stack([stream[i:i + W + 1] for i in starts]))
     x, y = s[:, :-1], s[:, 1:]
     got = data.mask_question_targets(x, y, tok)
     want = torch.tensor([[-100 if in_q[i + 1 + t] else int(stream[i + 1 + t]) for t in range(W)] for i in starts])
