@@ -170,7 +170,8 @@ The next lever, measured and not built: with refills, every row attends over the
   slot lives as long as the longest of its G samples, so one long sample keeps Tb high for all.
   What would fix it: preempting a slot that runs far past the others while prompts wait -- its
   unfinished rows requeued as continuations (prompt + tokens so far, re-prefilled later; the draws
-  are indexed by position, so the samples stay the same) -- or caches in age cohorts.
+  are indexed by position, so the samples stay the same up to float rounding) -- or caches in age
+  cohorts.
 `python bench.py --only=gemm` (2026-12-03, the AMD dev box, 1 thread, [4096 x 128] -> 512): F.linear
   (MKL) vs oneDNN forward 6.63 vs 3.07 ms (2.16x), input gradient 6.75 vs 3.31 ms (2.04x), weight
   gradient 6.79 vs 5.32 ms (1.28x) -- training (pre-training, the RL update and its log-prob passes)
