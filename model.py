@@ -389,6 +389,14 @@ class Qwen2(nn.Module):
 # 30x16) and 7.1% (128x6 through 32 slots, the queue refilling them); whole slots of stopped rows
 # waiting for the next collection or the tail repack (_compact) another 5-7%. Collecting every 2 or
 # 4 steps on CPU, or repacking at a 5% gain, changed the rollout by +-1% (noise): not worth it.
+#
+# Why a slot that runs far past the others is parked while prompts wait: every row attends over the
+# generated keys of the oldest occupied slot (Tb; masked beyond its own length), and a slot lives as
+# long as the longest of its G samples, so one long sample makes every row read keys it never uses
+# (evaluate.py tiny_eval's call, 210 problems x 16 through 12 slots: 4.7x the keys the rows hold).
+# A parked slot's caches and row state are set aside, its slot takes a waiting prompt, and it is
+# put back, exactly as it was, once the queue is empty: rows never interact, so its samples are
+# the same (that call: 1.35x faster at 1 thread, 1.26x at 2, all 3,360 samples identical).
 
 DEFAULT_KV_BYTES = {'cuda': 8 << 30, 'cpu': 256 << 20}  # paper preset in bf16: 6 KiB a token -> 1.4M tokens
 SYNC_EVERY = 8     # decode steps between collections of finished rows
@@ -398,6 +406,8 @@ COMPACT_GAIN = {'cuda': 0.5}  # repack when it cuts a step's cost to this share 
                               # must capture new graphs after a repack, so it waits for a bigger gain
 PREFILL_TOKENS = {'cuda': 1 << 16}  # padded tokens per prefill batch (1024 elsewhere: less padding, as fast)
 BUCKET = 64        # CUDA: key lengths attended are rounded up to this (one graph per bucket)
+PARK_AGE, PARK_FACTOR = 64, 2.0  # while prompts wait, park a slot older than both PARK_AGE steps
+                                 # and PARK_FACTOR x the median occupied slot's age (Engine._park_old)
 GROW = 8           # elsewhere: the generated-key cache grows by this many positions at a time
 ONEDNN_LINEAR = True  # CPU fp32: the engine's matmuls through oneDNN's packed GEMM (EngineWeights)
 
@@ -453,6 +463,10 @@ class EngineCache:
         extra = list(self.gk.shape)
         extra[4] = T - self.gk.size(4)
         self.gk, self.gv = (torch.cat([c, c.new_zeros(extra)], dim=4) for c in (self.gk, self.gv))
+
+    def shrink(self, T):
+        """Keep the first T generated positions per row (CPU, after a long-running slot is parked)."""
+        self.gk, self.gv = (c[:, :, :, :, :T].contiguous() for c in (self.gk, self.gv))
 
     def select(self, slots, cols):
         """Keep prompt-slots slots [S', 1] and, of each, the rows cols [S', C'] (Engine._compact)."""
@@ -785,8 +799,12 @@ class Engine:
         self.steps = 0
         res_tok, res_lp, res_fin = [None] * (n * G), [None] * (n * G), [False] * (n * G)
         stop = set(self.stop.tolist())
+        self.parked = []  # slots set aside while prompts wait (_park_old), put back when none does
         while True:
             free = [s for s in range(self.S) if self.slot_job[s] < 0]
+            if not queue and free and self.parked:
+                for s in free[:len(self.parked)]:
+                    self._unpark(s, self.parked.pop())
             if queue and free:
                 jobs = [queue.pop() for _ in range(min(len(free), len(queue)))]  # longest first
                 i = 0
@@ -815,10 +833,63 @@ class Engine:
                 for s in {r // self.C for r in new}:
                     if all(j < 0 for j in self.row_j[s * self.C:(s + 1) * self.C]):
                         self.slot_job[s], self.slot_age[s] = -1, 0
-            if not queue:
+            if queue:
+                self._park_old()
+            elif not self.parked:  # (the repack assumes G rows a slot: only once every slot is back)
                 if all(j < 0 for j in self.row_j):
                     return Generation(tokens=res_tok, logprobs=res_lp, finished=res_fin)
                 self._compact()
+
+    # -- parking (see "Why a slot that runs far past the others is parked" above) -----------------
+
+    def _row_state(self):
+        return [self.tok, self.n_gen, self.cap, self.done, self.out_tok, self.u, self.out_lp]
+
+    def _park_old(self):
+        """Park the occupied slots older than PARK_AGE and PARK_FACTOR x the median age (at most S
+        parked at a time: their caches are held outside the memory budget); on CPU, shrink the
+        generated-key cache to what the remaining slots need."""
+        occ = [s for s in range(self.S) if self.slot_job[s] >= 0]
+        if len(occ) < 2:
+            return
+        median = sorted(self.slot_age[s] for s in occ)[len(occ) // 2]
+        for s in occ:
+            if self.slot_age[s] > max(PARK_AGE, PARK_FACTOR * median) and len(self.parked) < self.S:
+                self._park(s)
+        need = max([self.slot_age[s] for s in range(self.S) if self.slot_job[s] >= 0] or [0]) + 1
+        c = self.cache
+        if self.dev.type != 'cuda' and c.gk.size(4) >= 2 * need and c.gk.size(4) > GROW:
+            c.shrink(-(-need // GROW) * GROW)
+            c.Tb = c.gk.size(4)
+
+    def _park(self, s):
+        """Set slot s aside: its prompt and generated keys/values, its rows' state; free the slot."""
+        C, c = self.C, self.cache
+        rows, a = slice(s * C, (s + 1) * C), min(self.slot_age[s] + 1, c.gk.size(4))  # positions written
+        self.parked.append(dict(
+            job=self.slot_job[s], age=self.slot_age[s], a=a, plen=self.plen[s].clone(), row_j=self.row_j[rows],
+            rows=[None if t is None else t[rows].clone() for t in self._row_state()],
+            kv=[t[:, s, ..., :a, :].clone() if t.dim() == 6 else t[:, s].clone() for t in (c.pk, c.pv, c.gk, c.gv)]))
+        self.slot_job[s], self.slot_age[s] = -1, 0
+        self.row_j[rows] = [-1] * C
+        self.done[rows] = True
+
+    def _unpark(self, s, p):
+        """Put parked slot p back into the free slot s, exactly as it was."""
+        C, c, a = self.C, self.cache, p['a']
+        if c.gk.size(4) < a:  # (CPU: the cache may have shrunk meanwhile)
+            c.grow(min(self.T, -(-a // GROW) * GROW))
+            c.Tb = c.gk.size(4)
+        rows = slice(s * C, (s + 1) * C)
+        pk, pv, gk, gv = p['kv']
+        c.pk[:, s], c.pv[:, s] = pk, pv
+        c.gk[:, s, ..., :a, :], c.gv[:, s, ..., :a, :] = gk, gv
+        for t, v in zip(self._row_state(), p['rows']):
+            if t is not None:
+                t[rows] = v
+        self.plen[s] = p['plen']
+        self.slot_job[s], self.slot_age[s] = p['job'], p['age']
+        self.row_j[rows] = p['row_j']
 
 
 def sample_token(logits, temperature, top_k=None, top_p=None, generator=None, u=None):

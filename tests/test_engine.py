@@ -1,7 +1,8 @@
 """Tests of model.py's generation engine (Qwen2.generate -> Engine): greedy decoding equals the
 uncached forward pass token for token (slots refilled mid-run included), seeded samples do not depend
 on the number of slots, the order of the prompts or what else is in the call, the draws follow the
-softmax, stops / caps / edge cases, log-probs, and CUDA-graph decoding == eager decoding (CUDA only).
+softmax, parked slots come back as they were, stops / caps / edge cases, log-probs, and CUDA-graph
+decoding == eager decoding (CUDA only).
 
 Run: python -m pytest -q tests/test_engine.py   (CPU, ~10 s)
 """
@@ -106,6 +107,37 @@ def test_tail_repacking_keeps_every_row(monkeypatch):
     monkeypatch.setattr(M.Engine, '_compact', lambda self: None)
     b = m.generate(prompts, 40, **{**kw, 'generator': torch.Generator().manual_seed(3)})
     assert a.tokens == b.tokens and a.finished == b.finished
+
+
+def test_parked_slots_come_back_as_they_were(monkeypatch):
+    """Parking forced at every collection (any slot older than the median, from 2 steps on) while
+    prompts wait: slots are set aside, refilled and put back, and every row is still the naive
+    decoder's greedy output, and the seeded samples are those of a run that never parks (their
+    log-probs to rounding: a shrunk cache sums its softmax over fewer masked keys)."""
+    m = make_model(peaky=True)
+    prompts = varied_prompts(19, seed=4)
+    parked = []
+    real = M.Engine._park
+
+    def spy(self, s):
+        parked.append(self.slot_age[s])
+        real(self, s)
+    monkeypatch.setattr(M.Engine, '_park', spy)
+    monkeypatch.setattr(M, 'PARK_AGE', 2)
+    monkeypatch.setattr(M, 'PARK_FACTOR', 0.5)
+    monkeypatch.setattr(M, 'SYNC_EVERY', 3)
+    g = m.generate(prompts, 30, temperature=0, num_samples=2, max_rows=6)
+    assert len(parked) >= 3, parked
+    for i, p in enumerate(prompts):
+        assert g.tokens[2 * i:2 * i + 2] == [naive_greedy(m, p, 30)] * 2, i
+    kw = dict(temperature=1.0, stop_ids=[3, 4, 5], num_samples=3, max_rows=9)
+    n = len(parked)
+    a = m.generate(prompts, 30, generator=torch.Generator().manual_seed(2), **kw)
+    assert len(parked) > n
+    monkeypatch.setattr(M, 'PARK_AGE', 10 ** 9)
+    b = m.generate(prompts, 30, generator=torch.Generator().manual_seed(2), **kw)
+    assert a.tokens == b.tokens and a.finished == b.finished
+    torch.testing.assert_close(torch.tensor(sum(a.logprobs, [])), torch.tensor(sum(b.logprobs, [])), rtol=0, atol=2e-5)
 
 
 def test_greedy_equals_transformers_generate():
