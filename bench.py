@@ -160,18 +160,20 @@ Re-run on 2026-12-03 from 08:50 (next session), after generate() moved from torc
   oneDNN's linear costs ~10-12 us a call whatever the size: F.linear is 3x faster at 1 row, even at
   8, and oneDNN 1.7-2.3x faster from 64 rows up -- the switch would only help the last few steps of
   a call (<1% of the rollout), not built.
-The next lever, measured and not built: with refills, every row attends over the oldest occupied
-  slot's length (Tb = the longest-running slot's age; on CPU a batched product over a shorter,
-  strided slice of the cache costs more than the masked keys it skips). Generated keys read per step
-  vs keys the rows hold (summed over a call, 2 threads): rollout 32x6 (no refills) 1.25x; 64x6
-  through the CPU budget's 39 slots 1.82x; 128x6 through 32 slots 3.09x; the bench's eval call
-  (30x16) 2.30x; evaluate.py tiny_eval's real call (210 problems x 16 through 12 slots of 16 rows)
-  **4.70x** -- there the batched products are 8.7 s of 22.3 s of sampling (cProfile, 1 thread). A
-  slot lives as long as the longest of its G samples, so one long sample keeps Tb high for all.
-  What would fix it: preempting a slot that runs far past the others while prompts wait -- its
-  unfinished rows requeued as continuations (prompt + tokens so far, re-prefilled later; the draws
-  are indexed by position, so the samples stay the same up to float rounding) -- or caches in age
-  cohorts.
+Refilled calls and parking (built 2026-12-03, model.py Engine._park_old): with refills, every row
+  attends over the oldest occupied slot's length (Tb = the longest-running slot's age; on CPU a
+  batched product over a shorter, strided slice of the cache costs more than the masked keys it
+  skips), and a slot lives as long as the longest of its G samples. Generated keys read per step vs
+  keys the rows hold (summed over a call, 2 threads, before parking): rollout 32x6 (no refills)
+  1.25x; 64x6 through the CPU budget's 39 slots 1.82x; 128x6 through 32 slots 3.09x; the bench's
+  eval call (30x16) 2.30x; evaluate.py tiny_eval's real call (210 problems x 16 through 12 slots of
+  16 rows) 4.70x -- there the batched products were 8.7 s of 22.3 s of sampling (cProfile, 1
+  thread). Parking sets a slot that runs far past the others aside while prompts wait (caches and
+  row state cloned, the slot refilled; put back unchanged once the queue is empty; CPU shrinks the
+  generated-key cache to what the rest need). A/B of the two model.py files, same calls: tiny_eval's
+  call 1.35x and 1.29x (1 thread, best of 2), 1.26x (2 threads); 128x6 through 32 slots 1.04x /
+  1.09x; the bench's eval call 1.03x; every sample identical (3,360 / 768 / 480 of them). The
+  rollout and RL-step rows have no queue and are unchanged.
 `python bench.py --only=gemm` (2026-12-03, the AMD dev box, 1 thread, [4096 x 128] -> 512): F.linear
   (MKL) vs oneDNN forward 6.63 vs 3.07 ms (2.16x), input gradient 6.75 vs 3.31 ms (2.04x), weight
   gradient 6.79 vs 5.32 ms (1.28x) -- training (pre-training, the RL update and its log-prob passes)

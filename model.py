@@ -589,6 +589,7 @@ class Engine:
         per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * torch.empty((), dtype=self.dtype).element_size()
         budget = kv_bytes or DEFAULT_KV_BYTES.get(dev.type, DEFAULT_KV_BYTES['cpu'])
         slots = budget // (per_token * (self.P + G * self.T))
+        self.per_token, self.budget = per_token, budget  # (parked slots may hold up to budget more)
         if max_rows:
             slots = min(slots, max_rows // G)
         self.S = max(1, min(len(prompts), slots))
@@ -846,16 +847,19 @@ class Engine:
         return [self.tok, self.n_gen, self.cap, self.done, self.out_tok, self.u, self.out_lp]
 
     def _park_old(self):
-        """Park the occupied slots older than PARK_AGE and PARK_FACTOR x the median age (at most S
-        parked at a time: their caches are held outside the memory budget); on CPU, shrink the
-        generated-key cache to what the remaining slots need."""
+        """Park the occupied slots older than PARK_AGE and PARK_FACTOR x the median age, while the
+        parked caches fit in another KV budget (they are held beside the engine's own); on CPU, shrink
+        the generated-key cache to what the remaining slots need."""
         occ = [s for s in range(self.S) if self.slot_job[s] >= 0]
         if len(occ) < 2:
             return
         median = sorted(self.slot_age[s] for s in occ)[len(occ) // 2]
         for s in occ:
-            if self.slot_age[s] > max(PARK_AGE, PARK_FACTOR * median) and len(self.parked) < self.S:
+            size = self.per_token * (self.P + self.C * (self.slot_age[s] + 1))
+            if self.slot_age[s] > max(PARK_AGE, PARK_FACTOR * median) and \
+                    sum(p['bytes'] for p in self.parked) + size <= self.budget:
                 self._park(s)
+                self.parked[-1]['bytes'] = size
         need = max([self.slot_age[s] for s in range(self.S) if self.slot_job[s] >= 0] or [0]) + 1
         c = self.cache
         if self.dev.type != 'cuda' and c.gk.size(4) >= 2 * need and c.gk.size(4) > GROW:
