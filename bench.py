@@ -173,7 +173,9 @@ Refilled calls and parking (built 2026-12-03, model.py Engine._park_old): with r
   generated-key cache to what the rest need). A/B of the two model.py files, same calls: tiny_eval's
   call 1.35x and 1.29x (1 thread, best of 2), 1.26x (2 threads); 128x6 through 32 slots 1.04x /
   1.09x; the bench's eval call 1.03x; every sample identical (3,360 / 768 / 480 of them). The
-  rollout and RL-step rows have no queue and are unchanged.
+  rollout and RL-step rows have no queue and are unchanged. `--only=stages` after it (the box slower
+  than in the morning's run): RL step 5.30 s vs 5.71 s with the old engine, one checkpoint's
+  evaluation 23.5 s vs 94.1 s (4.0x; 3.3x before parking).
 `python bench.py --only=gemm` (2026-12-03, the AMD dev box, 1 thread, [4096 x 128] -> 512): F.linear
   (MKL) vs oneDNN forward 6.63 vs 3.07 ms (2.16x), input gradient 6.75 vs 3.31 ms (2.04x), weight
   gradient 6.79 vs 5.32 ms (1.28x) -- training (pre-training, the RL update and its log-prob passes)
