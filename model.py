@@ -858,20 +858,20 @@ class Engine:
             size = self.per_token * (self.P + self.C * (self.slot_age[s] + 1))
             if self.slot_age[s] > max(PARK_AGE, PARK_FACTOR * median) and \
                     sum(p['bytes'] for p in self.parked) + size <= self.budget:
-                self._park(s)
-                self.parked[-1]['bytes'] = size
+                self._park(s, size)
         need = max([self.slot_age[s] for s in range(self.S) if self.slot_job[s] >= 0] or [0]) + 1
         c = self.cache
         if self.dev.type != 'cuda' and c.gk.size(4) >= 2 * need and c.gk.size(4) > GROW:
             c.shrink(-(-need // GROW) * GROW)
             c.Tb = c.gk.size(4)
 
-    def _park(self, s):
-        """Set slot s aside: its prompt and generated keys/values, its rows' state; free the slot."""
+    def _park(self, s, size):
+        """Set slot s aside (size: its caches' bytes): its prompt and generated keys/values, its rows'
+        state; free the slot."""
         C, c = self.C, self.cache
         rows, a = slice(s * C, (s + 1) * C), min(self.slot_age[s] + 1, c.gk.size(4))  # positions written
         self.parked.append(dict(
-            job=self.slot_job[s], age=self.slot_age[s], a=a, plen=self.plen[s].clone(), row_j=self.row_j[rows],
+            bytes=size, job=self.slot_job[s], age=self.slot_age[s], a=a, plen=self.plen[s].clone(), row_j=self.row_j[rows],
             rows=[None if t is None else t[rows].clone() for t in self._row_state()],
             kv=[t[:, s, ..., :a, :].clone() if t.dim() == 6 else t[:, s].clone() for t in (c.pk, c.pv, c.gk, c.gv)]))
         self.slot_job[s], self.slot_age[s] = -1, 0

@@ -119,9 +119,9 @@ def test_parked_slots_come_back_as_they_were(monkeypatch):
     parked = []
     real = M.Engine._park
 
-    def spy(self, s):
+    def spy(self, s, size):
         parked.append(self.slot_age[s])
-        real(self, s)
+        real(self, s, size)
     monkeypatch.setattr(M.Engine, '_park', spy)
     monkeypatch.setattr(M, 'PARK_AGE', 2)
     monkeypatch.setattr(M, 'PARK_FACTOR', 0.5)
