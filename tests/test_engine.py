@@ -122,6 +122,7 @@ def test_parked_slots_come_back_as_they_were(monkeypatch):
     def spy(self, s, size):
         parked.append(self.slot_age[s])
         real(self, s, size)
+        assert sum(p['bytes'] for p in self.parked) <= self.budget  # parked caches stay in their budget
     monkeypatch.setattr(M.Engine, '_park', spy)
     monkeypatch.setattr(M, 'PARK_AGE', 2)
     monkeypatch.setattr(M, 'PARK_FACTOR', 0.5)
