@@ -145,7 +145,10 @@ Re-run on 2026-12-03 from 08:50 (next session), after generate() moved from torc
   iters 5, the box still slow), then 2.69x and 2.85x in two full runs (iters 5; 1 thread 2.94x,
   2.92x; 19.4-23.3k / 7.2-8.2k tok/s at 2 threads) -- median of the five after: 2.69x. Same two full
   runs: paper world 2.45x / 2.35x (2 threads), 2.41x / 2.53x (1); RL-step call 1.92x / 2.23x, 2.38x /
-  2.28x; eval call 2.31x / 2.60x, 2.93x / 2.63x. `--only=stages` after it: RL step 4.82 s vs 6.13 s
+  2.28x; eval call 2.31x / 2.60x, 2.93x / 2.63x. A last full run after parking (10:31, the box slow:
+  ours 16.2k tok/s at 2 threads, 14.2k at 1): tiny 2.39x (2 threads), 2.75x (1); paper world 2.29x /
+  2.53x; RL-step call 1.72x / 2.25x; eval call 2.51x / 2.79x -- six runs since inference_mode:
+  2.39-2.85x at 2 threads, median 2.61x. `--only=stages` after it: RL step 4.82 s vs 6.13 s
   with the old engine, one checkpoint's evaluation 25.8 s vs 86.1 s (3.3x).
   The target row is the tiny world's (the tiny preset's own world: its RL and evaluation prompts).
   The paper-world row is a stress row: its 32 prompts run 42-327 tokens, and every slot attends over
