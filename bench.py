@@ -200,7 +200,10 @@ from contextlib import contextmanager
 
 import torch
 
+import common
+import engine as E
 import model as M
+from checkpoint import load_run
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -301,13 +304,13 @@ def bench_train(cfg):
     x = torch.randint(0, ours.config.vocab_size, (B, T + 1), device=device)
 
     def step_ours():
-        with M.autocast_ctx(device):
+        with common.autocast_ctx(device):
             _, loss = ours(x[:, :-1], x[:, 1:])
         loss.backward()
         ours.zero_grad(set_to_none=True)
 
     def step_hf():
-        with M.autocast_ctx(device):
+        with common.autocast_ctx(device):
             loss = hf(x[:, :-1], labels=x[:, :-1]).loss  # HF shifts labels itself: same #targets
         loss.backward()
         hf.zero_grad(set_to_none=True)
@@ -338,13 +341,13 @@ def bench_sample(cfg):
     prompts = [torch.randint(10, V, (n,), generator=g).tolist() for n in lens]
 
     def run_ours():
-        with M.autocast_ctx(device):
-            out = ours.generate(prompts, new, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
-                                logprobs=False)  # HF's side computes none either
+        with common.autocast_ctx(device):
+            out = E.generate(ours, prompts, new, temperature=1.0, generator=torch.Generator(device).manual_seed(0),
+                             logprobs=False)  # HF's side computes none either
         assert all(len(t) == new for t in out.tokens)
 
-    with M.autocast_ctx(device):  # warm-up: first-call allocations and lazy initialisation
-        ours.generate(prompts[:2], 2)
+    with common.autocast_ctx(device):  # warm-up: first-call allocations and lazy initialisation
+        E.generate(ours, prompts[:2], 2)
     t0 = time.perf_counter()
     run_ours()
     sync(device)
@@ -362,13 +365,13 @@ def bench_sample(cfg):
     hf.eval()
 
     def run_hf():
-        with torch.no_grad(), M.autocast_ctx(device):
+        with torch.no_grad(), common.autocast_ctx(device):
             out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                               do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=1,
                               eos_token_id=None)
         assert out.shape[1] == P + new
 
-    with torch.no_grad(), M.autocast_ctx(device):
+    with torch.no_grad(), common.autocast_ctx(device):
         hf.generate(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=True, pad_token_id=1)
     t0 = time.perf_counter()
     run_hf()
@@ -405,14 +408,14 @@ def rollout_setup(cfg, preset='tiny'):
     import data
     path = cfg['rollout_init'] if os.path.isabs(cfg['rollout_init']) else os.path.join(ROOT, cfg['rollout_init'])
     if preset == 'tiny' and os.path.exists(os.path.join(path, 'ckpt.pt')):
-        m, tok, _ = M.load_run(path, device=cfg['device'])
-        return m.eval(), tok, (tok.id_of('</answer>'), tok.eos_id), 'trained'
+        m, tok, _ = load_run(path, device=cfg['device'])
+        return m.eval(), tok, E.stop_ids(tok), 'trained'
     torch.manual_seed(cfg['seed'])
     tok = data.standard_tokenizer()
     m = M.Qwen2(M.ModelConfig(**{**M.MODEL_PRESETS[preset].to_dict(), 'vocab_size': tok.vocab_size}))
     g = torch.Generator().manual_seed(cfg['seed'])
     extra = torch.randperm(tok.vocab_size, generator=g)[:tok.vocab_size // 100].tolist()
-    return m.to(cfg['device']).eval(), tok, (tok.id_of('</answer>'), tok.eos_id, *extra), 'random init'
+    return m.to(cfg['device']).eval(), tok, (*E.stop_ids(tok), *extra), 'random init'
 
 
 def task_prompts(tok, world, n, seed=0, ops=range(2, 7)):
@@ -449,6 +452,12 @@ class HFGenerate:
         return types.SimpleNamespace(tokens=toks)
 
 
+def generate_of_model(m):
+    """The generate call of one side of a race: engine.generate for ours, the twin's own method otherwise
+    (the old engine's Qwen2.generate, HFGenerate)."""
+    return (lambda *a, **k: E.generate(m, *a, **k)) if isinstance(m, M.Qwen2) else m.generate
+
+
 def timed_generate(models, prompts, G, new, temperature, stops, device, iters, kwargs=None):
     """Seconds (fastest of `iters`, calls alternating) and kept tokens of each model's generate
     (kwargs: extra arguments per model, e.g. logprobs=False where a generate takes it)."""
@@ -457,9 +466,10 @@ def timed_generate(models, prompts, G, new, temperature, stops, device, iters, k
 
     def call(i):
         def fn():
-            with M.autocast_ctx(device):
-                out = models[i].generate(prompts, new, temperature=temperature, stop_ids=stops, num_samples=G,
-                                         generator=torch.Generator().manual_seed(0), **kwargs[i])
+            with common.autocast_ctx(device):
+                out = generate_of_model(models[i])(prompts, new, temperature=temperature, stop_ids=stops,
+                                                   num_samples=G, generator=torch.Generator().manual_seed(0),
+                                                   **kwargs[i])
             kept[i] = sum(len(t) for t in out.tokens)
         return fn
     return race([call(i) for i in range(len(models))], device, iters, warmup=0), kept
@@ -542,28 +552,29 @@ def bench_rollout(cfg):
 
 
 @contextmanager
-def generate_of(commit, model_cls):
-    """Inside: every Qwen2.generate call (rl.py's, evaluate.py's) runs on the old engine of git
-    `commit` (a twin model given the caller's current weights at every call); commit '' = unchanged."""
+def generate_of(commit):
+    """Inside: every engine.generate call (rl.py's, evaluate.py's, through engine.complete) runs on the
+    old engine of git `commit` (a twin model given the caller's current weights at every call); commit
+    '' = unchanged."""
     if not commit:
         yield
         return
-    ours, twins = model_cls.generate, {}
+    ours, twins = E.generate, {}
 
-    def old_generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
+    def old_generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(),
                      generator=None, num_samples=1, pad_id=0, logprobs=True, **_):
-        if id(self) not in twins:
-            twins[id(self)] = old_engine_twin(self, commit)
-        twin = twins[id(self)]
-        twin.load_state_dict(self.state_dict())
-        twin.train(self.training)
+        if id(model) not in twins:
+            twins[id(model)] = old_engine_twin(model, commit)
+        twin = twins[id(model)]
+        twin.load_state_dict(model.state_dict())
+        twin.train(model.training)
         return twin.generate(prompts, max_new_tokens, temperature, top_k, top_p, stop_ids, generator,
                              num_samples, pad_id)
-    model_cls.generate = old_generate
+    E.generate = old_generate
     try:
         yield
     finally:
-        model_cls.generate = ours
+        E.generate = ours
 
 
 @benchmark('stages', 'wall times, new vs old engine (only with --only=stages)')
@@ -571,7 +582,7 @@ def bench_stages(cfg):
     """The tiny study's RL step and evaluation as runs/tiny.sh runs them (1 thread): rl.py tiny_rl
     for stages_rl_steps steps and evaluate.py tiny_eval of one checkpoint, both from --rollout_init
     (its run's data dir holds the held-out problems), once with this engine and once with --rollout_old's
-    patched in as Qwen2.generate; everything else identical. ~4 minutes, so only when asked for."""
+    patched in as engine.generate; everything else identical. ~4 minutes, so only when asked for."""
     import tempfile
     import evaluate
     import rl
@@ -583,7 +594,7 @@ def bench_stages(cfg):
     rows, n0 = [], torch.get_num_threads()
     torch.set_num_threads(1)
     for name, commit in [('new', ''), (f"old {cfg['rollout_old']}", cfg['rollout_old'])]:
-        with tempfile.TemporaryDirectory() as tmp, generate_of(commit, M.Qwen2):
+        with tempfile.TemporaryDirectory() as tmp, generate_of(commit):
             rl.main(['tiny_rl', f'--init_from={init}', f'--out_dir={tmp}/rl', f"--max_steps={cfg['stages_rl_steps']}",
                      '--ckpt_every=0', '--sample_every=0'])
             log = [json.loads(line) for line in open(os.path.join(tmp, 'rl', 'log.jsonl'))]
@@ -614,13 +625,13 @@ def bench_rollout_gpu(cfg):
     ours, tok, stops, what = rollout_setup(cfg, preset='paper')
     G, new = 6, cfg['gpu_new_tokens']
     prompts = task_prompts(tok, 'paper', max(1, cfg['gpu_rows'] // G), ops=range(2, 21))
-    with M.autocast_ctx(device):
-        ours.generate(prompts[:G], 8, stop_ids=stops, num_samples=G)  # warm-up, graph capture paths
+    with common.autocast_ctx(device):
+        E.generate(ours, prompts[:G], 8, stop_ids=stops, num_samples=G)  # warm-up, graph capture paths
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        eng = M.Engine(ours, prompts, G, new, 1.0, None, None, stops, torch.Generator().manual_seed(0),
+        eng = E.Engine(ours, prompts, G, new, 1.0, None, None, stops, torch.Generator().manual_seed(0),
                        False, None, None, 0, True)
-        with M.generation_sdpa_backends(device):
+        with E.generation_sdpa_backends(device):
             out = eng.run()
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -652,7 +663,7 @@ def bench_mfu(cfg):
     x = torch.randint(0, raw.config.vocab_size, (B, T + 1), device=device)
 
     def step():
-        with M.autocast_ctx(device):
+        with common.autocast_ctx(device):
             _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
@@ -667,7 +678,7 @@ def bench_mfu(cfg):
     sync(device)
     dt = (time.perf_counter() - t0) / cfg['mfu_iters']
     tps = B * T / dt
-    mfu = raw.estimate_mfu(tps, device=device, seq_len=T)
+    mfu = raw.estimate_mfu(tps, common.peak_flops_per_s(device), seq_len=T)
     name = torch.cuda.get_device_name()
     tag = f'mfu/{cfg["mfu_preset"]} B{B}xT{T}{" compiled" if cfg["compile"] else ""}'
     rows = [(f'{tag} tok/s', f'{tps:,.0f} tok/s', '', None)]
@@ -767,7 +778,7 @@ def bench_sizes(cfg, n=400):
 
 
 def main(argv):
-    cfg = M.configure(config, argv)
+    cfg = common.configure(config, argv)
     if cfg['device'] == 'auto':
         cfg['device'] = 'cuda' if torch.cuda.is_available() else 'cpu'
     if cfg['threads']:
@@ -776,7 +787,7 @@ def main(argv):
     names = [n for n, _, _ in BENCHMARKS]
     for s in only:
         if s not in names:
-            raise M.UsageError(f"unknown benchmark {s!r}; available: {', '.join(names)}")
+            raise common.UsageError(f"unknown benchmark {s!r}; available: {', '.join(names)}")
     print(f"torch {torch.__version__}, device {cfg['device']}, {torch.get_num_threads()} threads")
     rows = []
     for name, _, fn in BENCHMARKS:
@@ -794,4 +805,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    M.cli('bench.py', main)
+    common.cli('bench.py', main)

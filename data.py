@@ -16,19 +16,18 @@ pipeline order. Each section below starts with a numbered header; this docstring
      generate_problems(n, mixture, seed, workers, exclude_ids)   problem i depends only on (seed, i)
      make_eval_set(ops, n_per_op_per_template)                   the held-out problems
 5. JSONL rows and training text
-     read_jsonl, write_jsonl            released rows (problem, question, solution, op, id, template, mode)
+     read_jsonl, write_jsonl            released rows (problem, question, solution, op, id, template, mode);
+                                        every stage reads problem rows through read_jsonl (bad rows: one line)
      answer_of, prompt_text, training_text
                                         "<question> ... </question> <solution> ... </solution> <answer> N </answer>"
-6. Tokenizer (STUDY.md §3)
-     Tokenizer, train_tokenizer, tokenizer_identity, check_identity, SPECIAL_TOKENS, PAT_STR,
-     MAX_INT_TOKEN, N_FIXED_TOKENS, DEFAULT_VOCAB_SIZE   (the original study's: interop.py)
-7. Token shards, the shard loader and the loss mask (STUDY.md §4)
-     write_shards, load_shard_meta, count_tokens, SHARD_FORMAT, ShardLoader, mask_question_targets
-8. Dataset directories (what every training stage reads)
-     build_dataset, load_eval_rows, standard_tokenizer, resolve_tokenizer
-9. Command line
-     COMMANDS (model.cli dispatches them), verify_main,
+6. Dataset directories (what every training stage reads) and held-out rows
+     build_dataset, standard_tokenizer, resolve_tokenizer, load_eval_rows (every stage's held-out rows)
+7. Command line
+     COMMANDS (common.cli dispatches them), verify_main,
      SAMPLE_DEFAULTS, VERIFY_DEFAULTS, BUILD_DEFAULTS, TOKENIZER_DEFAULTS
+
+Text to token ids (our BPE, the original study's tokenizer, token shards and their loader) is
+tokenizer.py's; this file uses it to build dataset directories. It imports common.py and tokenizer.py.
 
 The original generator (iGSM) draws a random graph and rejects it unless its op is the requested one
 (~30 problems/s). We instead build the solution DAG at exactly the requested op, group by group (a
@@ -46,8 +45,6 @@ Commands (every option is --key=value; --help lists them with their defaults):
     python data.py tokenizer --out=tokenizer.json [--vocab_size=2816]                      # the standard tokenizer
 Sizes and speed of the task world: `python bench.py --only=sizes,data`.
 """
-import base64
-import bisect
 import collections
 import functools
 import hashlib
@@ -59,11 +56,8 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-import tiktoken
-import torch
-
-import model
+import common
+from tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, load_tokenizer, train_tokenizer, write_shards
 
 # The original study's artifacts (format fixture, released config and tokenizer), copied into the repo
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference')
@@ -1365,20 +1359,19 @@ def _init_worker(exclude):
 
 def _map(fn, args, workers, exclude, desc):
     """[fn(a) for a in args] over `workers` processes, in order, with a progress bar."""
-    from tqdm import tqdm
     global _EXCLUDE
     if workers <= 1 or len(args) < 200:
         old, _EXCLUDE = _EXCLUDE, frozenset(exclude)
         try:
-            return [fn(a) for a in tqdm(args, desc=desc, disable=desc is None or len(args) < 5000, mininterval=1)]
+            return [fn(a) for a in common.progress_bar(args, desc=desc, disable=desc is None or len(args) < 5000)]
         finally:
             _EXCLUDE = old
     import multiprocessing as mp
     with mp.get_context('spawn' if sys.platform == 'darwin' else 'fork').Pool(
             workers, _init_worker, (frozenset(exclude),)) as pool:
         chunk = max(16, min(2000, len(args) // (workers * 8)))
-        return list(tqdm(pool.imap(fn, args, chunksize=chunk), total=len(args), desc=desc, mininterval=1,
-                         disable=desc is None))
+        return list(common.progress_bar(pool.imap(fn, args, chunksize=chunk), total=len(args), desc=desc,
+                                        disable=desc is None))
 
 
 def generate_problems(n, mixture, seed=0, workers=1, exclude_ids=()) -> list:
@@ -1452,34 +1445,51 @@ def _row_defaults(path):
     return out
 
 
+ROW_FIELDS = ('problem', 'question', 'solution')  # what every problem row holds (the released format's text)
+
+
 def read_jsonl(path) -> list:
     """Rows of a JSONL file, or of every file of a directory / glob (jsonl_files). Released rows without
     'graph' / 'answer' get them from the gold solution; without op / template, from the file's name (else
     the template from the problem's place names); without mode, from the solution (reverse ones say the
-    unknown is not known yet)."""
+    unknown is not known yet). Every stage reads problem rows here, so a line that is not one (bad JSON,
+    a missing ROW_FIELDS field, a solution without its answer) is one UsageError naming the file, the
+    line and what to fix."""
     path = os.fspath(path)
     files = jsonl_files(path)
     if len(files) > 1 or files[0] != path:
         return [r for f in files for r in read_jsonl(f)]
-    rows, named = [], _row_defaults(path)
+    named = _row_defaults(path)
     with open(path, encoding='utf-8') as f:
-        for line in f:
-            if not line.strip():
-                continue
-            r = {**named, **json.loads(line)}
-            if 'mode' not in r:
-                r['mode'] = REVERSE if _UNKNOWN_MARK in r['solution'] else FORWARD
-            if 'template' not in r:   # place names belong to one template each
-                r['template'] = next((t.name for t in TEMPLATES.values()
-                                      if any(p in r['problem'] for ps in t.places for p in ps)), 'unknown')
-            if 'answer' not in r:
-                r['answer'] = answer_of(r['solution'])
-            if 'graph' not in r:
-                r['graph'] = parse_solution(r['solution'], r.get('mode'))
-            if 'id' not in r or not isinstance(r['id'], str):   # released ids are hash(text) % 23
-                r['id'] = problem_id(r['problem'], r['question'])
-            rows.append(r)
-    return rows
+        return [_read_row(f'{path} line {i + 1}', line, named) for i, line in enumerate(f) if line.strip()]
+
+
+def _read_row(where, line, named) -> dict:
+    """One line of a problem JSONL file as a complete row (see read_jsonl)."""
+    fix = 'fix or remove that line, or point at a file of problem rows (the released format, data.py sample)'
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise common.UsageError(f"{where} is not valid JSON ({e.msg}); {fix}") from None
+    missing = [k for k in ROW_FIELDS if not isinstance(r, dict) or not isinstance(r.get(k), str)]
+    if missing:
+        raise common.UsageError(f"{where}: the row has no {', '.join(map(repr, missing))} text (a problem row needs "
+                                f"{', '.join(ROW_FIELDS)}); {fix}")
+    r = {**named, **r}
+    if 'mode' not in r:
+        r['mode'] = REVERSE if _UNKNOWN_MARK in r['solution'] else FORWARD
+    if 'template' not in r:   # place names belong to one template each
+        r['template'] = next((t.name for t in TEMPLATES.values()
+                              if any(p in r['problem'] for ps in t.places for p in ps)), 'unknown')
+    if 'answer' not in r:
+        if 'Answer:' not in r['solution']:
+            raise common.UsageError(f"{where}: the row's 'solution' has no final 'Answer: N'; {fix}")
+        r['answer'] = answer_of(r['solution'])
+    if 'graph' not in r:
+        r['graph'] = parse_solution(r['solution'], r.get('mode'))
+    if 'id' not in r or not isinstance(r['id'], str):   # released ids are hash(text) % 23
+        r['id'] = problem_id(r['problem'], r['question'])
+    return r
 
 
 def prompt_text(row: dict) -> str:
@@ -1496,498 +1506,14 @@ def training_text(row: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
-# 6. Tokenizer (STUDY.md §3)
-#
-#   Tokenizer          a tiktoken.Encoding plus its identity (a sha1 over everything that defines
-#                      the encoding); shards and checkpoints store the identity, and mixing two
-#                      tokenizers is a clear error (check_identity).
-#   train_tokenizer    byte-level BPE learned from training texts: ids 0..9 are SPECIAL_TOKENS, then
-#                      the 256 bytes, then every integer 0..1000 as one token with and without a
-#                      leading space ("(7)" and " 7"), then the learned merges.
-# The original study's tokenizer, converted exactly, is in interop.py.
-
-SPECIAL_TOKENS = ['[UNK]', '[PAD]', '[BOS]', '[EOS]', '<question>', '</question>', '<solution>', '</solution>',
-                  '<answer>', '</answer>']
-
-# Split regex (tiktoken / fancy-regex syntax): contractions, words with their leading space, numbers
-# of up to 4 digits with their leading space, punctuation runs with their leading space, whitespace
-# (a run before a word leaves its last space to the word). BPE merges never cross these pieces.
-PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}{1,4}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# The same split with Python's `re` (no \p{..}), used only to count words when training; it agrees
-# with PAT_STR on our texts (tested) and can differ on exotic characters, which only costs merges.
-_TRAIN_SPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d{1,4}| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
-MAX_INT_TOKEN = 1000  # integers 0..MAX_INT_TOKEN are single tokens, bare and after a space
-# specials + bytes + bare 10..1000 (0..9 are bytes) + " 0".." 1000": the vocabulary before any merge
-N_FIXED_TOKENS = len(SPECIAL_TOKENS) + 256 + (MAX_INT_TOKEN + 1 - 10) + (MAX_INT_TOKEN + 1)
-# 2258 fixed + up to 558 merges (a multiple of 64). The paper's 2200 cannot hold the 2002 integer
-# tokens plus words; on the 114 reference problems training runs out of pairs seen twice at 512
-# merges, by which point every word of the task is one token.
-DEFAULT_VOCAB_SIZE = 2816
-
-
-def tokenizer_identity(kind, pat_str, mergeable_ranks, special_tokens):
-    """sha1 (hex) over everything that defines an encoding: kind, split regex, ranks, specials."""
-    spec = {'kind': kind, 'pat_str': pat_str,
-            'ranks': [[base64.b64encode(b).decode(), r]
-                      for b, r in sorted(mergeable_ranks.items(), key=lambda kv: kv[1])],
-            'specials': sorted([s, i] for s, i in special_tokens.items())}
-    return hashlib.sha1(json.dumps(spec, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
-
-
-def check_identity(expected, got, what):
-    """Raise ValueError unless the tokenizer identity `got` (read from `what`: shards, a checkpoint)
-    equals `expected` (the tokenizer in use)."""
-    if expected != got:
-        raise ValueError(f"tokenizer mismatch: {what} was made with tokenizer {got}, but the tokenizer in use is "
-                         f"{expected}. Token ids of different tokenizers mean different things: use the "
-                         f"tokenizer.json that {what} was made with, or rebuild it with this tokenizer.")
-
-
-_TOKENIZER_KINDS = {}   # Tokenizer.kind -> class, for Tokenizer.load (subclasses register themselves)
-
-
-class Tokenizer:
-    """A tiktoken.Encoding with named special tokens and an identity. Special tokens written in the
-    text ('<question>', '[EOS]', ...) are encoded as specials; decode(encode(t)) == t for every str."""
-    kind = 'bpe'
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _TOKENIZER_KINDS[cls.kind] = cls
-
-    def __init__(self, mergeable_ranks: dict, special_tokens: dict, pat_str: str, name: str = 'gsm-bpe'):
-        self.name, self.pat_str = name, pat_str
-        self.mergeable_ranks, self.special_tokens = dict(mergeable_ranks), dict(special_tokens)
-        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=self.mergeable_ranks,
-                                     special_tokens=self.special_tokens)
-        self.identity = tokenizer_identity(self.kind, pat_str, self.mergeable_ranks, self.special_tokens)
-        self.vocab_size = self.enc.max_token_value + 1  # ids are 0..vocab_size-1 (possibly with holes)
-        self.unk_id, self.pad_id = self.id_of('[UNK]'), self.id_of('[PAD]')
-        self.bos_id, self.eos_id = self.id_of('[BOS]'), self.id_of('[EOS]')
-
-    def __repr__(self):
-        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, identity={self.identity[:12]})"
-
-    def id_of(self, special: str) -> int:
-        return self.special_tokens[special]
-
-    def encode(self, text: str) -> list:
-        return self.enc.encode(text, allowed_special='all')
-
-    def encode_batch(self, texts, num_threads: int = 8) -> list:
-        return self.enc.encode_batch(list(texts), num_threads=num_threads, allowed_special='all')
-
-    def decode(self, ids) -> str:
-        """Text of the ids (a list, array or tensor). An id outside the vocabulary (e.g. sampled from a
-        model whose embedding is padded past vocab_size) decodes to U+FFFD instead of raising."""
-        ids = ids.tolist() if hasattr(ids, 'tolist') else list(ids)
-        try:
-            return self.enc.decode(ids)
-        except KeyError:
-            valid = set(self.mergeable_ranks.values()) | set(self.special_tokens.values())
-            parts = [self.enc.decode_single_token_bytes(i) if i in valid else '\ufffd'.encode() for i in ids]
-            return b''.join(parts).decode('utf-8', errors='replace')
-
-    def to_dict(self) -> dict:
-        return {'format': 'gsm-tokenizer-v1', 'kind': self.kind, 'name': self.name, 'identity': self.identity,
-                'pat_str': self.pat_str, 'special_tokens': self.special_tokens,
-                'ranks': [base64.b64encode(b).decode() for b, _ in sorted(self.mergeable_ranks.items(),
-                                                                          key=lambda kv: kv[1])],
-                'rank_ids': sorted(self.mergeable_ranks.values())}
-
-    def save(self, path):
-        """Atomic write of the JSON form."""
-        model.write_json(self.to_dict(), path, indent=None)
-
-    @classmethod
-    def load(cls, path):
-        """Load a tokenizer saved by save(); the stored identity is checked against the contents."""
-        with open(path, encoding='utf-8') as f:
-            d = json.load(f)
-        if d.get('format') != 'gsm-tokenizer-v1':
-            raise ValueError(f"{path}: not a tokenizer saved by Tokenizer.save (format {d.get('format')!r})")
-        ranks = {base64.b64decode(b): r for b, r in zip(d['ranks'], d['rank_ids'])}
-        if d['kind'] == 'hf-original':
-            import interop  # noqa: F401  (the original study's tokenizer class lives there and registers itself)
-        kind = _TOKENIZER_KINDS.get(d['kind'])
-        if kind is None:
-            raise ValueError(f"{path}: unknown tokenizer kind {d['kind']!r}")
-        tok = kind(ranks, d['special_tokens'], d['pat_str'], name=d['name'])
-        if tok.identity != d['identity']:
-            raise ValueError(f"{path}: stored identity {d['identity']} does not match its contents "
-                             f"({tok.identity}); the file was edited or is corrupt")
-        return tok
-
-
-_TOKENIZER_KINDS[Tokenizer.kind] = Tokenizer
-
-
-def _learn_merges(word_counts: dict, n_new: int, known: set, min_count: int = 2) -> list:
-    """Byte-pair merges over a word-frequency table ({word bytes: count}), most frequent pair first
-    (ties: smallest pair), until n_new new tokens exist or no pair occurs min_count times. Returns the
-    new tokens (bytes) in merge order. Pair counts are updated only for the words a merge touches, so
-    a corpus of a few hundred distinct words trains in well under a second."""
-    words = [[bytes([b]) for b in w] for w in word_counts]
-    freq = list(word_counts.values())
-    pairs, where = collections.Counter(), collections.defaultdict(set)
-
-    def count(i, sign):
-        w = words[i]
-        for p in zip(w, w[1:]):
-            pairs[p] += sign * freq[i]
-            if sign > 0:
-                where[p].add(i)
-            elif pairs[p] == 0:
-                del pairs[p]
-
-    for i in range(len(words)):
-        count(i, +1)
-    new = []
-    while len(new) < n_new and pairs:
-        (a, b), c = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
-        if c < min_count:
-            break
-        if a + b not in known:  # the same bytes can be reached by two different pairs
-            new.append(a + b)
-            known.add(a + b)
-        for i in where.pop((a, b)):
-            w = words[i]
-            if len(w) < 2:
-                continue
-            count(i, -1)
-            merged, j = [], 0
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    merged.append(a + b)
-                    j += 2
-                else:
-                    merged.append(w[j])
-                    j += 1
-            words[i] = merged
-            count(i, +1)
-    return new
-
-
-def train_tokenizer(texts, vocab_size: int = DEFAULT_VOCAB_SIZE, name: str = 'gsm-bpe') -> Tokenizer:
-    """Byte-level BPE on `texts` (training_text strings). Ids: SPECIAL_TOKENS 0..9, bytes 10..265, the
-    integers (bare 10..1000, then " 0".." 1000"), then learned merges up to vocab_size entries (fewer
-    if the corpus runs out of pairs seen twice). Digits are never merged with anything else, so every
-    integer 0..1000 is one token whether or not a space precedes it."""
-    if vocab_size < N_FIXED_TOKENS:
-        raise ValueError(f"vocab_size={vocab_size} is too small: specials, bytes and the integers 0..{MAX_INT_TOKEN} "
-                         f"(bare and after a space) alone take {N_FIXED_TOKENS} entries")
-    specials = re.compile('|'.join(map(re.escape, SPECIAL_TOKENS)))
-    counts = collections.Counter()
-    for text in texts:
-        for part in specials.split(text):
-            counts.update(_TRAIN_SPLIT.findall(part))
-    words = {w.encode(): c for w, c in counts.items() if not any(ch.isdigit() for ch in w)}
-    ranks = {}
-    for tok in ([bytes([b]) for b in range(256)] + [str(n).encode() for n in range(10, MAX_INT_TOKEN + 1)] +
-                [b' ' + str(n).encode() for n in range(MAX_INT_TOKEN + 1)]):
-        ranks[tok] = len(SPECIAL_TOKENS) + len(ranks)
-    for tok in _learn_merges(words, vocab_size - N_FIXED_TOKENS, known=set(ranks)):
-        ranks[tok] = len(SPECIAL_TOKENS) + len(ranks)
-    return Tokenizer(ranks, {s: i for i, s in enumerate(SPECIAL_TOKENS)}, PAT_STR, name=name)
-
-
-# -----------------------------------------------------------------------------
-# 7. Token shards, the shard loader and the loss mask (STUDY.md §4)
-#
-# Token shards: {dir}/train_000.bin ... (uint16, one flat stream of documents, each encode(text) +
-# [EOS]), val.bin, tokenizer.json and meta.json. meta.json is written last and lists every file with
-# its token count, so a directory without it (or with a file of another size) is incomplete.
-# ShardLoader yields packed (x, y) windows in a deterministic order per seed and epoch, a disjoint
-# share per DDP rank, with state_dict()/load_state_dict() for exact resume mid-epoch.
-
-SHARD_FORMAT = 'gsm-shards-v1'
-
-
-class _SplitWriter:
-    """Appends uint16 tokens to {prefix}_000.bin, {prefix}_001.bin, ... (shard_tokens each), or to
-    {prefix}.bin when shard_tokens is None; each file is written as .tmp and renamed when complete."""
-
-    def __init__(self, out_dir, prefix, shard_tokens):
-        self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, shard_tokens
-        self.files, self.f, self.n = [], None, 0  # files: [name, tokens] of the completed files
-
-    def _name(self):
-        return f"{self.prefix}.bin" if self.shard_tokens is None else f"{self.prefix}_{len(self.files):03d}.bin"
-
-    def write(self, tokens):
-        while len(tokens):
-            if self.f is None:
-                self.f, self.n = open(os.path.join(self.out_dir, self._name() + '.tmp'), 'wb'), 0
-            room = len(tokens) if self.shard_tokens is None else self.shard_tokens - self.n
-            self.f.write(tokens[:room].tobytes())
-            self.n += min(room, len(tokens))
-            tokens = tokens[room:]
-            if self.shard_tokens is not None and self.n == self.shard_tokens:
-                self._finish()
-
-    def _finish(self):
-        name = self._name()
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(os.path.join(self.out_dir, name + '.tmp'), os.path.join(self.out_dir, name))
-        self.files.append([name, self.n])
-        self.f = None
-
-    def abort(self):
-        if self.f is not None:
-            self.f.close()
-            os.remove(os.path.join(self.out_dir, self._name() + '.tmp'))
-            self.f = None
-
-    def close(self):
-        if self.f is not None or not self.files:  # an empty split still gets one (empty) file
-            if self.f is None:
-                self.f, self.n = open(os.path.join(self.out_dir, self._name() + '.tmp'), 'wb'), 0
-            self._finish()
-        return self.files
-
-
-def _write_split(docs, tokenizer, out_dir, prefix, token_budget, shard_tokens, batch_docs):
-    writer = _SplitWriter(out_dir, prefix, shard_tokens)
-    n_tokens, n_docs, full = 0, 0, False
-    docs = iter(docs)
-    try:
-        while not full:
-            batch = [d for _, d in zip(range(batch_docs), docs)]
-            if not batch:
-                break
-            out = []
-            for ids in tokenizer.encode_batch(batch):
-                if token_budget is not None and n_tokens + len(ids) + 1 > token_budget:
-                    full = True  # whole documents only: the next one would pass the budget
-                    break
-                out += ids
-                out.append(tokenizer.eos_id)
-                n_tokens, n_docs = n_tokens + len(ids) + 1, n_docs + 1
-            writer.write(np.array(out, dtype=np.uint16))
-    except BaseException:
-        writer.abort()
-        raise
-    return {'tokens': n_tokens, 'docs': n_docs, 'files': writer.close()}
-
-
-def write_shards(docs, tokenizer, out_dir, token_budget=None, shard_tokens=100_000_000, val_docs=None, meta=None,
-                 batch_docs=1024) -> dict:
-    """Tokenize documents (texts) into out_dir: train shards of shard_tokens tokens, val.bin from
-    val_docs, tokenizer.json and meta.json (written last). Stops taking documents when the next one
-    would pass token_budget (so the train split holds at most token_budget tokens, whole documents);
-    with no budget it consumes all of `docs`. `meta` (e.g. the mixture spec) is stored under
-    meta.json's 'meta'. Returns the meta.json contents."""
-    if tokenizer.vocab_size > 65536:
-        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit uint16 shards")
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta_path):  # from here on the directory is incomplete until the new meta.json lands
-        os.remove(meta_path)
-    splits = {'train': _write_split(docs, tokenizer, out_dir, 'train', token_budget, shard_tokens, batch_docs)}
-    if val_docs is not None:
-        splits['val'] = _write_split(val_docs, tokenizer, out_dir, 'val', None, None, batch_docs)
-    tokenizer.save(os.path.join(out_dir, 'tokenizer.json'))
-    keep = {name for s in splits.values() for name, _ in s['files']}
-    for name in os.listdir(out_dir):  # shards of an earlier, larger write, and leftovers of a killed one
-        if re.fullmatch(r'(train_\d+|val)\.bin(\.tmp)?', name) and name not in keep:
-            os.remove(os.path.join(out_dir, name))
-    info = {'format': SHARD_FORMAT, 'tokenizer_identity': tokenizer.identity, 'tokenizer_name': tokenizer.name,
-            'vocab_size': tokenizer.vocab_size, 'eos_id': tokenizer.eos_id, 'dtype': 'uint16',
-            'token_budget': token_budget, 'shard_tokens': shard_tokens, 'splits': splits, 'meta': meta or {}}
-    model.write_json(info, meta_path)
-    return info
-
-
-def load_shard_meta(dir) -> dict:
-    """meta.json of a complete shard directory; raises if it is missing or a listed file has another size."""
-    path = os.path.join(dir, 'meta.json')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {dir} is not a complete token-shard directory "
-                                f"(never built, or its writer was interrupted)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get('format') != SHARD_FORMAT:
-        raise ValueError(f"{path}: unknown shard format {meta.get('format')!r}")
-    for split in meta['splits'].values():
-        for name, n in split['files']:
-            fp = os.path.join(dir, name)
-            if not os.path.exists(fp) or os.path.getsize(fp) != 2 * n:
-                raise ValueError(f"{fp}: missing or not {n} tokens as meta.json says; rebuild {dir}")
-    return meta
-
-
-def count_tokens(dir, split='train') -> int:
-    """Tokens in a split of a shard directory (documents and their EOS tokens)."""
-    return load_shard_meta(dir)['splits'][split]['tokens']
-
-
-class ShardLoader:
-    """Packed next-token batches from a shard directory: x, y = int64 tensors [batch_size, seq_len],
-    y[:, t] = x[:, t + 1] (windows of seq_len + 1 consecutive tokens of the split's stream; documents
-    are packed and separated by EOS, and a window may span documents and shard files).
-
-    An epoch cuts the stream into windows at offset + k * seq_len (offset random in [0, seq_len))
-    and visits them in a random order; both come from (seed, epoch), so every epoch differs and every
-    run with the same seed is identical. A global step takes the next batch_size * world_size windows
-    of that order and rank r gets rows [r * batch_size, (r + 1) * batch_size): the union over ranks is
-    exactly the batch one process with batch_size * world_size sees at the same step. The incomplete
-    last global batch of an epoch is skipped. Iterating never ends (epochs roll over).
-
-    state_dict() is the same on every rank (epoch and global position), so any rank's state resumes
-    any rank, and also a run with another batch_size / world_size (at the same window position).
-
-    whole_docs=True packs whole documents instead: each window holds consecutive documents of the
-    stream that fit in seq_len + 1 tokens (a longer document is cut into pieces of its own), the rest
-    of the row is PAD with target -100, and the windows are visited in a random order per epoch. No
-    problem is cut from its question, so short windows (cheap attention) lose nothing but padding."""
-
-    def __init__(self, dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, tokenizer_identity=None,
-                 whole_docs=False):
-        meta = load_shard_meta(dir)
-        if tokenizer_identity is not None:
-            check_identity(tokenizer_identity, meta['tokenizer_identity'], f"the token shards in {dir}")
-        if split not in meta['splits']:
-            raise ValueError(f"{dir} has no {split!r} split (has {sorted(meta['splits'])})")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.dir, self.split, self.seed = dir, split, seed
-        self.batch_size, self.seq_len, self.rank, self.world_size = batch_size, seq_len, rank, world_size
-        self.tokenizer_identity = meta['tokenizer_identity']
-        self._shards = [np.memmap(os.path.join(dir, name), dtype=np.uint16, mode='r')
-                        for name, n in meta['splits'][split]['files'] if n > 0]
-        self._starts = np.cumsum([0] + [len(s) for s in self._shards]).tolist()
-        self.n_tokens = self._starts[-1]
-        need = (batch_size * world_size + 1) * seq_len
-        if self.n_tokens < need:
-            raise ValueError(f"the {split} split of {dir} has {self.n_tokens:,} tokens, fewer than the {need:,} "
-                             f"one global batch of {batch_size} x {world_size} windows of {seq_len} needs")
-        self.epoch, self.pos = 0, 0  # pos: windows of this epoch's order already handed out (all ranks)
-        self._plan_epoch = None
-        self.whole_docs, self._eos = whole_docs, int(meta['eos_id'])
-        self._windows = self._doc_windows() if whole_docs else None
-        if whole_docs and len(self._windows) < batch_size * world_size:
-            raise ValueError(f"the {split} split of {dir} has {len(self._windows):,} whole-document windows of "
-                             f"{seq_len} tokens, fewer than one global batch of {batch_size} x {world_size}")
-
-    def _doc_windows(self):
-        """[n, 2] (start, length) of the whole-document windows, greedily in stream order: consecutive
-        documents while they fit in seq_len + 1 tokens; a document longer than that in pieces."""
-        cap = self.seq_len + 1
-        ends = np.concatenate([np.flatnonzero(np.asarray(sh) == self._eos) + st + 1
-                               for sh, st in zip(self._shards, self._starts)]).tolist()
-        if not ends or ends[-1] < self.n_tokens:    # an unterminated tail is a document too
-            ends.append(self.n_tokens)
-        windows, start, w_start = [], 0, 0          # w_start: where the window being filled begins
-        for end in ends:
-            if end - w_start > cap:                 # this document does not fit: close the window
-                if start > w_start:
-                    windows.append((w_start, start - w_start))
-                w_start = start
-                while end - w_start > cap:          # a document longer than a window, in pieces that
-                    windows.append((w_start, cap))  # overlap by one token, so every token is a target once
-                    w_start += cap - 1
-            start = end
-        if start > w_start:
-            windows.append((w_start, start - w_start))
-        return np.array(windows, dtype=np.int64)
-
-    def windows_per_epoch(self) -> int:
-        """How many windows one epoch visits (at most; packed epochs start at a random offset)."""
-        return len(self._windows) if self.whole_docs else (self.n_tokens - 1) // self.seq_len
-
-    def _plan(self):
-        """(offset, window order) of the current epoch, from (seed, epoch) only."""
-        if self._plan_epoch != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            if self.whole_docs:
-                offset, n_windows = 0, len(self._windows)
-            else:
-                offset = int(rng.integers(self.seq_len))
-                n_windows = (self.n_tokens - 1 - offset) // self.seq_len
-            self._offset, self._order = offset, rng.permutation(n_windows)
-            self._plan_epoch = self.epoch
-        return self._offset, self._order
-
-    def _read(self, start, n):
-        k = bisect.bisect_right(self._starts, start) - 1
-        lo = start - self._starts[k]
-        out = self._shards[k][lo:lo + n]
-        while len(out) < n:  # the window continues into the next file
-            k += 1
-            out = np.concatenate([out, self._shards[k][:n - len(out)]])
-        return out
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        gb = self.batch_size * self.world_size
-        offset, order = self._plan()
-        if self.pos + gb > len(order):
-            self.epoch, self.pos = self.epoch + 1, 0
-            offset, order = self._plan()
-        rows = order[self.pos + self.rank * self.batch_size:self.pos + (self.rank + 1) * self.batch_size]
-        self.pos += gb
-        buf = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
-        if not self.whole_docs:
-            for i, w in enumerate(rows):
-                buf[i] = self._read(offset + int(w) * self.seq_len, self.seq_len + 1)
-            buf = torch.from_numpy(buf)
-            return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
-        buf.fill(self._eos)                          # padding: EOS inputs (never attended), no targets
-        lens = np.empty(self.batch_size, dtype=np.int64)
-        for i, w in enumerate(rows):
-            start, n = (int(v) for v in self._windows[w])
-            buf[i, :n], lens[i] = self._read(start, n), n
-        buf = torch.from_numpy(buf)
-        y = buf[:, 1:].clone()
-        y[torch.arange(self.seq_len)[None, :] >= torch.from_numpy(lens)[:, None] - 1] = -100
-        return buf[:, :-1].contiguous(), y
-
-    def state_dict(self) -> dict:
-        return {'split': self.split, 'seq_len': self.seq_len, 'seed': self.seed, 'n_tokens': self.n_tokens,
-                'whole_docs': self.whole_docs,
-                'tokenizer_identity': self.tokenizer_identity, 'epoch': self.epoch, 'pos': self.pos}
-
-    def load_state_dict(self, state: dict):
-        """Continue where `state` left off. The data (tokens, tokenizer), split, seq_len and seed must be
-        the ones the state was taken with; batch_size and world_size may differ."""
-        check_identity(self.tokenizer_identity, state['tokenizer_identity'], 'the data-loader state')
-        state = {'whole_docs': False, **state}       # states written before whole_docs existed
-        for key in ('split', 'seq_len', 'seed', 'n_tokens', 'whole_docs'):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"data-loader state has {key}={state[key]!r} but this loader has "
-                                 f"{getattr(self, key)!r}; exact resume needs the same data and settings")
-        self.epoch, self.pos = int(state['epoch']), int(state['pos'])
-
-
-def mask_question_targets(x, y, tokenizer):
-    """y with -100 wherever the target token is part of a question (<question> ... </question>, tags
-    included), so the loss covers only solutions and answers. x, y: a ShardLoader batch (y = x shifted
-    by one); a window that starts inside a question is recognised by its first tag being a close, and
-    a window with no tag at all (shorter than one question or solution) is masked whole: what it
-    holds cannot be told from the window alone."""
-    s = torch.cat([x[:, :1], y], 1)  # the whole window: s[:, t + 1] = y[:, t]
-    opens = (s == tokenizer.id_of('<question>')).long()
-    closes = (s == tokenizer.id_of('</question>')).long()
-    marks = opens - closes                               # +1 open tag, -1 close tag, 0 other
-    first = marks.gather(1, (marks != 0).long().argmax(1, keepdim=True))  # first tag's sign (0: none)
-    inside = opens.cumsum(1) - (closes.cumsum(1) - closes) + (first < 0).long() > 0
-    inside |= (marks == 0).all(1, keepdim=True)
-    return y.masked_fill(inside[:, 1:], -100)
-
-
-# -----------------------------------------------------------------------------
-# 8. Dataset directories: held-out set, tokenizer, token shards (what every training stage reads)
+# 6. Dataset directories: held-out set, tokenizer, token shards (what every training stage reads)
 #
 # A dataset directory holds eval.jsonl (held-out problems), tokenizer.json, train_*.bin / val.bin
 # (uint16 token streams) and meta.json (written last: a directory without it is incomplete).
 # Every directory built with the default tokenizer shares one tokenizer identity, so a base model
 # can be mid-trained or RL-trained on any other directory.
 
-def standard_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> 'Tokenizer':
+def standard_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
     """The project's tokenizer: BPE trained on a fixed seeded sample of every op (2..20), template and
     mode. Deterministic, so it has the same identity on every machine and in every dataset."""
     return _standard_tokenizer(int(vocab_size))
@@ -1999,14 +1525,10 @@ def _standard_tokenizer(vocab_size):
     return train_tokenizer([training_text(p.to_row()) for p in problems], vocab_size)
 
 
-def resolve_tokenizer(tok=None) -> 'Tokenizer':
-    """None -> the standard tokenizer; a Tokenizer; a tokenizer.json path; or a dataset directory."""
-    if tok is None or isinstance(tok, Tokenizer):
-        return tok or standard_tokenizer()
-    path = os.path.join(tok, 'tokenizer.json') if os.path.isdir(tok) else tok
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'tokenizer {tok!r} not found: give a tokenizer.json or a dataset directory')
-    return Tokenizer.load(path)
+def resolve_tokenizer(tok=None) -> Tokenizer:
+    """None -> the standard tokenizer; else tokenizer.load_tokenizer: a Tokenizer, a tokenizer.json
+    path or a dataset directory."""
+    return standard_tokenizer() if tok is None else load_tokenizer(tok)
 
 
 def _text_stream(mix, seed, workers, exclude, bar, chunk=4096):
@@ -2026,7 +1548,6 @@ def build_dataset(out_dir, mixture, token_budget, seed=0, tokenizer=None, eval_o
     mixture's modes: half forward / half reverse by default), then train shards of `token_budget` tokens from `mixture` that never
     contain a held-out problem, val.bin (val_n problems of the same mixture, another seed), the
     tokenizer and meta.json. Returns meta.json's contents."""
-    from tqdm import tqdm
     mix = parse_mixture(mixture)
     tok = resolve_tokenizer(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
@@ -2038,7 +1559,7 @@ def build_dataset(out_dir, mixture, token_budget, seed=0, tokenizer=None, eval_o
     exclude = frozenset(p.id for p in held_out)
     val = [training_text(p.to_row()) for p in _map(_row_at, [(mix, f'{seed}-val', i) for i in range(val_n)],
                                                    workers, exclude, None)]
-    bar = tqdm(desc=f'build {os.path.basename(os.path.normpath(out_dir))}', unit='doc', mininterval=1)
+    bar = common.progress_bar(desc=f'build {os.path.basename(os.path.normpath(out_dir))}', unit='doc')
     docs = _text_stream(mix, seed, workers, exclude, bar)
     meta = {'mixture': mix.to_dict(), 'seed': seed, 'eval_ops': list(eval_ops), 'eval_n': eval_n,
             'eval_seed': eval_seed, 'n_eval': len(held_out)}
@@ -2047,18 +1568,68 @@ def build_dataset(out_dir, mixture, token_budget, seed=0, tokenizer=None, eval_o
     return info
 
 
-def load_eval_rows(data_dir) -> list:
-    """The held-out problems of a dataset directory (rows with gold graphs)."""
-    path = os.path.join(data_dir, 'eval.jsonl')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'{path} not found: build the dataset first (python data.py build --out={data_dir} ...)')
-    return read_jsonl(path)
+def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_template=67, templates=(),
+                   modes=(), seed=1234, world='paper'):
+    """The held-out problems as rows with gold graphs, filtered to `ops` / `templates` / `modes` and
+    capped at per_op_template per (op, template) (0: no cap). Returns (rows, source: where they came
+    from). eval_file: '' = {data_dir}/eval.jsonl when it exists (build_dataset's, disjoint from
+    training), else generated with make_eval_set(ops, per_op_template, seed, modes, templates, world);
+    'generate' = always generated; a path = read_jsonl's (a file, a directory or a glob). Every stage
+    reads its held-out rows here (evaluate.py, rl.py)."""
+    in_data_dir = os.path.join(data_dir, 'eval.jsonl') if data_dir else ''
+    if eval_file and eval_file != 'generate':
+        try:
+            files = jsonl_files(eval_file)
+        except ValueError as e:
+            raise common.UsageError(f"eval_file: {e}, or --eval_file=generate") from None
+        rows, source = read_jsonl(eval_file), eval_file + (f' ({len(files)} files)' if len(files) > 1 else '')
+    elif eval_file != 'generate' and in_data_dir and os.path.exists(in_data_dir):
+        rows, source = read_jsonl(in_data_dir), in_data_dir
+    else:
+        try:
+            world = parse_world(world or 'paper')
+        except ValueError as e:
+            raise common.UsageError(str(e)) from None
+        rows = [p.to_row() for p in make_eval_set(list(ops), per_op_template, seed, modes=modes or MODES,
+                                                  templates=templates or None, world=world)]
+        source = f"generated: make_eval_set(ops={list(ops)}, {per_op_template}, seed={seed}, {world})"
+    ops, n_read = set(ops), len(rows)
+    kept, per = [], collections.defaultdict(int)
+    for r in rows:
+        if r['op'] not in ops or (templates and r['template'] not in templates) or (modes and r['mode'] not in modes):
+            continue
+        if per_op_template and per[r['op'], r['template']] >= per_op_template:
+            continue
+        per[r['op'], r['template']] += 1
+        kept.append(r)
+    if not kept:
+        raise common.UsageError(f"the eval set is empty: {n_read} rows in {source}, none with op in {sorted(ops)}, "
+                                f"templates {list(templates) or 'any'}, modes {list(modes) or 'any'}; fix --eval_ops/"
+                                f"--eval_templates/--eval_modes or point --eval_file at another set")
+    return ensure_unique_ids(kept), source
+
+
+def ensure_unique_ids(rows):
+    """Ids key the generations. The original release's ids are hash(text) % 23 and collide, so rows with a
+    missing or repeated id get the content hash (sha1 of problem + question, as Problem.id)."""
+    seen = collections.defaultdict(int)
+    for r in rows:
+        seen[r.get('id')] += 1
+    out = []
+    for r in rows:
+        if r.get('id') is None or seen[r['id']] > 1:
+            r = dict(r, id=problem_id(r['problem'], r['question']))
+        out.append(r)
+    if len({r['id'] for r in out}) != len(out):
+        raise common.UsageError("the eval set holds the same problem twice (same problem and question text); "
+                                "deduplicate it")
+    return out
 
 
 # -----------------------------------------------------------------------------
-# 9. Command line
+# 7. Command line
 #
-# Every command parses --key=value with model.configure (typed defaults below; --help lists them);
+# Every command parses --key=value with common.configure (typed defaults below; --help lists them);
 # a bad argument is one line on stderr and exit status 2.
 
 SAMPLE_DEFAULTS = dict(
@@ -2094,23 +1665,23 @@ TOKENIZER_DEFAULTS = dict(
 
 
 def _sample_main(argv):
-    a = model.configure(SAMPLE_DEFAULTS, argv, presets=False)
+    a = common.configure(SAMPLE_DEFAULTS, argv, presets=False)
     if not a.out:
-        raise model.UsageError('sample needs --out=FILE.jsonl')
+        raise common.UsageError('sample needs --out=FILE.jsonl')
     if a.ops and a.mixture:
-        raise model.UsageError('give --ops or --mixture, not both')
+        raise common.UsageError('give --ops or --mixture, not both')
     if a.mixture and (a.templates or a.modes):
-        raise model.UsageError('--templates/--modes go with --ops, not with --mixture')
+        raise common.UsageError('--templates/--modes go with --ops, not with --mixture')
     try:
         mix = parse_mixture(a.mixture) if a.mixture else mixture(a.ops or '2-20', a.templates or None,
                                                                 a.modes or None)
     except ValueError as e:
-        raise model.UsageError(str(e)) from None
+        raise common.UsageError(str(e)) from None
     if a.n < 1 or a.workers < 1:
-        raise model.UsageError('--n and --workers must be at least 1')
+        raise common.UsageError('--n and --workers must be at least 1')
     out_dir = os.path.dirname(os.path.abspath(a.out))
     if not os.path.isdir(out_dir):
-        raise model.UsageError(f"--out={a.out}: directory {out_dir} does not exist; create it first")
+        raise common.UsageError(f"--out={a.out}: directory {out_dir} does not exist; create it first")
     problems = generate_problems(a.n, mix, a.seed, a.workers)
     write_jsonl(a.out, problems)
     print(f"wrote {len(problems)} problems to {a.out}")
@@ -2122,28 +1693,28 @@ def verify_main(argv) -> int:
     if argv and argv[0] == 'verify':
         argv = argv[1:]
     try:
-        a = model.configure(VERIFY_DEFAULTS, argv, presets=False)
+        a = common.configure(VERIFY_DEFAULTS, argv, presets=False)
         inp, out = a['in'], a['out']
         if not inp:
-            raise model.UsageError('missing --in=FILE.jsonl (rows with "graph" or "solution", and "prediction")')
+            raise common.UsageError('missing --in=FILE.jsonl (rows with "graph" or "solution", and "prediction")')
         try:
             with open(inp, encoding='utf-8') as f:
                 lines = f.readlines()
         except OSError as e:
-            raise model.UsageError(f'cannot read --in={inp} ({e.strerror}); give an existing JSONL file') from None
+            raise common.UsageError(f'cannot read --in={inp} ({e.strerror}); give an existing JSONL file') from None
         rows = []
         for i, line in enumerate(lines):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise model.UsageError(f'{inp} line {i + 1} is not valid JSON ({e.msg}); fix or remove '
+                    raise common.UsageError(f'{inp} line {i + 1} is not valid JSON ({e.msg}); fix or remove '
                                            f'that line') from None
         try:
             verdicts, summary = verify_rows(rows)
         except ValueError as e:
-            raise model.UsageError(f'{inp}: {e}') from None
-    except model.UsageError as e:
+            raise common.UsageError(f'{inp}: {e}') from None
+    except common.UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if out:
@@ -2167,15 +1738,15 @@ def verify_main(argv) -> int:
 
 
 def _build_main(argv):
-    a = model.configure(BUILD_DEFAULTS, argv, presets=False)
+    a = common.configure(BUILD_DEFAULTS, argv, presets=False)
     if not (a.out and a.mixture and a.tokens):
-        raise model.UsageError('build needs --out=DIR --mixture=NAME_OR_OPS --tokens=N '
+        raise common.UsageError('build needs --out=DIR --mixture=NAME_OR_OPS --tokens=N '
                                '(e.g. python data.py build --out=data/base --mixture=2-10 --tokens=5e6)')
     try:
         eval_ops = parse_ops(a.eval_ops)[0][1]
         mix = parse_mixture(a.mixture)
     except ValueError as e:
-        raise model.UsageError(str(e)) from None
+        raise common.UsageError(str(e)) from None
     info = build_dataset(a.out, mix, int(a.tokens), seed=a.seed, tokenizer=a.tokenizer or None, eval_ops=eval_ops,
                          eval_n=a.eval_n, eval_seed=a.eval_seed, val_n=a.val_n, workers=a.workers)
     print(f"wrote {a.out}: {info['splits']['train']['tokens']:,} train tokens, "
@@ -2184,9 +1755,9 @@ def _build_main(argv):
 
 
 def _tokenizer_main(argv):
-    a = model.configure(TOKENIZER_DEFAULTS, argv, presets=False)
+    a = common.configure(TOKENIZER_DEFAULTS, argv, presets=False)
     if not a.out:
-        raise model.UsageError('tokenizer needs --out=tokenizer.json (the standard tokenizer; --vocab_size=N '
+        raise common.UsageError('tokenizer needs --out=tokenizer.json (the standard tokenizer; --vocab_size=N '
                                'to change its size)')
     tok = standard_tokenizer(a.vocab_size)
     tok.save(a.out)
@@ -2199,4 +1770,4 @@ COMMANDS = {'sample': _sample_main, 'verify': lambda argv: sys.exit(verify_main(
 
 
 if __name__ == '__main__':
-    model.cli('data.py', COMMANDS)  # one usage line lists the commands
+    common.cli('data.py', COMMANDS)  # one usage line lists the commands

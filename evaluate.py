@@ -33,8 +33,8 @@ Commands (run from the repository root):
     # or from names such as composition/test/op10-1k.jsonl, context/<template>/test/op5_1k.jsonl)
     python evaluate.py paper_eval --ckpts=out/released --eval_file='released/composition/val/*.jsonl'
 
-The held-out set (`eval_file`): '' = {data_dir}/eval.jsonl when it exists (written by
-data.build_dataset, disjoint from training), else generated with data.make_eval_set(eval_ops,
+The held-out set (`eval_file`, read by data.load_eval_rows): '' = {data_dir}/eval.jsonl when it exists
+(written by data.build_dataset, disjoint from training), else generated with data.make_eval_set(eval_ops,
 eval_per_op_template, eval_seed); 'generate' = always generate; a path = any JSONL of ours or the
 original study's, or a directory / glob of them (rows without a gold graph get one from data.read_jsonl
 parsing the gold solution).
@@ -63,13 +63,13 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
-from tqdm import tqdm
 
+import common
 import data
-import model as M
+import engine
+from checkpoint import checkpoint_step, load_run
+from common import UsageError, autocast_ctx, cleanup_distributed, configure, progress_bar, setup_distributed, unwrap
 from data import verify
-from model import UsageError, autocast_ctx, cleanup_distributed, configure, setup_distributed, unwrap
 
 # -----------------------------------------------------------------------------------------------
 # default config (paper values in config/paper_eval.py, CPU-sized ones in config/tiny_eval.py)
@@ -124,68 +124,8 @@ def split_list(s):
     return [x.strip() for x in s.split(',') if x.strip()] if s else []
 
 
-def load_eval_rows(eval_file='', data_dir='', ops=tuple(range(2, 21)), per_op_template=67, templates=(),
-                   modes=(), seed=1234, world='paper'):
-    """The held-out problems as rows with gold graphs (see module docstring for eval_file), filtered to
-    `ops` / `templates` / `modes` and capped at per_op_template per (op, template). Returns (rows, source)."""
-    in_data_dir = os.path.join(data_dir, 'eval.jsonl') if data_dir else ''
-    if eval_file and eval_file != 'generate':
-        try:
-            files = data.jsonl_files(eval_file)
-        except ValueError as e:
-            raise UsageError(f"eval_file: {e}, or --eval_file=generate") from None
-        rows, source = data.read_jsonl(eval_file), eval_file + (f' ({len(files)} files)' if len(files) > 1 else '')
-    elif eval_file != 'generate' and in_data_dir and os.path.exists(in_data_dir):
-        rows, source = data.read_jsonl(in_data_dir), in_data_dir
-    else:
-        try:
-            world = data.parse_world(world or 'paper')
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        rows = [p.to_row() for p in data.make_eval_set(list(ops), per_op_template, seed, modes=modes or data.MODES,
-                                                         templates=templates or None, world=world)]
-        source = f"generated: data.make_eval_set(ops={list(ops)}, {per_op_template}, seed={seed}, {world})"
-    ops, n_read = set(ops), len(rows)
-    kept, per = [], defaultdict(int)
-    for r in rows:
-        if r['op'] not in ops or (templates and r['template'] not in templates) or (modes and r['mode'] not in modes):
-            continue
-        if per_op_template and per[r['op'], r['template']] >= per_op_template:
-            continue
-        per[r['op'], r['template']] += 1
-        kept.append(r)
-    if not kept:
-        raise UsageError(f"the eval set is empty: {n_read} rows in {source}, none with op in {sorted(ops)}, "
-                         f"templates {list(templates) or 'any'}, modes {list(modes) or 'any'}; fix --eval_ops/"
-                         f"--eval_templates/--eval_modes or point --eval_file at another set")
-    return ensure_unique_ids(kept), source
-
-
-def ensure_unique_ids(rows):
-    """Ids key the generations. The original release's ids are hash(text) % 23 and collide, so rows with a
-    missing or repeated id get the content hash (sha1 of problem + question, as data.Problem.id)."""
-    seen = defaultdict(int)
-    for r in rows:
-        seen[r.get('id')] += 1
-    out = []
-    for r in rows:
-        if r.get('id') is None or seen[r['id']] > 1:
-            r = dict(r, id=data.problem_id(r['problem'], r['question']))
-        out.append(r)
-    if len({r['id'] for r in out}) != len(out):
-        raise UsageError("the eval set holds the same problem twice (same problem and question text); deduplicate it")
-    return out
-
-
 # -----------------------------------------------------------------------------------------------
 # sampling
-
-def completion_text(tok, tokens):
-    """What the model wrote after '<solution>': the stop token '</answer>' is kept, EOS is dropped."""
-    if tokens and tokens[-1] == tok.eos_id:
-        tokens = tokens[:-1]
-    return tok.decode(tokens)
-
 
 @torch.no_grad()
 def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, batch_size=0, top_k=None,
@@ -193,7 +133,7 @@ def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, b
     """n completions per row, returned as texts[row][sample] in the order of `rows`; a row's samples
     keep the order they were drawn in (the ordered pass@k reads it).
 
-    Prompts are tok.encode(data.prompt_text(row)); generation stops at '</answer>' or EOS. Every row
+    Prompts are data.prompt_text(row); generation stops at '</answer>' or EOS (engine.complete). Every row
     goes to one generate(prompts, ..., num_samples=n) call, which prefills each prompt once, shares
     its KV cache among its samples and sizes its slots from its memory budget; batch_size > 0 also
     caps the sequences decoded at once (generate's max_rows), 0 leaves it to the budget. A sample
@@ -204,18 +144,14 @@ def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, b
         return []
     m = unwrap(model)
     device = next(m.parameters()).device
-    prompts = [tok.encode(data.prompt_text(r)) for r in rows]
     gen = torch.Generator(device=device).manual_seed(seed)
-    with tqdm(total=len(rows) * n, desc=desc, unit='sample', disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=len(rows) * n, desc=desc, unit='sample', disable=not progress) as bar:
         with autocast_ctx(device):
-            res = m.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                             stop_ids=(tok.id_of('</answer>'), tok.eos_id), generator=gen, num_samples=n,
-                             pad_id=tok.pad_id, logprobs=False, max_rows=batch_size if batch_size > 0 else None)
-        bar.update(len(res.tokens))
-    out = [[] for _ in rows]
-    for j, tokens in enumerate(res.tokens):  # rows come back [p0 s0, p0 s1, ..., p1 s0, ...]
-        out[j // n].append(completion_text(tok, tokens))
-    return out
+            res = engine.complete(m, tok, [data.prompt_text(r) for r in rows], max_new_tokens, num_samples=n,
+                                  temperature=temperature, top_k=top_k, generator=gen,
+                                  max_rows=batch_size if batch_size > 0 else None)
+        bar.update(len(res.texts))
+    return [res.texts[i * n:(i + 1) * n] for i in range(len(rows))]  # samples come back prompt-major
 
 
 # -----------------------------------------------------------------------------------------------
@@ -234,10 +170,10 @@ def verify_all(rows, samples, workers=1, progress=False):
         # fork is fastest, but a forked child of a process that has initialised CUDA is unsafe
         ctx = multiprocessing.get_context('spawn' if torch.cuda.is_initialized() else 'fork')
         with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-            flat = list(tqdm(ex.map(_verify_pair, pairs, chunksize=256), total=len(pairs), desc='verifying',
-                             disable=not progress, dynamic_ncols=True))
+            flat = list(progress_bar(ex.map(_verify_pair, pairs, chunksize=256), total=len(pairs), desc='verifying',
+                                     disable=not progress))
     else:
-        flat = [verify(s, g) for s, g in tqdm(pairs, desc='verifying', disable=not progress, dynamic_ncols=True)]
+        flat = [verify(s, g) for s, g in progress_bar(pairs, desc='verifying', disable=not progress)]
     out, pos = [], 0
     for ss in samples:
         out.append(flat[pos:pos + len(ss)])
@@ -435,7 +371,7 @@ def quick_eval(model, tok, rows, n=4, temperature=1.0, *, max_new_tokens=512, ba
     """Held-out evaluation for training loops (rl.py calls this every few steps). Stable signature.
 
     model: a Qwen2 (DDP / torch.compile wrappers are unwrapped); tok: data.Tokenizer; rows: eval rows
-    with gold graphs (e.g. load_eval_rows(...)[0] or data.make_eval_set(...) rows); n samples per row at
+    with gold graphs (e.g. data.load_eval_rows(...)[0] or data.make_eval_set(...) rows); n samples per row at
     `temperature` (0 = greedy, then n is 1). With dist (model.Dist) and world_size > 1 every rank must
     call it: rows are sharded across ranks and every rank returns the same metrics.
 
@@ -456,10 +392,7 @@ def quick_eval(model, tok, rows, n=4, temperature=1.0, *, max_new_tokens=512, ba
     finally:
         m.train(was_training)
     records = score(mine, samples)
-    if world > 1:
-        parts = [None] * world
-        torch_dist.all_gather_object(parts, records)
-        records = [r for p in parts for r in p]
+    records = [r for part in common.all_gather(records, world) for r in part]
     return flat_metrics(aggregate(records, bands=bands))
 
 
@@ -594,7 +527,7 @@ def _style_legend(fig, labels, colors):
 def plot_passk(runs, path, estimator='unbiased'):
     """pass@k versus k: one column per band, one row per mode group (all, forward, reverse);
     colour = checkpoint, solid = process-verified, dashed = outcome; `estimator`'s pass@k."""
-    plt = M.pyplot()
+    plt = common.pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
     bands, rows = list(first['band']), _split_rows(first)
@@ -628,7 +561,7 @@ def plot_passk(runs, path, estimator='unbiased'):
 def plot_acc_vs_op(runs, path, bands=BANDS, by='mode', estimator='unbiased'):
     """pass@1 and pass@n versus op (columns); rows: all problems, then each mode (by='mode') or each
     template (by='template'); band ranges shaded; `estimator`'s pass@k."""
-    plt = M.pyplot()
+    plt = common.pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
     kmax = first['ks'][-1]
@@ -666,7 +599,7 @@ def write_reports(out_dir, runs, meta, bands=BANDS, estimator='unbiased'):
     if estimator not in ESTIMATOR_TITLES:
         raise UsageError(f"estimator={estimator!r}; choose one of {', '.join(ESTIMATOR_TITLES)}")
     os.makedirs(out_dir, exist_ok=True)
-    M.write_json({'meta': meta, 'runs': runs}, os.path.join(out_dir, 'results.json'))
+    common.write_json({'meta': meta, 'runs': runs}, os.path.join(out_dir, 'results.json'))
     write_csv(runs, os.path.join(out_dir, 'results.csv'))
     write_summary(runs, meta, os.path.join(out_dir, 'summary.md'))
     plot_passk(runs, os.path.join(out_dir, 'passk_by_band.png'), estimator)
@@ -725,14 +658,8 @@ def run_labels(cfg):
     return labels, ckpts
 
 
-def evaluate(cfg):
-    """Run the evaluation described by cfg (a resolved config dict); returns the runs dict on rank 0."""
-    dist = setup_distributed()
-    master, world = dist.is_master, dist.world_size
-    device = dist.device if cfg['device'] == 'auto' else cfg['device']
-    # the console (rank 0), and each label's headline metrics to W&B / TensorBoard if asked (--logger)
-    logger = M.RunLog(cfg['out_dir'], cfg, 'eval', cfg['logger'], master)
-    say = logger.print
+def check_config(cfg):
+    """(samples per problem, temperature, labels, checkpoints); a bad choice is a UsageError now."""
     n, temperature = (1, 0.0) if cfg['greedy'] else (cfg['n_samples'], cfg['temperature'])
     if n < 1:
         raise UsageError(f"n_samples={n}; it must be >= 1")
@@ -744,78 +671,98 @@ def evaluate(cfg):
         except ValueError as e:
             raise UsageError(f"weighted_bands[{band!r}]: {e}") from None
     labels, ckpts = run_labels(cfg)
+    return n, temperature, labels, ckpts
+
+
+def rescore_runs(cfg, labels, ckpts, prev, say):
+    """--rescore: verify the saved generations of each label again (no sampling). -> (runs, rows, source, n)."""
+    eval_set_path = os.path.join(cfg['out_dir'], 'eval_set.jsonl')
+    if not os.path.exists(eval_set_path):
+        raise UsageError(f"{eval_set_path} not found; --rescore needs the out_dir of an earlier evaluation")
+    runs, rows, source, n = {}, data.read_jsonl(eval_set_path), eval_set_path, None
+    for label, ckpt in zip(labels, ckpts):
+        path = os.path.join(cfg['out_dir'], f'generations_{label}.jsonl')
+        samples = read_generations(path, rows)
+        verdicts = verify_all(rows, samples, cfg['workers'], cfg['progress'])
+        data.write_jsonl(path, generation_lines(rows, samples, verdicts))
+        old = prev.get(label, {})
+        # the checkpoint's own step where it is named (results.json may lack the label: runs/tiny.sh's
+        # two evaluation processes each write it)
+        step = checkpoint_step(ckpt) if ckpt else old.get('step')
+        runs[label] = {'ckpt': ckpt or old.get('ckpt', ''), 'step': step,
+                       'records': [problem_record(r, vs) for r, vs in zip(rows, verdicts)]}
+        say(f"{label}: re-scored {sum(map(len, samples))} samples from {path}")
+        n = min(len(s) for s in samples)
+    return runs, rows, source, n
+
+
+def sample_runs(cfg, labels, ckpts, n, temperature, dist, device, say):
+    """Sample, verify and record every checkpoint on one eval set (fixed by the first checkpoint's data
+    dir), the problems sharded across ranks. -> (runs on rank 0, rows, source)."""
+    master, world, out_dir = dist.is_master, dist.world_size, cfg['out_dir']
+    runs, rows, source = {}, None, None
+    for label, ckpt_arg in zip(labels, ckpts):
+        # on the CPU first: the optimizer state, if any, stays there
+        _, tok, ck = load_run(ckpt_arg, 'cpu', cfg['data_dir'] or None,
+                              fix='pass --data_dir=<the data dir the checkpoint was trained on>')
+        ckpt_path = ck['path']
+        ck['model'].to(device)
+        if rows is None:  # one eval set for every checkpoint, fixed by the first one's data dir
+            rows, source = data.load_eval_rows(cfg['eval_file'], cfg['data_dir'] or ck['config'].get('data_dir', ''),
+                                               cfg['eval_ops'], cfg['eval_per_op_template'],
+                                               split_list(cfg['eval_templates']), split_list(cfg['eval_modes']),
+                                               cfg['eval_seed'], cfg['world'])
+            if master:
+                data.write_jsonl(os.path.join(out_dir, 'eval_set.jsonl'), rows)
+            say(f"eval set: {len(rows)} problems from {source}")
+            # balanced shards: deal problems sorted by prompt length round-robin to the ranks
+            mine = sorted(rows, key=lambda r: -len(data.prompt_text(r)))[dist.rank::world]
+        say(f"{label}: {ckpt_path} (step {ck['step']}), {n} samples x {len(mine)} problems/rank x {world} "
+            f"rank(s), temperature {temperature}, max_new_tokens {cfg['max_new_tokens']}")
+        m, step = ck['model'].eval(), ck['step']
+        samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=cfg['max_new_tokens'],
+                                   batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'],
+                                   progress=cfg['progress'] and master, desc=f'sampling {label}')
+        del m, ck
+        verdicts = verify_all(mine, samples, cfg['workers'], cfg['progress'] and master)
+        records = [problem_record(r, vs) for r, vs in zip(mine, verdicts)]
+        gen_path = os.path.join(out_dir, f'generations_{label}.jsonl')
+        data.write_jsonl(gen_path + (f'.rank{dist.rank}' if world > 1 else ''), generation_lines(mine, samples, verdicts))
+        records = [r for part in common.all_gather(records, world) for r in part]  # every rank's, in rank order
+        if master and world > 1:  # rank 0 concatenates the generation parts
+            with open(gen_path + '.tmp', 'w') as out:
+                for r in range(world):
+                    with open(f'{gen_path}.rank{r}') as f:
+                        out.write(f.read())
+                    os.remove(f'{gen_path}.rank{r}')
+            os.replace(gen_path + '.tmp', gen_path)
+        if master:
+            pos = {r['id']: i for i, r in enumerate(rows)}
+            runs[label] = {'ckpt': ckpt_path, 'step': step, 'records': sorted(records, key=lambda r: pos[r['id']])}
+    return runs, rows, source
+
+
+def evaluate(cfg):
+    """Run the evaluation described by cfg (a resolved config dict); returns the runs dict on rank 0."""
+    dist = setup_distributed()
+    master, world = dist.is_master, dist.world_size
+    device = dist.device if cfg['device'] == 'auto' else cfg['device']
+    # the console (rank 0), and each label's headline metrics to W&B / TensorBoard if asked (--logger)
+    logger = common.RunLog(cfg['out_dir'], cfg, 'eval', cfg['logger'], master)
+    say = logger.print
+    n, temperature, labels, ckpts = check_config(cfg)
     out_dir = cfg['out_dir']
-    eval_set_path = os.path.join(out_dir, 'eval_set.jsonl')
     os.makedirs(out_dir, exist_ok=True)
     prev = {}
     if os.path.exists(os.path.join(out_dir, 'results.json')):
         with open(os.path.join(out_dir, 'results.json')) as f:
             prev = json.load(f).get('runs', {})
-
-    runs, rows, source = {}, None, None
     if cfg['rescore']:
         if world > 1:
             raise UsageError("--rescore runs in one process; drop torchrun")
-        if not os.path.exists(eval_set_path):
-            raise UsageError(f"{eval_set_path} not found; --rescore needs the out_dir of an earlier evaluation")
-        rows, source = data.read_jsonl(eval_set_path), eval_set_path
-        for label, ckpt in zip(labels, ckpts):
-            path = os.path.join(out_dir, f'generations_{label}.jsonl')
-            samples = read_generations(path, rows)
-            verdicts = verify_all(rows, samples, cfg['workers'], cfg['progress'])
-            data.write_jsonl(path, generation_lines(rows, samples, verdicts))
-            old = prev.get(label, {})
-            # the checkpoint's own step where it is named (results.json may lack the label: runs/tiny.sh's
-            # two evaluation processes each write it)
-            step = M.checkpoint_step(ckpt) if ckpt else old.get('step')
-            runs[label] = {'ckpt': ckpt or old.get('ckpt', ''), 'step': step,
-                           'records': [problem_record(r, vs) for r, vs in zip(rows, verdicts)]}
-            say(f"{label}: re-scored {sum(map(len, samples))} samples from {path}")
-            n = min(len(s) for s in samples)
+        runs, rows, source, n = rescore_runs(cfg, labels, ckpts, prev, say)
     else:
-        for label, ckpt_arg in zip(labels, ckpts):
-            # on the CPU first: the optimizer state, if any, stays there
-            _, tok, ck = M.load_run(ckpt_arg, 'cpu', cfg['data_dir'] or None,
-                                    fix='pass --data_dir=<the data dir the checkpoint was trained on>')
-            ckpt_path = ck['path']
-            ck['model'].to(device)
-            if rows is None:  # one eval set for every checkpoint, fixed by the first one's data dir
-                rows, source = load_eval_rows(cfg['eval_file'], cfg['data_dir'] or ck['config'].get('data_dir', ''),
-                                              cfg['eval_ops'], cfg['eval_per_op_template'],
-                                              split_list(cfg['eval_templates']), split_list(cfg['eval_modes']),
-                                              cfg['eval_seed'], cfg['world'])
-                if master:
-                    data.write_jsonl(eval_set_path, rows)
-                say(f"eval set: {len(rows)} problems from {source}")
-                # balanced shards: deal problems sorted by prompt length round-robin to the ranks
-                mine = sorted(rows, key=lambda r: -len(data.prompt_text(r)))[dist.rank::world]
-            say(f"{label}: {ckpt_path} (step {ck['step']}), {n} samples x {len(mine)} problems/rank x {world} "
-                f"rank(s), temperature {temperature}, max_new_tokens {cfg['max_new_tokens']}")
-            m, step = ck['model'].eval(), ck['step']
-            samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=cfg['max_new_tokens'],
-                                       batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'],
-                                       progress=cfg['progress'] and master, desc=f'sampling {label}')
-            del m, ck
-            verdicts = verify_all(mine, samples, cfg['workers'], cfg['progress'] and master)
-            records = [problem_record(r, vs) for r, vs in zip(mine, verdicts)]
-            gen_path = os.path.join(out_dir, f'generations_{label}.jsonl')
-            part = gen_path + (f'.rank{dist.rank}' if world > 1 else '')
-            data.write_jsonl(part, generation_lines(mine, samples, verdicts))
-            if world > 1:  # rank 0 collects the records and concatenates the generation parts
-                parts = [None] * world if master else None
-                torch_dist.gather_object(records, parts, dst=0)
-                if master:
-                    records = [r for p in parts for r in p]
-                    with open(gen_path + '.tmp', 'w') as out:
-                        for r in range(world):
-                            with open(f'{gen_path}.rank{r}') as f:
-                                out.write(f.read())
-                            os.remove(f'{gen_path}.rank{r}')
-                    os.replace(gen_path + '.tmp', gen_path)
-            if master:
-                pos = {r['id']: i for i, r in enumerate(rows)}
-                runs[label] = {'ckpt': ckpt_path, 'step': step,
-                               'records': sorted(records, key=lambda r: pos[r['id']])}
+        runs, rows, source = sample_runs(cfg, labels, ckpts, n, temperature, dist, device, say)
     if world > 1:
         cleanup_distributed()
     if not master:
@@ -856,4 +803,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    M.cli('evaluate.py', main)
+    common.cli('evaluate.py', main)

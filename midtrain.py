@@ -22,8 +22,9 @@ Re-running the same command resumes {out_dir}/ckpt.pt exactly, as in pretrain.py
 import json
 import os
 
-import model
+import common
 import pretrain
+from checkpoint import load_checkpoint, resolve_ckpt, run_tokenizer_path
 
 defaults = {k: v for k, v in pretrain.defaults.items()
             # the architecture comes from the base checkpoint, so the model keys do not apply here
@@ -47,15 +48,15 @@ def tokens_for_flops(flops, n_params):
 def resolve(cfg):
     """Check the base checkpoint and turn a FLOP budget into a token budget (in place); returns cfg."""
     if cfg.init_from == 'scratch':
-        raise model.UsageError("config error: mid-training starts from a base checkpoint: set --init_from=out/RUN")
-    ckpt = model.resolve_ckpt(cfg.init_from, 'base checkpoint')
+        raise common.UsageError("config error: mid-training starts from a base checkpoint: set --init_from=out/RUN")
+    ckpt = resolve_ckpt(cfg.init_from, 'base checkpoint')
     if cfg.flops_budget > 0:
-        n = model.load_checkpoint(ckpt, device='cpu')['model'].num_params()
+        n = load_checkpoint(ckpt, device='cpu')['model'].num_params()
         cfg.max_tokens = tokens_for_flops(cfg.flops_budget, n)
         if cfg.max_tokens < cfg.batch_tokens:
-            raise model.UsageError(f"config error: flops_budget={cfg.flops_budget:.3g} buys {cfg.max_tokens:,} "
-                                   f"tokens (6N = {6 * n:,} FLOPs/token), less than one batch of "
-                                   f"{cfg.batch_tokens:,}")
+            raise common.UsageError(f"config error: flops_budget={cfg.flops_budget:.3g} buys {cfg.max_tokens:,} "
+                                    f"tokens (6N = {6 * n:,} FLOPs/token), less than one batch of "
+                                    f"{cfg.batch_tokens:,}")
     return cfg
 
 
@@ -63,18 +64,18 @@ def ensure_dataset(cfg):
     """Build the mid-training data with the base run's tokenizer if it is missing."""
     if os.path.exists(os.path.join(cfg.data_dir, 'meta.json')):
         return
-    ckpt = model.resolve_ckpt(cfg.init_from, 'base checkpoint')
+    ckpt = resolve_ckpt(cfg.init_from, 'base checkpoint')
     tok_path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), 'tokenizer.json')
     if not os.path.exists(tok_path):  # a checkpoint outside a run directory: its data_dir's tokenizer
-        tok_path = model.run_tokenizer_path(ckpt, model.load_checkpoint(ckpt)['config'])
+        tok_path = run_tokenizer_path(ckpt, load_checkpoint(ckpt)['config'])
     if tok_path is None:
-        raise model.UsageError(f"no tokenizer for the base checkpoint {ckpt} (none beside it or in its data_dir)")
+        raise common.UsageError(f"no tokenizer for the base checkpoint {ckpt} (none beside it or in its data_dir)")
     pretrain.ensure_dataset(cfg, tokenizer=tok_path)
 
 
 def main(argv):
-    cfg = resolve(model.configure(defaults, argv))
-    model.tracker_package(cfg.logger)  # a missing package is an error now, not after building the data
+    cfg = resolve(common.configure(defaults, argv))
+    common.tracker_package(cfg.logger)  # a missing package is an error now, not after building the data
     if cfg.prepare_only or int(os.environ.get('WORLD_SIZE', '1')) == 1:
         ensure_dataset(cfg)
     if cfg.prepare_only:
@@ -86,4 +87,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    model.cli('midtrain.py', main)
+    common.cli('midtrain.py', main)

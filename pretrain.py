@@ -28,7 +28,7 @@ same final weights as a run that was never interrupted. A different config on re
 
 What ends up in out_dir: ckpt.pt (model + run config + tokenizer identity + optimizer + data-loader and
 RNG state), tokenizer.json (a copy, so the run directory is self-contained for evaluate.py / rl.py),
-log.json (every step's loss/lr/tok/s/MFU and every held-out evaluation), loss.png (model.RunLog writes
+log.json (every step's loss/lr/tok/s/MFU and every held-out evaluation), loss.png (common.RunLog writes
 them; --logger=wandb or tensorboard also sends every record there).
 
 midtrain.py reuses train() below with its own defaults (init_from a base run, fresh optimizer/schedule).
@@ -42,12 +42,14 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import common
 import data
 import model
-from data import ShardLoader, Tokenizer
+from checkpoint import (load_checkpoint, resolve_ckpt, restore_training_state, resume_checkpoint, rng_state,
+                        save_checkpoint)
+from tokenizer import ShardLoader, Tokenizer, mask_question_targets
 
 # -----------------------------------------------------------------------------------------------
 # default config (values for the paper run live in config/paper_pretrain.py; these are CPU-sized)
@@ -106,7 +108,8 @@ defaults = dict(
     resume_override=False,               # allow resuming {out_dir}/ckpt.pt with a different config
 )
 
-# keys that may change on resume without changing the trajectory (how often we look, not what we do)
+# keys that may change on resume without changing the trajectory (how often we look, not what we do);
+# midtrain.py shares them (checkpoint.resume_checkpoint ignores them when it compares configs)
 RESUME_SAFE_KEYS = {'resume_override', 'allow_epochs', 'log_interval', 'progress', 'compile', 'prepare_only', 'eval_interval',
                     'eval_tokens', 'ckpt_interval', 'data_workers', 'peak_flops', 'logger'}
 
@@ -126,7 +129,7 @@ def lr_at(step, cfg, max_steps):
 def model_config_for(cfg, vocab_size):
     """The model preset with the config's dimension overrides, sized for the tokenizer and seq_len."""
     if cfg['model'] not in model.MODEL_PRESETS:
-        raise model.UsageError(f"unknown model preset {cfg['model']!r}; choose one of {sorted(model.MODEL_PRESETS)}")
+        raise common.UsageError(f"unknown model preset {cfg['model']!r}; choose one of {sorted(model.MODEL_PRESETS)}")
     mc = model.MODEL_PRESETS[cfg['model']]
     over = {k: cfg[k] for k in ('n_layer', 'hidden_size', 'n_head', 'n_kv_head', 'intermediate_size') if cfg[k] > 0}
     return dataclasses.replace(mc, vocab_size=vocab_size, max_seq_len=max(mc.max_seq_len, cfg['seq_len']), **over)
@@ -135,18 +138,12 @@ def model_config_for(cfg, vocab_size):
 def grad_accum_steps(cfg, world_size):
     per_micro = cfg['micro_batch'] * cfg['seq_len'] * world_size
     if cfg['batch_tokens'] % per_micro:
-        raise model.UsageError(
+        raise common.UsageError(
             f"batch_tokens={cfg['batch_tokens']} is not a multiple of micro_batch * seq_len * world_size = "
             f"{cfg['micro_batch']} * {cfg['seq_len']} * {world_size} = {per_micro}; set --batch_tokens to a multiple "
             f"of {per_micro} (e.g. {max(1, round(cfg['batch_tokens'] / per_micro)) * per_micro}) "
             f"or change --micro_batch")
     return cfg['batch_tokens'] // per_micro
-
-
-def config_diff(old, new):
-    """Keys whose values differ between two run configs, ignoring the ones that cannot change the trajectory."""
-    keys = (set(old) | set(new)) - RESUME_SAFE_KEYS
-    return {k: (old.get(k, '<missing>'), new.get(k, '<missing>')) for k in sorted(keys) if old.get(k) != new.get(k)}
 
 
 def ensure_dataset(cfg, tokenizer=None):
@@ -156,17 +153,12 @@ def ensure_dataset(cfg, tokenizer=None):
     budget = cfg['data_tokens'] or cfg['max_tokens']
     print(f"building {cfg['data_dir']}: mixture {cfg['mixture']!r}, {budget:,} training tokens", flush=True)
     tokenizer = tokenizer or cfg.get('tokenizer') or None
-    data.build_dataset(cfg['data_dir'], cfg['mixture'], budget, seed=cfg['data_seed'], tokenizer=tokenizer,
+    try:
+        mixture = data.parse_mixture(cfg['mixture'])
+    except ValueError as e:
+        raise common.UsageError(f"--mixture={cfg['mixture']}: {e}") from None
+    data.build_dataset(cfg['data_dir'], mixture, budget, seed=cfg['data_seed'], tokenizer=tokenizer,
                        workers=cfg['data_workers'])
-
-
-def gather(obj, world_size):
-    """Every rank's obj, as a list indexed by rank (just [obj] without torchrun)."""
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
 
 
 def doc_ids(x, cfg, eos_id):
@@ -176,7 +168,7 @@ def doc_ids(x, cfg, eos_id):
 
 def targets(x, y, cfg, tok):
     """The next-token targets the loss sees: all of y, or (loss_on='solution') not the questions'."""
-    return data.mask_question_targets(x, y, tok) if cfg['loss_on'] == 'solution' else y
+    return mask_question_targets(x, y, tok) if cfg['loss_on'] == 'solution' else y
 
 
 @torch.no_grad()
@@ -194,65 +186,49 @@ def estimate_val_loss(m, cfg, dist, tok):
     for _, (x, y) in zip(range(n), loader):
         x, y = x.to(dist.device), y.to(dist.device)
         y = targets(x, y, cfg, tok)
-        with model.autocast_ctx(dist.device):
+        with common.autocast_ctx(dist.device):
             _, tok_loss = m(x, y, loss_reduction='none', doc_ids=doc_ids(x, cfg, tok.eos_id))
         total += torch.stack([tok_loss.sum().float(), (y != -100).sum().float()])
     m.train()
-    if dist.world_size > 1:
-        torch_dist.all_reduce(total)
+    common.all_reduce(total, dist.world_size)
     return (total[0] / total[1].clamp(min=1)).item()
-
-
-def load_checkpoint(path, tok):
-    """model.load_checkpoint on the CPU; a checkpoint of another tokenizer than the data's is a UsageError."""
-    try:
-        return model.load_checkpoint(path, device='cpu', expect_tokenizer=tok.identity)
-    except ValueError as e:
-        raise model.UsageError(str(e)) from None
 
 
 def load_model(cfg, tok, ckpt_path, say):
     """The model to train, on the CPU, and the checkpoint to resume (None for a new run):
-    {out_dir}/ckpt.pt if it exists, else the weights of init_from, else a fresh init. The tokenizer
-    identity of either checkpoint must be the data's."""
-    if os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path, tok)
-        diff = config_diff(ck['config'], cfg)
-        lines = '; '.join(f"{k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
-        if diff and not cfg['resume_override']:
-            raise model.UsageError(f"{ckpt_path} was written by a different config ({lines}); use the checkpoint's "
-                                   f"values, another --out_dir, or --resume_override=True")
-        if diff:
-            say(f"resume_override: continuing {ckpt_path} with a changed config ({lines})")
+    {out_dir}/ckpt.pt if it exists (checkpoint.resume_checkpoint: same tokenizer, same config but for
+    RESUME_SAFE_KEYS), else the weights of init_from, else a fresh init. The tokenizer identity of
+    either checkpoint must be the data's."""
+    ck = resume_checkpoint(ckpt_path, cfg, RESUME_SAFE_KEYS, tok.identity, say)
+    if ck is not None:
         return ck['model'], ck
     if cfg['init_from'] != 'scratch':
         # weights only: the optimizer, LR schedule and data order start fresh
-        init = load_checkpoint(model.resolve_ckpt(cfg['init_from'], 'init_from checkpoint'), tok)
+        try:
+            init = load_checkpoint(resolve_ckpt(cfg['init_from'], 'init_from checkpoint'), expect_tokenizer=tok.identity)
+        except ValueError as e:
+            raise common.UsageError(str(e)) from None
         if init['model'].config.max_seq_len < cfg['seq_len']:
-            raise model.UsageError(f"seq_len={cfg['seq_len']} exceeds the base model's max_seq_len="
-                                   f"{init['model'].config.max_seq_len}")
+            raise common.UsageError(f"seq_len={cfg['seq_len']} exceeds the base model's max_seq_len="
+                                    f"{init['model'].config.max_seq_len}")
         return init['model'], None
     torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts rank 0's weights)
     return model.Qwen2(model_config_for(cfg, tok.vocab_size)), None
 
 
 def restore_state(ck, cfg, optimizer, loader, dist, say):
-    """Continue a run from its checkpoint: optimizer, data-loader position, this rank's RNG state and
-    the log so far (the history of the run's RunLog). Returns (start step, log)."""
-    optimizer.load_state_dict(ck['optimizer'])
+    """Continue a run from its checkpoint: optimizer and this rank's RNG state
+    (checkpoint.restore_training_state), data-loader position and the log so far (the history of the
+    run's RunLog). Returns (start step, log)."""
+    step = restore_training_state(ck, optimizer, dist.rank, dist.world_size, say)
     # the loader state is global (any rank's resumes every rank, at any world size); RNG states are per rank
     loader.load_state_dict(ck['extra']['loader'])
-    rngs = ck['extra']['rng']
-    if len(rngs) != dist.world_size:
-        say(f"note: the checkpoint was written by {len(rngs)} process(es), resuming with {dist.world_size}: "
-            f"same data order, but bitwise equality with an uninterrupted run is not guaranteed")
-    model.set_rng_state(rngs[dist.rank % len(rngs)])
     log = ck['extra']['log']
     log['config'] = cfg
-    return ck['step'], log
+    return step, log
 
 
-def summarize(log, cfg, raw, max_steps, device, world_size):
+def summarize(log, cfg, raw, max_steps, peak, world_size):
     """The end-of-run numbers (log['summary']): budget, FLOPs, losses, throughput and MFU. The first
     step is left out of the throughput: it pays for compilation and warm-up."""
     tr = log['train'][1:] or log['train']
@@ -265,7 +241,7 @@ def summarize(log, cfg, raw, max_steps, device, world_size):
         'final_train_loss': log['train'][-1]['loss'] if log['train'] else None,
         'final_val_loss': log['val'][-1]['loss'], 'initial_val_loss': log['val'][0]['loss'],
         'tok_s': tok_s,
-        'mfu': raw.estimate_mfu(tok_s / world_size, device, seq_len=cfg['seq_len'], peak_flops=cfg['peak_flops'] or None),
+        'mfu': raw.estimate_mfu(tok_s / world_size, peak, seq_len=cfg['seq_len']),
         'train_s': sum(r['dt'] for r in log['train']),  # optimizer steps only (no eval / checkpoint time)
     }
 
@@ -273,53 +249,97 @@ def summarize(log, cfg, raw, max_steps, device, world_size):
 # -----------------------------------------------------------------------------------------------
 # the training loop
 
+def check_run(cfg, dist):
+    """The data's tokenizer, the gradient-accumulation steps and the number of optimizer steps; a
+    missing dataset, a batch that does not divide or a budget under one batch is a UsageError now."""
+    data_dir = cfg['data_dir']
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        raise common.UsageError(f"{data_dir}/meta.json not found; build the data first (single process): "
+                                f"python {os.path.basename(sys.argv[0])} ... --prepare_only=True")
+    tok = Tokenizer.load(os.path.join(data_dir, 'tokenizer.json'))
+    grad_accum = grad_accum_steps(cfg, dist.world_size)
+    if cfg['loss_on'] not in ('all', 'solution'):
+        raise common.UsageError(f"loss_on={cfg['loss_on']!r}: use 'all' (every token) or 'solution' (not the questions)")
+    max_steps = cfg['max_steps'] or cfg['max_tokens'] // cfg['batch_tokens']
+    if max_steps < 1:
+        raise common.UsageError(f"max_tokens={cfg['max_tokens']} is less than one batch of "
+                                f"batch_tokens={cfg['batch_tokens']}")
+    return tok, grad_accum, max_steps
+
+
+def make_optimizer(raw, cfg, device):
+    """AdamW: weight decay on 2-D tensors only; fused kernel on CUDA."""
+    params = [p for p in raw.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']), fused=device.type == 'cuda')
+
+
+def make_loader(cfg, dist, tok, max_steps, grad_accum):
+    """The training loader (each rank reads its share of every global batch); a budget that would read
+    the data more than once is a UsageError unless allow_epochs."""
+    try:
+        loader = ShardLoader(cfg['data_dir'], 'train', cfg['micro_batch'], cfg['seq_len'], rank=dist.rank,
+                             world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity,
+                             whole_docs=cfg['whole_docs'])
+    except ValueError as e:  # shards of another tokenizer than their tokenizer.json
+        raise common.UsageError(str(e)) from None
+    epochs = max_steps * grad_accum * dist.world_size * cfg['micro_batch'] / loader.windows_per_epoch()
+    if epochs > 1 and not cfg['allow_epochs']:
+        raise common.UsageError(f"{max_steps} steps would read {cfg['data_dir']} {epochs:.2f} times (repeated "
+                                f"problems confound the study); build more data (--data_tokens), lower --max_tokens, "
+                                f"or pass --allow_epochs=True")
+    return loader
+
+
+def train_step(m, raw, optimizer, batches, cfg, dist, tok, grad_accum, lr):
+    """One optimizer step on the next global batch -> (loss, grad norm). The step's loss is the mean over
+    every target token of the global batch, however the targets are spread over micro-steps and
+    processes (loss_on='solution' leaves uneven counts): each micro-step backpropagates its token sum /
+    the global count (x world_size: DDP averages)."""
+    device = torch.device(dist.device)
+    for g in optimizer.param_groups:
+        g['lr'] = lr
+    micro_batches = [next(batches) for _ in range(grad_accum)]
+    ys = [targets(x, y, cfg, tok) for x, y in micro_batches]
+    n_targets = sum((y != -100).sum() for y in ys).to(device=device, dtype=torch.float32)
+    n_targets = common.all_reduce(n_targets, dist.world_size).clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
+    for micro, ((x, _), y) in enumerate(zip(micro_batches, ys)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # gradients are all-reduced only on the last micro-step (the context wraps forward AND backward)
+        sync = dist.world_size == 1 or micro == grad_accum - 1
+        with (nullcontext() if sync else m.no_sync()):
+            with common.autocast_ctx(device):  # bf16 on CUDA (fp32 master weights), fp32 on CPU
+                _, tok_loss = m(x, y, loss_reduction='none', doc_ids=doc_ids(x, cfg, tok.eos_id))
+            loss = tok_loss.sum() / n_targets
+            (loss * dist.world_size).backward()
+        loss_sum += loss.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg['grad_clip'] or float('inf'))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # each process holds its share of the global mean (a scalar all-reduce; negligible next to the step)
+    return common.all_reduce(loss_sum, dist.world_size).item(), float(grad_norm)  # .item() waits for the GPU
+
+
 def train(cfg):
     """Train per cfg (a resolved config dict); resumes {out_dir}/ckpt.pt if present. Returns the log dict."""
-    dist = model.setup_distributed()
+    dist = common.setup_distributed()
     device, master = torch.device(dist.device), dist.is_master
     out_dir, data_dir = cfg['out_dir'], cfg['data_dir']
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     # console, log.json (every step's record, in 'train' and 'val'), loss.png, and W&B / TensorBoard if asked
-    logger = model.RunLog(out_dir, cfg, 'pretrain', cfg['logger'], master,
-                          history={'config': cfg, 'train': [], 'val': []})
+    logger = common.RunLog(out_dir, cfg, 'pretrain', cfg['logger'], master,
+                           history={'config': cfg, 'train': [], 'val': []})
     say = logger.print
 
-    # ---- data: one tokenizer identity for the shards, the init checkpoint and a resumed run
-    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
-        raise model.UsageError(f"{data_dir}/meta.json not found; build the data first (single process): "
-                               f"python {os.path.basename(sys.argv[0])} ... --prepare_only=True")
-    tok = Tokenizer.load(os.path.join(data_dir, 'tokenizer.json'))
-    grad_accum = grad_accum_steps(cfg, dist.world_size)
-    if cfg['loss_on'] not in ('all', 'solution'):
-        raise model.UsageError(f"loss_on={cfg['loss_on']!r}: use 'all' (every token) or 'solution' (not the questions)")
-    max_steps = cfg['max_steps'] or cfg['max_tokens'] // cfg['batch_tokens']
-    if max_steps < 1:
-        raise model.UsageError(f"max_tokens={cfg['max_tokens']} is less than one batch of "
-                               f"batch_tokens={cfg['batch_tokens']}")
-
-    # ---- model: resume > init_from > scratch
+    # data, model (resume > init_from > scratch), optimizer, loader: one tokenizer identity for the
+    # shards, the init checkpoint and a resumed run
+    tok, grad_accum, max_steps = check_run(cfg, dist)
     raw, ck = load_model(cfg, tok, ckpt_path, say)
     raw.to(device)
-
-    # ---- optimizer: weight decay on 2-D tensors only; fused kernel on CUDA
-    params = [p for p in raw.parameters() if p.requires_grad]
-    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
-              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
-                                  fused=device.type == 'cuda')
-
-    # ---- data loader (each rank reads its share of every global batch) and resumed state
-    try:
-        loader = ShardLoader(data_dir, 'train', cfg['micro_batch'], cfg['seq_len'], rank=dist.rank,
-                             world_size=dist.world_size, seed=cfg['seed'], tokenizer_identity=tok.identity,
-                             whole_docs=cfg['whole_docs'])
-    except ValueError as e:  # shards of another tokenizer than their tokenizer.json
-        raise model.UsageError(str(e)) from None
-    epochs = max_steps * grad_accum * dist.world_size * cfg['micro_batch'] / loader.windows_per_epoch()
-    if epochs > 1 and not cfg['allow_epochs']:
-        raise model.UsageError(f"{max_steps} steps would read {data_dir} {epochs:.2f} times (repeated problems "
-                               f"confound the study); build more data (--data_tokens), lower --max_tokens, or "
-                               f"pass --allow_epochs=True")
+    optimizer = make_optimizer(raw, cfg, device)
+    loader = make_loader(cfg, dist, tok, max_steps, grad_accum)
     start_step = 0
     if ck is not None:
         start_step, logger.history = restore_state(ck, cfg, optimizer, loader, dist, say)
@@ -328,12 +348,12 @@ def train(cfg):
     del ck
     batches = iter(loader)
 
-    ctx = model.autocast_ctx(device)  # bf16 on CUDA (fp32 master weights), fp32 on CPU
     m = torch.compile(raw) if cfg['compile'] else raw
     if dist.world_size > 1:
         m = DDP(m, device_ids=[dist.local_rank] if device.type == 'cuda' else None)
 
-    peak = cfg['peak_flops'] or None  # per-device peak FLOP/s for MFU (None: looked up from the GPU's name)
+    # per-device peak FLOP/s for MFU (None on CPU and unknown GPUs: no MFU)
+    peak = cfg['peak_flops'] or common.peak_flops_per_s(device)
     if master:
         os.makedirs(out_dir, exist_ok=True)
         shutil.copyfile(os.path.join(data_dir, 'tokenizer.json'), os.path.join(out_dir, 'tokenizer.json'))
@@ -343,86 +363,57 @@ def train(cfg):
         f"device {device}")
 
     def checkpoint(step):
-        rngs = gather(model.rng_state(), dist.world_size)
+        rngs = common.all_gather(rng_state(), dist.world_size)
         if master:
-            model.save_checkpoint(ckpt_path, raw, run_config=cfg, tokenizer_identity=tok.identity, step=step,
-                                  optimizer=optimizer, extra={'loader': loader.state_dict(), 'rng': rngs, 'log': log})
+            save_checkpoint(ckpt_path, raw, run_config=cfg, tokenizer_identity=tok.identity, step=step,
+                            optimizer=optimizer, extra={'loader': loader.state_dict(), 'rng': rngs, 'log': log})
             logger.write_json('log.json', log)
 
-    if start_step == 0:
+    def validate(step):
         val = estimate_val_loss(m, cfg, dist, tok)
-        logger.log('val', {'step': 0, 'loss': val, 'tokens': 0})
-        say(f"step 0: val loss {val:.4f}")
+        logger.log('val', {'step': step, 'loss': val, 'tokens': step * cfg['batch_tokens']})
+        say(f"step {step}: val loss {val:.4f}")
 
+    if start_step == 0:
+        validate(0)
     if cfg['progress']:
         logger.progress(max_steps, start_step)
     m.train()
     for step in range(start_step, max_steps):
         t0 = time.time()
         lr = lr_at(step, cfg, max_steps)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        # the step's loss is the mean over every target token of the global batch, however the targets
-        # are spread over micro-steps and processes (loss_on='solution' leaves uneven counts): each
-        # micro-step backpropagates its token sum / the global count (x world_size: DDP averages)
-        micro_batches = [next(batches) for _ in range(grad_accum)]
-        ys = [targets(x, y, cfg, tok) for x, y in micro_batches]
-        n_targets = sum((y != -100).sum() for y in ys).to(device=device, dtype=torch.float32)
-        if dist.world_size > 1:
-            torch_dist.all_reduce(n_targets)
-        n_targets = n_targets.clamp(min=1)
-        loss_sum = torch.zeros((), device=device)
-        for micro, ((x, _), y) in enumerate(zip(micro_batches, ys)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # gradients are all-reduced only on the last micro-step (the context wraps forward AND backward)
-            sync = dist.world_size == 1 or micro == grad_accum - 1
-            with (nullcontext() if sync else m.no_sync()):
-                with ctx:
-                    _, tok_loss = m(x, y, loss_reduction='none', doc_ids=doc_ids(x, cfg, tok.eos_id))
-                loss = tok_loss.sum() / n_targets
-                (loss * dist.world_size).backward()
-            loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg['grad_clip'] or float('inf'))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        # each process holds its share of the global mean (a scalar all-reduce; negligible next to the step)
-        if dist.world_size > 1:
-            torch_dist.all_reduce(loss_sum)
-        loss_val = loss_sum.item()  # .item() waits for the GPU
+        loss_val, grad_norm = train_step(m, raw, optimizer, batches, cfg, dist, tok, grad_accum, lr)
         dt = time.time() - t0  # the step alone: evaluations and checkpoints are not charged to tok/s
         tok_s = cfg['batch_tokens'] / dt
-        mfu = raw.estimate_mfu(tok_s / dist.world_size, device, seq_len=cfg['seq_len'], peak_flops=peak)  # None on CPU
+        mfu = raw.estimate_mfu(tok_s / dist.world_size, peak, seq_len=cfg['seq_len'])  # None on CPU
         done = step + 1
-        logger.log('train', {'step': done, 'loss': loss_val, 'lr': lr, 'grad_norm': float(grad_norm),
+        logger.log('train', {'step': done, 'loss': loss_val, 'lr': lr, 'grad_norm': grad_norm,
                              'tok_s': tok_s, 'mfu': mfu, 'dt': dt})
         logger.advance(loss=loss_val)
         if done % cfg['log_interval'] == 0 or done == max_steps or done == start_step + 1:
-            say(f"step {done}/{max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | norm {float(grad_norm):.2f} | "
-                  f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | "
-                  f"{1000 * dt:.0f} ms")
+            say(f"step {done}/{max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | norm {grad_norm:.2f} | "
+                f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'} | "
+                f"{1000 * dt:.0f} ms")
         if done % cfg['eval_interval'] == 0 or done == max_steps:
-            val = estimate_val_loss(m, cfg, dist, tok)
-            logger.log('val', {'step': done, 'loss': val, 'tokens': done * cfg['batch_tokens']})
-            say(f"step {done}: val loss {val:.4f}")
+            validate(done)
         if done % cfg['ckpt_interval'] == 0 or done == max_steps:
             checkpoint(done)
 
     if master:
-        log['summary'] = summarize(log, cfg, raw, max_steps, device, dist.world_size)
+        log['summary'] = summarize(log, cfg, raw, max_steps, peak, dist.world_size)
         logger.write_json('log.json', log)
         logger.plot('loss.png', 'loss', {'train': 'train', 'val': 'held-out val'}, 'loss (nats/token)', logy=True)
         say(f"done: val loss {log['val'][0]['loss']:.4f} -> {log['val'][-1]['loss']:.4f}; {out_dir}/ckpt.pt")
     logger.close()
     if dist.world_size > 1:
-        del m  # (the DDP wrapper goes first: model.cleanup_distributed)
-        model.cleanup_distributed()
+        del m  # (the DDP wrapper goes first: common.cleanup_distributed)
+        common.cleanup_distributed()
     return log
 
 
 def main(argv):
-    cfg = model.configure(defaults, argv)
-    model.tracker_package(cfg['logger'])  # a missing package is an error now, not after building the data
+    cfg = common.configure(defaults, argv)
+    common.tracker_package(cfg['logger'])  # a missing package is an error now, not after building the data
     if cfg['prepare_only']:
         ensure_dataset(cfg)
         return None
@@ -432,4 +423,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    model.cli('pretrain.py', main)
+    common.cli('pretrain.py', main)

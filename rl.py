@@ -4,7 +4,7 @@ RL post-training with GRPO (STUDY.md §4 "RL"), a handwritten loop in one file.
 One step of `main`, each phase a function a fork can replace:
   take prompts     PromptStream.take(): generated on the fly (op range, template weights, reverse
                    share) or read from a JSONL (ours or the released format)
-  rollout          rollout(): one Qwen2.generate(all of this rank's prompts, num_samples=G) call
+  rollout          rollout(): one engine.complete(all of this rank's prompts, num_samples=G) call
   rewards          compute_rewards(): data.verify(text, gold graph) -> data.reward(verdict, kind),
                    plus DAPO's soft overlong penalty if asked; with dynamic sampling, groups whose
                    rewards are all equal are dropped and more prompts drawn (collect_rollouts())
@@ -69,7 +69,6 @@ Choices, and where we differ from verl (the paper's code):
 
 import copy
 import dataclasses
-import math
 import os
 import random
 import time
@@ -79,9 +78,12 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as tdist
 
+import common
 import data
-import model as M
-import pretrain  # config_diff, gather
+import engine
+import evaluate
+from checkpoint import load_run, resolve_ckpt, restore_training_state, resume_checkpoint, rng_state, save_checkpoint
+from common import all_reduce, global_std
 
 # -----------------------------------------------------------------------------
 # Defaults (paper values, STUDY.md §4). Presets in config/*rl*.py override them, then --key=value.
@@ -178,35 +180,40 @@ RESUME_SAFE_KEYS = {'resume_override', 'max_steps', 'flops_budget', 'log_every',
                     'eval_every', 'ckpt_every', 'compile', 'logger'}
 
 
-def resolve(cfg: dict) -> M.Config:
-    """Fill the loss_type keys left unset, check the choices (model.UsageError: one line)."""
-    cfg = M.Config(cfg)
+def resolve(cfg: dict) -> common.Config:
+    """Fill the loss_type keys left unset, check the choices (common.UsageError: one line)."""
+    cfg = common.Config(cfg)
     if cfg['loss_type'] not in LOSS_TYPES:
-        raise M.UsageError(f"unknown --loss_type={cfg['loss_type']!r}; choose one of {', '.join(LOSS_TYPES)}")
+        raise common.UsageError(f"unknown --loss_type={cfg['loss_type']!r}; choose one of {', '.join(LOSS_TYPES)}")
     for k, v in LOSS_TYPES[cfg['loss_type']].items():
         if not cfg[k]:
             cfg[k] = v
     for key, allowed in (('reward', data.REWARDS), ('loss_agg', LOSS_AGGS), ('adv_norm', ('group', 'none', 'batch')),
                          ('ratio_level', ('token', 'sequence'))):
         if cfg[key] not in allowed:
-            raise M.UsageError(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
+            raise common.UsageError(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
     if cfg['prompts_per_step'] % cfg['minibatch_prompts']:
-        raise M.UsageError(f"prompts_per_step={cfg['prompts_per_step']} is not a multiple of minibatch_prompts="
+        raise common.UsageError(f"prompts_per_step={cfg['prompts_per_step']} is not a multiple of minibatch_prompts="
                            f"{cfg['minibatch_prompts']}")
     if not 0 <= cfg['overlong_buffer'] < cfg['max_response_len']:
-        raise M.UsageError(f"overlong_buffer={cfg['overlong_buffer']} must be in "
+        raise common.UsageError(f"overlong_buffer={cfg['overlong_buffer']} must be in "
                            f"[0, max_response_len={cfg['max_response_len']})")
     if cfg['max_rollouts'] < 1:
-        raise M.UsageError(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
+        raise common.UsageError(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
     if cfg['world']:
         try:
             data.parse_world(cfg['world'])
         except ValueError as e:
-            raise M.UsageError(str(e))
+            raise common.UsageError(str(e))
+    if cfg['mixture']:
+        try:
+            data.parse_mixture(cfg['mixture'])
+        except ValueError as e:
+            raise common.UsageError(f"--mixture={cfg['mixture']}: {e}") from None
     return cfg
 
 
-def config(**overrides) -> M.Config:
+def config(**overrides) -> common.Config:
     """The defaults with overrides, resolved: what update_policy() and friends take (tests, notebooks)."""
     return resolve({**defaults, **overrides})
 
@@ -236,7 +243,7 @@ class PromptStream:
             self.rows = [r for r in rows if (ops is None or r['op'] in ops) and (templates is None or r.get('template')
                          in templates) and r['id'] not in self.exclude and self.keep(r)]
             if not self.rows:
-                raise M.UsageError(f"no prompt rows left after filtering to ops {ops}, templates {templates} and "
+                raise common.UsageError(f"no prompt rows left after filtering to ops {ops}, templates {templates} and "
                                    f"exclusions; fix --prompts, --op_min/--op_max or --templates")
             self._perm_epoch, self._perm = -1, None
         else:
@@ -294,13 +301,10 @@ def rollout(model, tok, rows, cfg, generator=None):
     'row' (the problem), 'prompt', 'response' (token lists, stop token kept), 'text' (the response
     decoded, EOS dropped), 'finished' (hit </answer> or EOS; False = truncated)."""
     G = cfg.group_size
-    prompts = [tok.encode(data.prompt_text(r)) for r in rows]
-    gen = M.unwrap(model).generate(prompts, cfg.max_response_len, temperature=cfg.temperature,
-                                   stop_ids=(tok.id_of('</answer>'), tok.eos_id), generator=generator,
-                                   num_samples=G, pad_id=tok.pad_id, logprobs=False)  # old log-probs: forward
-    return {'row': [r for r in rows for _ in range(G)], 'prompt': [p for p in prompts for _ in range(G)],
-            'response': gen.tokens, 'finished': list(gen.finished),
-            'text': [tok.decode([t for t in r if t != tok.eos_id]) for r in gen.tokens]}
+    out = engine.complete(model, tok, [data.prompt_text(r) for r in rows], cfg.max_response_len, num_samples=G,
+                          temperature=cfg.temperature, generator=generator)  # (old log-probs: a forward pass)
+    return {'row': [r for r in rows for _ in range(G)], 'prompt': [p for p in out.prompts for _ in range(G)],
+            'response': out.tokens, 'finished': out.finished, 'text': out.texts}
 
 
 def compute_rewards(texts, golds, kind):
@@ -385,9 +389,7 @@ def fill_step(draw, n_groups, group_size, dynamic=False, max_rounds=1, world_siz
         if rounds >= (max_rounds if dynamic else 1):
             break
         need = torch.tensor([float(n_groups - n_kept)], device=device)  # on the device: nccl needs CUDA tensors
-        if world_size > 1:
-            tdist.all_reduce(need, op=tdist.ReduceOp.MAX)
-        if need.item() == 0:
+        if all_reduce(need, world_size, op='max').item() == 0:
             break
     topped_up = n_groups - n_kept
     if topped_up:
@@ -409,15 +411,6 @@ def compute_advantages(rewards, group_size, norm='group', eps=1e-6, batch_std=No
     elif norm != 'none':
         raise ValueError(f"unknown adv_norm {norm!r}")
     return a.reshape(-1)
-
-
-def global_std(x, world_size, device='cpu'):
-    """Unbiased std of x's entries over every rank."""
-    x = x.double()
-    s = torch.tensor([x.sum().item(), (x ** 2).sum().item(), x.numel()], dtype=torch.float64, device=device)
-    if world_size > 1:
-        tdist.all_reduce(s)
-    return math.sqrt(max(0.0, (s[1] - s[0] ** 2 / s[2]).item() / max(s[2].item() - 1, 1)))
 
 
 # -----------------------------------------------------------------------------
@@ -529,7 +522,7 @@ def forward_logprobs(model, prompts, responses, temperature=1.0, device='cpu', e
         tgt[i, :len(r)] = torch.tensor(r)
         mask[i, :len(r)] = True
     ids, pos, tgt, mask = ids.to(device), pos.to(device), tgt.to(device), mask.to(device)
-    with M.autocast_ctx(device):
+    with common.autocast_ctx(device):
         logits, _ = model(ids, positions=pos)                                  # [B, R, V] fp32
     if temperature != 1.0:
         logits = logits / temperature
@@ -564,12 +557,6 @@ def batch_logprobs(model, prompts, responses, max_tokens, temperature, device):
         for k, i in enumerate(mb):
             out[i] = logp[k, :len(responses[i])]
     return out
-
-
-def all_reduce_sum(t, world_size):
-    if world_size > 1:
-        tdist.all_reduce(t)
-    return t
 
 
 def pad_stack(seqs, width, device):
@@ -610,7 +597,7 @@ def update_policy(model, optimizer, batch, cfg):
     signal = (batch['adv'].cpu() != 0) & keep
     totals = torch.tensor([[sum(resp_len[i] for i in idx), sum(resp_len[i] > 0 for i in idx),
                             int(signal[idx].sum())] for idx in minibatches], dtype=torch.float64, device=device)
-    totals = (all_reduce_sum(totals, W) / W).tolist()
+    totals = (all_reduce(totals, W) / W).tolist()
     skip = [cfg.skip_no_signal and s == 0 for _, _, s in totals]
     totals = [(max(t, 1 / W), max(n, 1 / W)) for t, n, _ in totals]  # per-rank share: DDP averages
     keep = keep.to(device)
@@ -658,7 +645,6 @@ def update_policy(model, optimizer, batch, cfg):
 def held_out_eval(model, tok, rows, n, temperature, max_new_tokens, dist):
     """pass@1 (process-verified and outcome) etc. on held-out rows: evaluate.quick_eval in one
     generate() call per rank (rows sharded across ranks; every rank gets the same numbers)."""
-    import evaluate
     res = evaluate.quick_eval(model, tok, rows, n, temperature, max_new_tokens=max_new_tokens,
                               batch_size=0, dist=dist)  # 0: generate's memory budget sets the rows
     return {f'eval/{k}': float(v) for k, v in res.items()}
@@ -675,29 +661,28 @@ def lr_at(step, base, warmup):
 def setup(C):
     """Models, optimizer, tokenizer, held-out rows, prompt stream; resume out_dir/ckpt.pt if it
     exists. -> S, the run's state (S.step, S.flops, ...)."""
-    dist = M.setup_distributed()
+    dist = common.setup_distributed()
     device = C.device or dist.device
     if C.minibatch_prompts % dist.world_size:
-        raise M.UsageError(f"minibatch_prompts={C.minibatch_prompts} is not a multiple of the world size "
+        raise common.UsageError(f"minibatch_prompts={C.minibatch_prompts} is not a multiple of the world size "
                            f"{dist.world_size}")
     torch.manual_seed(C.seed + dist.rank)
 
     # models: the policy (start or resume) and the frozen reference (always the start)
-    init = M.resolve_ckpt(C.init_from, '--init_from checkpoint',
-                          fix='point it at a pre/mid-training run dir (e.g. out/base) or its ckpt.pt')
-    policy, tok, start = M.load_run(init, device, C.tokenizer or None,
-                                    fix='pass --tokenizer=PATH, the tokenizer.json it was trained with')
+    init = resolve_ckpt(C.init_from, '--init_from checkpoint',
+                        fix='point it at a pre/mid-training run dir (e.g. out/base) or its ckpt.pt')
+    policy, tok, start = load_run(init, device, C.tokenizer or None,
+                                  fix='pass --tokenizer=PATH, the tokenizer.json it was trained with')
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if C.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=C.lr, betas=(C.beta1, C.beta2), weight_decay=C.weight_decay,
                                   fused='cuda' in str(device))
 
     # held-out rows and the prompt stream (never a held-out id)
-    import evaluate
     eval_ops = list(range(C.eval_op_min or C.op_min, (C.eval_op_max or C.op_max) + 1))
     data_dir = start['config'].get('data_dir', '')
-    eval_rows, eval_source = evaluate.load_eval_rows(C.eval_data, data_dir, eval_ops, C.eval_per_op_template,
-                                                     modes=[m for m in C.eval_modes.split(',') if m],
-                                                     seed=C.eval_seed, world=C.world or 'paper')
+    eval_rows, eval_source = data.load_eval_rows(C.eval_data, data_dir, eval_ops, C.eval_per_op_template,
+                                                 modes=[m for m in C.eval_modes.split(',') if m],
+                                                 seed=C.eval_seed, world=C.world or 'paper')
     # never train on a held-out problem: the rows evaluated here, the whole file they come from, the
     # base run's held-out set (what evaluate.py uses by default) and any `exclude` files
     held_out = [eval_source, os.path.join(data_dir, 'eval.jsonl') if data_dir else ''] + C.exclude.split(',')
@@ -712,7 +697,7 @@ def setup(C):
         last_eval=-1, resumed=False, ckpt_path=os.path.join(C.out_dir, 'ckpt.pt'),
         run_config=dict(C, data_dir=data_dir))  # data_dir: evaluate.py / a later stage find the base's eval set
     # rank 0 writes log.jsonl (every step), eval.jsonl, samples.jsonl, the console; W&B / TensorBoard if asked
-    S.log = M.RunLog(C.out_dir, S.run_config, 'rl', C.logger, dist.is_master,
+    S.log = common.RunLog(C.out_dir, S.run_config, 'rl', C.logger, dist.is_master,
                      jsonl={'train': 'log.jsonl', 'eval': 'eval.jsonl', 'samples': 'samples.jsonl'})
     S.say = S.log.print
     if os.path.exists(S.ckpt_path):
@@ -739,36 +724,25 @@ def setup(C):
 
 
 def resume(S, C):
-    """Continue out_dir/ckpt.pt: weights, optimizer, step, FLOPs, prompt stream and this rank's RNG
-    state. A changed config (but for RESUME_SAFE_KEYS) is an error unless --resume_override=True."""
-    ck = M.load_checkpoint(S.ckpt_path, device=S.device)
-    if ck['tokenizer_identity'] != S.tok.identity:
-        raise M.UsageError(f"{S.ckpt_path} uses tokenizer {ck['tokenizer_identity']}, init_from uses "
-                           f"{S.tok.identity}")
-    diff = {k: v for k, v in pretrain.config_diff(ck['config'], S.run_config).items() if k not in RESUME_SAFE_KEYS}
-    if diff:
-        lines = '; '.join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        if not C.resume_override:
-            raise M.UsageError(f"{S.ckpt_path} was written by a different config ({lines}); use its values, "
-                               f"another --out_dir, or --resume_override=True")
-        S.say(f"resume_override: continuing {S.ckpt_path} with a changed config ({lines})")
+    """Continue out_dir/ckpt.pt (checkpoint.resume_checkpoint: same tokenizer, same config but for
+    RESUME_SAFE_KEYS, unless --resume_override=True): weights, optimizer, this rank's RNG state, step,
+    FLOPs and prompt stream."""
+    ck = resume_checkpoint(S.ckpt_path, S.run_config, RESUME_SAFE_KEYS, S.tok.identity, S.say, device=S.device)
     S.policy.load_state_dict(ck['model'].state_dict())
-    S.optimizer.load_state_dict(ck['optimizer'])
-    S.step, S.flops, S.history = ck['step'], dict(ck['extra']['flops']), list(ck['extra'].get('step_flops', []))
+    S.step = restore_training_state(ck, S.optimizer, S.rank, S.W, S.say)  # (another world size: not bitwise exact)
+    S.flops, S.history = dict(ck['extra']['flops']), list(ck['extra'].get('step_flops', []))
     S.stream.load_state_dict(ck['extra']['stream'])
-    rngs = ck['extra']['rng'] if isinstance(ck['extra']['rng'], list) else [ck['extra']['rng']]
-    M.set_rng_state(rngs[S.rank % len(rngs)])  # each rank its own (another world size: not bitwise exact)
     S.last_eval, S.resumed = ck['extra'].get('last_eval', -1), True
     S.log.trim(S.step)  # drop log lines of steps after the checkpoint (a crash between log and save)
 
 
 def save(S, C):
     """Checkpoint (rank 0 writes; every rank's RNG state rides along)."""
-    rngs = pretrain.gather(M.rng_state(), S.W)
+    rngs = common.all_gather(rng_state(), S.W)
     if S.dist.is_master:
-        M.save_checkpoint(S.ckpt_path, S.policy, S.run_config, S.tok.identity, S.step, S.optimizer,
-                          extra={'flops': S.flops, 'stream': S.stream.state_dict(), 'rng': rngs,
-                                 'step_flops': S.history, 'init_from': C.init_from, 'last_eval': S.last_eval})
+        save_checkpoint(S.ckpt_path, S.policy, S.run_config, S.tok.identity, S.step, S.optimizer,
+                        extra={'flops': S.flops, 'stream': S.stream.state_dict(), 'rng': rngs,
+                               'step_flops': S.history, 'init_from': C.init_from, 'last_eval': S.last_eval})
 
 
 def step_flops_bound(C, N, prompt_lens, has_ref):
@@ -805,7 +779,7 @@ def collect_rollouts(S, C):
     """Take prompts -> rollout -> rewards, for one step (several rounds under dynamic sampling).
     This rank reads its slice of each round's prompts_per_step prompts of the stream."""
     P = C.prompts_per_step // S.W
-    # not the rank: a sample's draws hash its prompt and index with this base seed (Qwen2.generate), so a
+    # not the rank: a sample's draws hash its prompt and index with this base seed (engine.generate), so a
     # problem gets the same samples whatever the number of processes
     gen = torch.Generator(device=S.device).manual_seed((C.seed * 1_000_003 + S.step * 1009) % 2**63)
     first = S.stream.next
@@ -813,7 +787,7 @@ def collect_rollouts(S, C):
     def draw(r):
         rows = S.stream.take(first + r * C.prompts_per_step + S.rank * P, P)
         S.policy.eval()
-        with M.autocast_ctx(S.device):
+        with common.autocast_ctx(S.device):
             return score(rollout(S.policy, S.tok, rows, C, gen), C)
 
     ro, sums, info = fill_step(draw, P, C.group_size, C.dynamic_sampling, C.max_rollouts, S.W, S.device)
@@ -844,7 +818,7 @@ def step_metrics(S, C, ro, sums, info, st, old_lp, t_gen, t_step):
                  flops_train=6 * N * seq * C.ppo_epochs,
                  **{k: st.get(k, 0.0) for k in STAT_KEYS + ('grad_norm',)})
     keys = list(local)
-    vec = all_reduce_sum(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=S.device), S.W)
+    vec = all_reduce(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=S.device), S.W)
     tot = dict(zip(keys, vec.tolist()))
     step_flops = sum(tot['flops_' + k] for k in ('rollout', 'ref', 'old', 'train'))
     for k in ('rollout', 'ref', 'old', 'train'):
@@ -903,7 +877,7 @@ def evaluate_now(S, C):
 
 
 def main(argv):
-    C = resolve(M.configure(defaults, argv))
+    C = resolve(common.configure(defaults, argv))
     S = setup(C)
     results = {'eval': [], 'out_dir': C.out_dir}
     reason = stop_reason(S, C)
@@ -942,9 +916,9 @@ def finish(S, results):
     results.update(step=S.step, flops=S.flops)
     if S.dist.ddp:
         S.train_model = None  # (the DDP wrapper goes first: cleanup_distributed)
-        M.cleanup_distributed()
+        common.cleanup_distributed()
     return results
 
 
 if __name__ == '__main__':
-    M.cli('rl.py', main)
+    common.cli('rl.py', main)

@@ -59,7 +59,7 @@ def check_sample():
 
 def step_time(m, x, doc, iters=5):
     import torch
-    from model import autocast_ctx
+    from common import autocast_ctx
     for i in range(2 + iters):
         if i == 2:
             torch.cuda.synchronize()
@@ -123,13 +123,14 @@ def paper_init(path):
     """A random paper-size run directory (ckpt.pt + the standard tokenizer) for the RL step."""
     import dataclasses
 
+    import checkpoint
     import data
     import model
     tok = data.standard_tokenizer()
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, 'tokenizer.json'))
     cfg = dataclasses.replace(model.MODEL_PRESETS['paper'], vocab_size=tok.vocab_size)
-    model.save_checkpoint(os.path.join(path, 'ckpt.pt'), model.Qwen2(cfg), {'data_dir': ''}, tok.identity, step=0)
+    checkpoint.save_checkpoint(os.path.join(path, 'ckpt.pt'), model.Qwen2(cfg), {'data_dir': ''}, tok.identity, step=0)
 
 
 def check_rl_step():

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
 
+import common  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 
@@ -57,7 +58,7 @@ def resolve(script, args):
     defaults = m.defaults
     try:
         with redirect_stdout(sys.stderr):
-            return mod, model.configure(defaults, list(args))
+            return mod, common.configure(defaults, list(args))
     except SystemExit as e:
         raise PlanError(f"{name} {' '.join(args)}: config error: {e}") from None
 
@@ -226,17 +227,17 @@ def print_plan(rows, out=sys.stdout):
 
 def main(argv):
     if len(argv) != 1:
-        raise model.UsageError("usage: python runs/plan.py STAGES_FILE   (one 'script preset --key=value ...' "
+        raise common.UsageError("usage: python runs/plan.py STAGES_FILE   (one 'script preset --key=value ...' "
                                "per line)")
     with open(argv[0]) as f:
         lines = [ln for ln in f.read().splitlines() if ln.strip()]
     try:
         rows = plan(lines)
     except PlanError as e:
-        raise model.UsageError(str(e)) from None
+        raise common.UsageError(str(e)) from None
     print_plan(rows)
     return rows
 
 
 if __name__ == '__main__':
-    model.cli('plan.py', main)
+    common.cli('plan.py', main)

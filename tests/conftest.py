@@ -41,7 +41,7 @@ def run_pretrain(argv, script='pretrain.py', env=None, timeout=900, check=True, 
 
 
 class StubWandb:
-    """The part of the wandb package model.RunLog uses: records init's arguments and every log call."""
+    """The part of the wandb package common.RunLog uses: records init's arguments and every log call."""
 
     def __init__(self):
         self.inits, self.logged, self.finished = [], [], 0

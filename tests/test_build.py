@@ -10,6 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -23,8 +24,8 @@ def test_build_writes_a_complete_directory(built):
     out, info = built
     assert sorted(os.listdir(out)) == ['eval.jsonl', 'meta.json', 'tokenizer.json', 'train_000.bin', 'val.bin']
     assert 55_000 < info['splits']['train']['tokens'] <= 60_000          # whole documents, never over budget
-    assert data.count_tokens(out, 'train') == info['splits']['train']['tokens']
-    eval_rows = data.load_eval_rows(out)
+    assert tokenizer.count_tokens(out, 'train') == info['splits']['train']['tokens']
+    eval_rows = data.load_eval_rows(data_dir=out)[0]
     assert len(eval_rows) == 2 * len(data.TEMPLATES) * 8 and {r['op'] for r in eval_rows} == {2, 3}
     assert info['tokenizer_identity'] == data.standard_tokenizer().identity
 
@@ -32,7 +33,7 @@ def test_build_writes_a_complete_directory(built):
 def test_training_stream_never_contains_a_held_out_problem(built):
     """Decode the train shard back into documents and compare their problems with eval.jsonl."""
     out, _ = built
-    tok = data.Tokenizer.load(os.path.join(out, 'tokenizer.json'))
+    tok = tokenizer.Tokenizer.load(os.path.join(out, 'tokenizer.json'))
     ids = np.fromfile(os.path.join(out, 'train_000.bin'), dtype=np.uint16).tolist()
     docs, cur = [], []
     for t in ids:
@@ -41,7 +42,7 @@ def test_training_stream_never_contains_a_held_out_problem(built):
             cur = []
         else:
             cur.append(t)
-    held_out = {data.prompt_text(r) for r in data.load_eval_rows(out)}
+    held_out = {data.prompt_text(r) for r in data.load_eval_rows(data_dir=out)[0]}
     prompts = {d[:d.index('<solution>') + len('<solution>')] for d in docs}
     assert len(docs) > 250 and not (prompts & held_out)
 

@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as M  # noqa: E402
+import common  # noqa: E402
+import engine as E  # noqa: E402
 from test_model import make_model, naive_greedy  # noqa: E402
 
 pytestmark = [pytest.mark.fast, pytest.mark.usefixtures('one_thread')]
@@ -43,15 +44,15 @@ def test_greedy_equals_uncached_forward_with_refilled_slots(onednn, monkeypatch)
     """Few slots, many prompts of varied lengths and stops at different steps: slots are refilled
     mid-run (and dropped at the tail) and every row is still the naive decoder's output -- with the
     engine's matmuls through oneDNN (CPU default) or F.linear (elsewhere)."""
-    monkeypatch.setattr(M, 'ONEDNN_LINEAR', onednn)
+    monkeypatch.setattr(E, 'ONEDNN_LINEAR', onednn)
     m = make_model(peaky=True)
     if torch.backends.mkldnn.is_available():  # (the oneDNN path is really taken, not fallen back from)
-        assert (M.EngineWeights(m, torch.float32, 8).linear is M.onednn_linear) == onednn
+        assert (E.EngineWeights(m, torch.float32, 8).linear is E.onednn_linear) == onednn
     prompts = varied_prompts(23)
-    free = m.generate(prompts, 14, temperature=0)
+    free = E.generate(m, prompts, 14, temperature=0)
     stop = list({t[i % 7] for i, t in enumerate(free.tokens)})[:5]
     for G, max_rows in ((1, 3), (2, 4), (3, 64)):
-        g = m.generate(prompts, 14, temperature=0, stop_ids=stop, num_samples=G, max_rows=max_rows)
+        g = E.generate(m, prompts, 14, temperature=0, stop_ids=stop, num_samples=G, max_rows=max_rows)
         assert 0 < sum(g.finished) < len(g.finished)
         for i, p in enumerate(prompts):
             ref = naive_greedy(m, p, 14, stop_ids=stop)
@@ -66,7 +67,7 @@ def test_samples_do_not_depend_on_slots_order_or_subset():
     G = 3
 
     def run(ps, **kw):
-        return m.generate(ps, 16, temperature=1.0, top_k=40, stop_ids=[5, 6], num_samples=G,
+        return E.generate(m, ps, 16, temperature=1.0, top_k=40, stop_ids=[5, 6], num_samples=G,
                           generator=torch.Generator().manual_seed(11), **kw)
 
     base = per_prompt(run(prompts, max_rows=4 * G), G)
@@ -79,7 +80,7 @@ def test_samples_do_not_depend_on_slots_order_or_subset():
     sub = [2, 3, 11]                                                  # first copy of prompt 3 included
     assert per_prompt(run([prompts[i] for i in sub]), G) == [base[i] for i in sub]
     assert base[3] != base[7] and len({tuple(t) for t in base[0]}) > 1
-    other = per_prompt(m.generate(prompts, 16, temperature=1.0, top_k=40, stop_ids=[5, 6], num_samples=G,
+    other = per_prompt(E.generate(m, prompts, 16, temperature=1.0, top_k=40, stop_ids=[5, 6], num_samples=G,
                                   generator=torch.Generator().manual_seed(12)), G)
     assert other != base
 
@@ -92,20 +93,20 @@ def test_tail_repacking_keeps_every_row(monkeypatch):
     prompts = varied_prompts(6, seed=6)
     kw = dict(temperature=1.0, stop_ids=[3, 4, 5, 6, 7], num_samples=5, generator=None)
     shapes = []
-    real = M.Engine._compact
+    real = E.Engine._compact
 
     def spy(self):
         before = (self.S, self.C)
         real(self)
         if (self.S, self.C) != before:
             shapes.append((before, (self.S, self.C)))
-    monkeypatch.setattr(M.Engine, '_compact', spy)
-    a = m.generate(prompts, 40, **{**kw, 'generator': torch.Generator().manual_seed(3)})
+    monkeypatch.setattr(E.Engine, '_compact', spy)
+    a = E.generate(m, prompts, 40, **{**kw, 'generator': torch.Generator().manual_seed(3)})
     assert any(c2 < c for (_, c), (_, c2) in shapes), shapes        # narrower slots happened
     for i, (toks, lps) in enumerate(zip(a.tokens, a.logprobs)):
         torch.testing.assert_close(torch.tensor(lps), forward_logprobs(m, prompts[i // 5], toks), rtol=0, atol=2e-5)
-    monkeypatch.setattr(M.Engine, '_compact', lambda self: None)
-    b = m.generate(prompts, 40, **{**kw, 'generator': torch.Generator().manual_seed(3)})
+    monkeypatch.setattr(E.Engine, '_compact', lambda self: None)
+    b = E.generate(m, prompts, 40, **{**kw, 'generator': torch.Generator().manual_seed(3)})
     assert a.tokens == b.tokens and a.finished == b.finished
 
 
@@ -117,26 +118,26 @@ def test_parked_slots_come_back_as_they_were(monkeypatch):
     m = make_model(peaky=True)
     prompts = varied_prompts(19, seed=4)
     parked = []
-    real = M.Engine._park
+    real = E.Engine._park
 
     def spy(self, s, size):
         parked.append(self.slot_age[s])
         real(self, s, size)
         assert sum(p['bytes'] for p in self.parked) <= self.budget  # parked caches stay in their budget
-    monkeypatch.setattr(M.Engine, '_park', spy)
-    monkeypatch.setattr(M, 'PARK_AGE', 2)
-    monkeypatch.setattr(M, 'PARK_FACTOR', 0.5)
-    monkeypatch.setattr(M, 'SYNC_EVERY', 3)
-    g = m.generate(prompts, 30, temperature=0, num_samples=2, max_rows=6)
+    monkeypatch.setattr(E.Engine, '_park', spy)
+    monkeypatch.setattr(E, 'PARK_AGE', 2)
+    monkeypatch.setattr(E, 'PARK_FACTOR', 0.5)
+    monkeypatch.setattr(E, 'SYNC_EVERY', 3)
+    g = E.generate(m, prompts, 30, temperature=0, num_samples=2, max_rows=6)
     assert len(parked) >= 3, parked
     for i, p in enumerate(prompts):
         assert g.tokens[2 * i:2 * i + 2] == [naive_greedy(m, p, 30)] * 2, i
     kw = dict(temperature=1.0, stop_ids=[3, 4, 5], num_samples=3, max_rows=9)
     n = len(parked)
-    a = m.generate(prompts, 30, generator=torch.Generator().manual_seed(2), **kw)
+    a = E.generate(m, prompts, 30, generator=torch.Generator().manual_seed(2), **kw)
     assert len(parked) > n
-    monkeypatch.setattr(M, 'PARK_AGE', 10 ** 9)
-    b = m.generate(prompts, 30, generator=torch.Generator().manual_seed(2), **kw)
+    monkeypatch.setattr(E, 'PARK_AGE', 10 ** 9)
+    b = E.generate(m, prompts, 30, generator=torch.Generator().manual_seed(2), **kw)
     assert a.tokens == b.tokens and a.finished == b.finished
     torch.testing.assert_close(torch.tensor(sum(a.logprobs, [])), torch.tensor(sum(b.logprobs, [])), rtol=0, atol=2e-5)
 
@@ -148,7 +149,7 @@ def test_greedy_equals_transformers_generate():
     m = make_model(peaky=True)
     hf = bench.hf_twin(m).eval()   # our weights in transformers' Qwen2
     prompts, stop = varied_prompts(7, seed=8, lo=3), [3, 4, 5]
-    g = m.generate(prompts, 16, temperature=0, stop_ids=stop, num_samples=2, max_rows=4)
+    g = E.generate(m, prompts, 16, temperature=0, stop_ids=stop, num_samples=2, max_rows=4)
     for i, p in enumerate(prompts):
         with torch.no_grad():
             out = hf.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
@@ -168,17 +169,17 @@ def test_bench_patches_in_the_old_engine_and_restores_ours():
         pytest.skip('git history without commit 281bfb1 (a shallow clone): no old engine to compare with')
     m = make_model(peaky=True)
     prompts, stop = varied_prompts(5, seed=4, lo=3), [3, 4]
-    new = m.generate(prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
-    ours = M.Qwen2.generate
-    with bench.generate_of('281bfb1', M.Qwen2):
-        assert M.Qwen2.generate is not ours
-        old = m.generate(prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
+    new = E.generate(m, prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
+    ours = E.generate
+    with bench.generate_of('281bfb1'):
+        assert E.generate is not ours
+        old = E.generate(m, prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
         with torch.no_grad():
             m.lm_head.weight.mul_(-1)   # the twin follows the caller's weights
-        flipped = m.generate(prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
-    assert M.Qwen2.generate is ours
-    assert type(old).__module__ != M.__name__ and old.tokens == new.tokens and old.finished == new.finished
-    assert flipped.tokens == m.generate(prompts, 12, temperature=0, stop_ids=stop, num_samples=2).tokens != new.tokens
+        flipped = E.generate(m, prompts, 12, temperature=0, stop_ids=stop, num_samples=2)
+    assert E.generate is ours
+    assert type(old).__module__ != E.__name__ and old.tokens == new.tokens and old.finished == new.finished
+    assert flipped.tokens == E.generate(m, prompts, 12, temperature=0, stop_ids=stop, num_samples=2).tokens != new.tokens
 
 
 def test_counter_uniform_is_splitmix64():
@@ -193,7 +194,7 @@ def test_counter_uniform_is_splitmix64():
     ts = [0, 1, 7, 1000]
     s = torch.tensor([a for a in seeds for _ in ts])
     t = torch.tensor([b for _ in seeds for b in ts])
-    u = M.counter_uniform(s, t)
+    u = E.counter_uniform(s, t)
     ref = torch.tensor([splitmix(a % 2**64, b) / 2**24 for a in seeds for b in ts])
     assert torch.equal(u, ref.float())
     assert float(u.min()) >= 0 and float(u.max()) < 1
@@ -204,7 +205,7 @@ def test_inverse_cdf_is_exact_on_a_grid_and_skips_zero_mass(block):
     """u on a regular grid of n points picks each token n * p times (+-1), across block edges, with
     zero-probability tokens (never picked) and u as close to 1 as a float gets; with blocks that
     divide the vocabulary (cdf_block: 60 of 300, no padding) and with a padded last block (64)."""
-    assert (M.cdf_block(300), M.cdf_block(2771), M.cdf_block(4099)) == (60, 163, 64)  # 4099 is prime
+    assert (E.cdf_block(300), E.cdf_block(2771), E.cdf_block(4099)) == (60, 163, 64)  # 4099 is prime
     g = torch.Generator().manual_seed(0)
     p = torch.rand(300, generator=g) ** 3
     p[[0, 59, 60, 63, 64, 65, 128, 180, 250, 299]] = 0  # zero mass at block edges (60 and 64) and at the end
@@ -212,12 +213,12 @@ def test_inverse_cdf_is_exact_on_a_grid_and_skips_zero_mass(block):
     p /= p.sum()
     n = 20000
     u = (torch.arange(n) + 0.5) / n
-    tok = M.inverse_cdf(p.expand(n, -1), u, block)
+    tok = E.inverse_cdf(p.expand(n, -1), u, block)
     counts = torch.bincount(tok, minlength=300).float()
     assert (counts - n * p).abs().max() <= 1.0 + 1e-3
     assert counts[p == 0].sum() == 0
     edge = torch.tensor([0.0, 1 - 2 ** -24, 0.99999994])
-    assert all(p[t] > 0 for t in M.inverse_cdf(p.expand(3, -1), edge, block))
+    assert all(p[t] > 0 for t in E.inverse_cdf(p.expand(3, -1), edge, block))
 
 
 def test_draws_follow_the_softmax():
@@ -235,7 +236,7 @@ def test_draws_follow_the_softmax():
     with torch.no_grad():
         logits = m(torch.tensor([prompt]))[0][0, -1]
     for T, k in ((0.8, None), (1.0, 3), (1.0, None)):
-        g = m.generate([prompt], 2, temperature=T, top_k=k, num_samples=n, generator=torch.Generator().manual_seed(0))
+        g = E.generate(m, [prompt], 2, temperature=T, top_k=k, num_samples=n, generator=torch.Generator().manual_seed(0))
         first = torch.tensor([t[0] for t in g.tokens])
         lg = logits / T
         if k:
@@ -260,12 +261,12 @@ def test_draws_follow_the_softmax():
 def test_logprobs_match_forward_and_can_be_skipped():
     m = make_model(peaky=True)
     prompts = varied_prompts(9, seed=2)
-    g = m.generate(prompts, 12, temperature=1.0, stop_ids=[3, 4], num_samples=2, max_rows=6,
+    g = E.generate(m, prompts, 12, temperature=1.0, stop_ids=[3, 4], num_samples=2, max_rows=6,
                    generator=torch.Generator().manual_seed(0))
     for i, (toks, lps) in enumerate(zip(g.tokens, g.logprobs)):
         assert len(toks) == len(lps)
         torch.testing.assert_close(torch.tensor(lps), forward_logprobs(m, prompts[i // 2], toks), rtol=0, atol=2e-5)
-    h = m.generate(prompts, 12, temperature=1.0, stop_ids=[3, 4], num_samples=2, logprobs=False,
+    h = E.generate(m, prompts, 12, temperature=1.0, stop_ids=[3, 4], num_samples=2, logprobs=False,
                    generator=torch.Generator().manual_seed(0))
     assert h.tokens == g.tokens and h.finished == g.finished and h.logprobs == [[]] * len(h.tokens)
 
@@ -273,14 +274,14 @@ def test_logprobs_match_forward_and_can_be_skipped():
 def test_stops_caps_and_context_limit():
     m = make_model(peaky=True, max_seq_len=24)
     prompts = [list(range(1, 22)), [5], list(range(10, 20)), list(range(2, 25))[:23]]  # 21, 1, 10, 23 tokens
-    g = m.generate(prompts, 8, temperature=0)
+    g = E.generate(m, prompts, 8, temperature=0)
     assert [len(t) for t in g.tokens] == [3, 8, 8, 1]             # capped by max_seq_len per prompt
     assert g.finished == [False] * 4
     for p, t in zip(prompts, g.tokens):
         assert t == naive_greedy(m, p, len(t))
     # a stop at exactly the last allowed step counts as finished; stop tokens end a row
     stop = [g.tokens[1][-1], g.tokens[2][2]]
-    s = m.generate(prompts, 8, temperature=0, stop_ids=stop)
+    s = E.generate(m, prompts, 8, temperature=0, stop_ids=stop)
     for p, t, f in zip(prompts, s.tokens, s.finished):
         ref = naive_greedy(m, p, len(t) if not f else 8, stop_ids=stop)
         assert t == ref[:len(t)] and f == (t[-1] in stop)
@@ -290,20 +291,20 @@ def test_stops_caps_and_context_limit():
 
 def test_edge_cases():
     m = make_model(peaky=True)
-    assert m.generate([], 5) == M.Generation([], [], [])
-    z = m.generate([[1, 2]], 0, num_samples=2)
+    assert E.generate(m, [], 5) == E.Generation([], [], [])
+    z = E.generate(m, [[1, 2]], 0, num_samples=2)
     assert z.tokens == [[], []] and z.finished == [False, False]
-    one = m.generate([[1, 2, 3]], 1, temperature=0)
+    one = E.generate(m, [[1, 2, 3]], 1, temperature=0)
     assert one.tokens == [naive_greedy(m, [1, 2, 3], 1)]
-    with pytest.raises(M.UsageError, match='at least one token'):
-        m.generate([[1], []], 4)
-    with pytest.raises(M.UsageError, match='no room'):
-        m.generate([list(range(128))], 4)
-    with pytest.raises(M.UsageError, match='num_samples'):
-        m.generate([[1]], 4, num_samples=0)
+    with pytest.raises(common.UsageError, match='at least one token'):
+        E.generate(m, [[1], []], 4)
+    with pytest.raises(common.UsageError, match='no room'):
+        E.generate(m, [list(range(128))], 4)
+    with pytest.raises(common.UsageError, match='num_samples'):
+        E.generate(m, [[1]], 4, num_samples=0)
     # every row stops on its first token: one collection ends the call
-    first = m.generate([[1, 2], [3]], 1, temperature=0).tokens
-    g = m.generate([[1, 2], [3]], 50, temperature=0, stop_ids=[t[0] for t in first], num_samples=2)
+    first = E.generate(m, [[1, 2], [3]], 1, temperature=0).tokens
+    g = E.generate(m, [[1, 2], [3]], 50, temperature=0, stop_ids=[t[0] for t in first], num_samples=2)
     assert g.tokens == [first[0], first[0], first[1], first[1]] and all(g.finished)
 
 
@@ -313,11 +314,11 @@ def test_memory_budget_sets_the_slots():
     cfg = m.config
     per_token = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * 4
     P, T, G = max(map(len, prompts)), 20, 2
-    eng = M.Engine(m, prompts, G, T, 1.0, None, None, (), None, False, 3 * per_token * (P + G * T), None, 0, False)
+    eng = E.Engine(m, prompts, G, T, 1.0, None, None, (), None, False, 3 * per_token * (P + G * T), None, 0, False)
     assert eng.S == 3
-    eng = M.Engine(m, prompts, G, T, 1.0, None, None, (), None, False, None, 7, 0, False)
+    eng = E.Engine(m, prompts, G, T, 1.0, None, None, (), None, False, None, 7, 0, False)
     assert eng.S == 3                                                # max_rows 7 -> 3 slots of 2 rows
-    eng = M.Engine(m, prompts, G, T, 1.0, None, None, (), None, False, 1, None, 0, False)
+    eng = E.Engine(m, prompts, G, T, 1.0, None, None, (), None, False, 1, None, 0, False)
     assert eng.S == 1                                                # always at least one slot
 
 
@@ -327,16 +328,16 @@ def test_cuda_graph_decoding_equals_eager():
     prompts = varied_prompts(17, seed=5)
     for T in (0.0, 1.0):
         kw = dict(temperature=T, stop_ids=[3, 4], num_samples=3, max_rows=12)
-        a = m.generate(prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
-        b = m.generate(prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=False, **kw)
+        a = E.generate(m, prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
+        b = E.generate(m, prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=False, **kw)
         assert a.tokens == b.tokens and a.finished == b.finished
         torch.testing.assert_close(torch.tensor(sum(a.logprobs, [])), torch.tensor(sum(b.logprobs, [])),
                                    rtol=0, atol=1e-5)
-    g = m.generate(prompts, 20, temperature=0, stop_ids=[3, 4], max_rows=5, cuda_graphs=True)
+    g = E.generate(m, prompts, 20, temperature=0, stop_ids=[3, 4], max_rows=5, cuda_graphs=True)
     cpu = m.cpu()
     assert g.tokens == [naive_greedy(cpu, p, 20, stop_ids=[3, 4]) for p in prompts]  # fp32 graphs vs forward
     m = cpu.cuda()
-    with M.autocast_ctx('cuda'):  # bf16: graphs replay the same kernels as the eager step
-        a = m.generate(prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
-        b = m.generate(prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=False, **kw)
+    with common.autocast_ctx('cuda'):  # bf16: graphs replay the same kernels as the eager step
+        a = E.generate(m, prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
+        b = E.generate(m, prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=False, **kw)
     assert a.tokens == b.tokens

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import evaluate as ev
-import model as M
-from model import Generation, ModelConfig, Qwen2, save_checkpoint
+import tokenizer
+from checkpoint import save_checkpoint
+from engine import Generation
+from model import ModelConfig, Qwen2
 
 
 # -----------------------------------------------------------------------------------------------
@@ -44,7 +47,7 @@ def wrong_answer(row):
 
 
 class CharTokenizer:
-    """Stand-in for data.Tokenizer: one id per character, specials as single ids."""
+    """Stand-in for tokenizer.Tokenizer: one id per character, specials as single ids."""
     def __init__(self):
         self.specials = {s: i for i, s in enumerate(['[UNK]', '[PAD]', '[BOS]', '[EOS]', '<question>', '</question>',
                                                     '<solution>', '</solution>', '<answer>', '</answer>'])}
@@ -271,16 +274,16 @@ def test_eval_set_loading_and_errors(tmp_path, problems):
         for r in problems + problems[:2]:  # a repeated problem
             f.write(json.dumps(r) + '\n')
     with pytest.raises(ev.UsageError, match='same problem twice'):
-        ev.load_eval_rows(str(path), ops=range(2, 21), per_op_template=0)
+        data.load_eval_rows(str(path), ops=range(2, 21), per_op_template=0)
     with open(path, 'w') as f:
         for r in problems:
             f.write(json.dumps(dict(r, id=0)) + '\n')  # colliding ids, as in the original release
-    rows, source = ev.load_eval_rows(str(path), ops=[2, 3], per_op_template=1)
+    rows, source = data.load_eval_rows(str(path), ops=[2, 3], per_op_template=1)
     assert source == str(path) and {r['op'] for r in rows} == {2, 3}
     assert len(rows) == len({(r['op'], r['template']) for r in rows}) and len({r['id'] for r in rows}) == len(rows)
     with pytest.raises(ev.UsageError, match='eval set is empty'):
-        ev.load_eval_rows(str(path), ops=[99])
-    rows, source = ev.load_eval_rows('generate', ops=[4, 5], per_op_template=2, modes=['forwardreverse'], seed=3)
+        data.load_eval_rows(str(path), ops=[99])
+    rows, source = data.load_eval_rows('generate', ops=[4, 5], per_op_template=2, modes=['forwardreverse'], seed=3)
     assert len(rows) == 12 and {r['mode'] for r in rows} == {'forwardreverse'} and source.startswith('generated')
 
 
@@ -288,7 +291,7 @@ def test_released_rows_are_evaluable():
     """The original study's rows (no graph, no answer, no id) load and their gold solutions verify."""
     ref = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'reference',
                        'official_generator_samples.jsonl')
-    rows, _ = ev.load_eval_rows(ref, ops=range(2, 21), per_op_template=0)
+    rows, _ = data.load_eval_rows(ref, ops=range(2, 21), per_op_template=0)
     assert len(rows) == 114 and len({r['id'] for r in rows}) == 114
     agg = ev.aggregate(ev.score(rows, [[gold_completion(r)] for r in rows]))
     assert agg['all']['process']['pass@1'] == 1.0 and agg['all']['outcome']['pass@1'] == 1.0
@@ -302,7 +305,7 @@ def random_runs(tmp_path_factory):
     data_dir = root / 'data'
     data_dir.mkdir()
     rows = [p.to_row() for p in data.generate_problems(100, list(range(2, 8)), seed=3)]
-    tok = data.train_tokenizer([data.training_text(r) for r in rows])
+    tok = tokenizer.train_tokenizer([data.training_text(r) for r in rows])
     tok.save(str(data_dir / 'tokenizer.json'))
     data.write_jsonl(str(data_dir / 'eval.jsonl'), data.make_eval_set([2, 3, 12], 1, seed=5))
     runs = []
@@ -355,7 +358,7 @@ def test_command_end_to_end_and_rescore(random_runs, tmp_path):
     ev.main(['tiny_eval', *ANY_EVAL, '--labels=a,b', f'--ckpts={run0},{run1}', f'--out_dir={out}', '--rescore=True',
              '--progress=False'])
     assert [r['step'] for r in json.loads((out / 'results.json').read_text())['runs'].values()] == [7, 8]
-    assert M.checkpoint_step(run1) == 8 and M.checkpoint_step(str(tmp_path / 'none')) is None
+    assert checkpoint.checkpoint_step(run1) == 8 and checkpoint.checkpoint_step(str(tmp_path / 'none')) is None
 
 
 def test_command_errors(random_runs, tmp_path):
@@ -562,14 +565,14 @@ def test_released_layout_directory_and_glob(tmp_path):
         g = gold[r['id']]
         assert (r['op'], r['template'], r['mode']) == (g['op'], g['template'], g['mode'])
     # evaluate.py reads the directory; its gold solutions verify
-    rows, source = ev.load_eval_rows(str(tmp_path / 'context'), ops=[10, 12], per_op_template=0)
+    rows, source = data.load_eval_rows(str(tmp_path / 'context'), ops=[10, 12], per_op_template=0)
     assert {r['op'] for r in rows} == {10, 12} and '(9 files)' in source
     agg = ev.aggregate(ev.score(rows, [[gold_completion(r)] for r in rows]))
     assert agg['all']['process_ordered']['pass@1'] == 1.0
-    test_rows, _ = ev.load_eval_rows(str(tmp_path / 'composition' / 'test'), ops=range(2, 21), per_op_template=0)
+    test_rows, _ = data.load_eval_rows(str(tmp_path / 'composition' / 'test'), ops=range(2, 21), per_op_template=0)
     assert {r['op'] for r in test_rows} == {10}
     with pytest.raises(ev.UsageError, match='names no JSONL'):
-        ev.load_eval_rows(str(tmp_path / 'nothing_*.jsonl'))
+        data.load_eval_rows(str(tmp_path / 'nothing_*.jsonl'))
 
 
 def test_mixture_with_all_template_weights_zero_is_an_error():

@@ -14,6 +14,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import interop  # noqa: E402
+import checkpoint  # noqa: E402
+import common  # noqa: E402
+import engine as E  # noqa: E402
 import model as M  # noqa: E402
 from conftest import StubWandb  # noqa: E402
 
@@ -212,11 +215,11 @@ def test_document_mask_makes_packed_documents_independent():
 @pytest.mark.fast
 def test_greedy_cached_matches_uncached_and_padding_is_invisible():
     m = make_model(peaky=True)
-    batch = m.generate(PROMPTS, 24, temperature=0)
+    batch = E.generate(m, PROMPTS, 24, temperature=0)
     for i, p in enumerate(PROMPTS):
         ref = naive_greedy(m, p, 24)
         assert batch.tokens[i] == ref, f"row {i}: batched cached decoding differs from full forward passes"
-        alone = m.generate([p], 24, temperature=0)
+        alone = E.generate(m, [p], 24, temperature=0)
         assert alone.tokens[0] == ref, f"row {i}: single-prompt cached decoding differs"
         torch.testing.assert_close(torch.tensor(alone.logprobs[0]), torch.tensor(batch.logprobs[i]),
                                    rtol=0, atol=1e-4)
@@ -227,13 +230,13 @@ def test_greedy_cached_matches_uncached_and_padding_is_invisible():
 @pytest.mark.fast
 def test_num_samples_copies_the_prompt_cache():
     m = make_model(peaky=True)
-    g = m.generate(PROMPTS, 10, temperature=0, num_samples=3)
+    g = E.generate(m, PROMPTS, 10, temperature=0, num_samples=3)
     assert len(g.tokens) == 3 * len(PROMPTS)
     for i, p in enumerate(PROMPTS):
         ref = naive_greedy(m, p, 10)
         assert g.tokens[3 * i:3 * i + 3] == [ref] * 3  # rows are [p0 s0, p0 s1, p0 s2, p1 s0, ...]
     # sampled groups: rows of a group differ, and each row is a valid sample of its prompt
-    s = m.generate(PROMPTS, 10, temperature=1.0, num_samples=6, generator=torch.Generator().manual_seed(0))
+    s = E.generate(m, PROMPTS, 10, temperature=1.0, num_samples=6, generator=torch.Generator().manual_seed(0))
     assert len({tuple(t) for t in s.tokens[:6]}) > 1
     for i, p in enumerate(PROMPTS):
         row = 6 * i + 2
@@ -243,7 +246,7 @@ def test_num_samples_copies_the_prompt_cache():
 @pytest.mark.fast
 def test_max_seq_len_caps_generation():
     m = make_model(peaky=True, max_seq_len=16)
-    g = m.generate([[1, 2, 3, 4, 5, 6]], 100, temperature=0)
+    g = E.generate(m, [[1, 2, 3, 4, 5, 6]], 100, temperature=0)
     assert len(g.tokens[0]) == 10 and g.finished == [False]
 
 # -----------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def test_same_seed_same_samples_different_seed_different():
     m = make_model(peaky=True)
 
     def run(seed, **kw):
-        return m.generate(PROMPTS, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw).tokens
+        return E.generate(m, PROMPTS, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw).tokens
 
     assert run(1) == run(1)
     assert run(1) != run(2)
@@ -268,16 +271,16 @@ def test_sampler_draws_from_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(logits[0] / 0.7, -1)
-    counts = torch.bincount(M.sample_token(logits, 0.7, generator=g), minlength=5).float() / 40000
+    counts = torch.bincount(E.sample_token(logits, 0.7, generator=g), minlength=5).float() / 40000
     torch.testing.assert_close(counts, p, rtol=0, atol=0.01)
     # top_k=2: only the two best, renormalised
-    counts = torch.bincount(M.sample_token(logits, 1.0, top_k=2, generator=g), minlength=5).float() / 40000
+    counts = torch.bincount(E.sample_token(logits, 1.0, top_k=2, generator=g), minlength=5).float() / 40000
     p2 = torch.softmax(logits[0, :2], -1)
     torch.testing.assert_close(counts, torch.cat([p2, torch.zeros(3)]), rtol=0, atol=0.01)
     # top_p: smallest prefix whose mass reaches top_p (0.6 -> probs .48 + .18 -> two tokens)
-    counts = torch.bincount(M.sample_token(logits, 1.0, top_p=0.6, generator=g), minlength=5)
+    counts = torch.bincount(E.sample_token(logits, 1.0, top_p=0.6, generator=g), minlength=5)
     assert counts[2:].sum() == 0 and counts[0] > 0 and counts[1] > 0
-    assert torch.all(M.sample_token(logits[:5], 0.0) == 0)
+    assert torch.all(E.sample_token(logits[:5], 0.0) == 0)
 
 # -----------------------------------------------------------------------------
 # (4) stops and logprobs
@@ -295,11 +298,11 @@ def check_logprobs(m, prompt, tokens, logprobs):
 @pytest.mark.fast
 def test_stop_ids_and_logprobs():
     m = make_model(peaky=True)
-    free = m.generate(PROMPTS, 30, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    free = E.generate(m, PROMPTS, 30, temperature=1.0, generator=torch.Generator().manual_seed(5))
     # stop on the most frequent tokens of the unconstrained run so that some rows do stop
     counts = torch.bincount(torch.tensor(sum(free.tokens, [])), minlength=97)
     stop = counts.topk(3).indices.tolist()
-    g = m.generate(PROMPTS, 30, temperature=1.0, top_k=20, stop_ids=stop,
+    g = E.generate(m, PROMPTS, 30, temperature=1.0, top_k=20, stop_ids=stop,
                    generator=torch.Generator().manual_seed(5))
     assert any(g.finished)
     for p, toks, lps, fin in zip(PROMPTS, g.tokens, g.logprobs, g.finished):
@@ -310,7 +313,7 @@ def test_stop_ids_and_logprobs():
             assert len(toks) == 30 and not set(toks) & set(stop)
         check_logprobs(m, p, toks, lps)
     # greedy with a stop id reproduces the naive decoder cut at the stop
-    greedy = m.generate(PROMPTS, 30, temperature=0, stop_ids=stop)
+    greedy = E.generate(m, PROMPTS, 30, temperature=0, stop_ids=stop)
     for p, toks in zip(PROMPTS, greedy.tokens):
         assert toks == naive_greedy(m, p, 30, stop_ids=stop)
 
@@ -321,16 +324,16 @@ def test_finished_rows_leave_the_batch():
     row must still be exactly what it would be alone (greedy) and carry correct logprobs."""
     m = make_model(peaky=True)
     prompts = [[i, i + 1, i + 2][: 1 + i % 3] for i in range(1, 40, 3)]
-    free = m.generate(prompts, 12, temperature=0)
+    free = E.generate(m, prompts, 12, temperature=0)
     stop = list({t[i % 5] for i, t in enumerate(free.tokens)})[:6]  # rows stop at different steps
-    g = m.generate(prompts, 12, temperature=0, stop_ids=stop)
+    g = E.generate(m, prompts, 12, temperature=0, stop_ids=stop)
     assert 0 < sum(g.finished) < len(prompts)
     for p, toks, lps in zip(prompts, g.tokens, g.logprobs):
         assert toks == naive_greedy(m, p, 12, stop_ids=stop)
         check_logprobs(m, p, toks, lps)
-    s1 = m.generate(prompts, 12, temperature=1.0, stop_ids=stop, num_samples=3,
+    s1 = E.generate(m, prompts, 12, temperature=1.0, stop_ids=stop, num_samples=3,
                     generator=torch.Generator().manual_seed(0))
-    s2 = m.generate(prompts, 12, temperature=1.0, stop_ids=stop, num_samples=3,
+    s2 = E.generate(m, prompts, 12, temperature=1.0, stop_ids=stop, num_samples=3,
                     generator=torch.Generator().manual_seed(0))
     assert s1 == s2
     for i in range(0, len(s1.tokens), 5):
@@ -340,12 +343,12 @@ def test_finished_rows_leave_the_batch():
 @pytest.mark.fast
 def test_early_exit_when_all_rows_stop():
     m = make_model(peaky=True)
-    first = m.generate(PROMPTS, 1, temperature=0).tokens
-    g = m.generate(PROMPTS, 50, temperature=0, stop_ids=[t[0] for t in first])
+    first = E.generate(m, PROMPTS, 1, temperature=0).tokens
+    g = E.generate(m, PROMPTS, 50, temperature=0, stop_ids=[t[0] for t in first])
     assert g.tokens == first and g.finished == [True] * len(PROMPTS)
     # a stop token at exactly the last allowed step still counts as finished
-    five = m.generate(PROMPTS[:1], 5, temperature=0).tokens[0]
-    last = m.generate(PROMPTS[:1], 5, temperature=0, stop_ids=[five[-1]])
+    five = E.generate(m, PROMPTS[:1], 5, temperature=0).tokens[0]
+    last = E.generate(m, PROMPTS[:1], 5, temperature=0, stop_ids=[five[-1]])
     assert last.finished == [True] and last.tokens[0][-1] == five[-1]
 
 # -----------------------------------------------------------------------------
@@ -360,12 +363,12 @@ def test_checkpoint_round_trip_and_resume_state(tmp_path):
     m(x, x)[1].backward()
     opt.step()
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
-    extra = {'loader': {'pos': 123, 'order': torch.arange(5)}, 'rng': M.rng_state()}
+    extra = {'loader': {'pos': 123, 'order': torch.arange(5)}, 'rng': checkpoint.rng_state()}
     expect = (random.random(), np.random.rand(), torch.rand(1).item())
     path = tmp_path / 'ckpt.pt'
-    M.save_checkpoint(path, m, {'lr': 1e-3, 'preset': 'tiny', 'ops': (2, 3)}, 'tok-abc', 42, opt, extra)
+    checkpoint.save_checkpoint(path, m, {'lr': 1e-3, 'preset': 'tiny', 'ops': (2, 3)}, 'tok-abc', 42, opt, extra)
     torch.load(path, weights_only=True)  # only safe types inside
-    ck = M.load_checkpoint(path, expect_tokenizer='tok-abc', expect_model_config=m.config)
+    ck = checkpoint.load_checkpoint(path, expect_tokenizer='tok-abc', expect_model_config=m.config)
     assert ck['step'] == 42 and ck['config']['preset'] == 'tiny' and ck['tokenizer_identity'] == 'tok-abc'
     assert ck['model_config'] == m.config and ck['extra']['loader']['pos'] == 123
     with torch.no_grad():
@@ -373,7 +376,7 @@ def test_checkpoint_round_trip_and_resume_state(tmp_path):
     opt2 = torch.optim.AdamW(ck['model'].parameters(), lr=1e-3)
     opt2.load_state_dict(ck['optimizer'])
     torch.testing.assert_close(opt2.state_dict()['state'][0]['exp_avg'], opt.state_dict()['state'][0]['exp_avg'])
-    M.set_rng_state(ck['extra']['rng'])
+    checkpoint.set_rng_state(ck['extra']['rng'])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
 
 
@@ -383,11 +386,11 @@ def test_checkpoint_atomic_and_stale_tmp(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pt')
     with open(path + '.tmp', 'wb') as f:  # a stale tmp from an earlier crash must not matter
         f.write(b'garbage')
-    M.save_checkpoint(path, m, {}, 'tok', 1)
+    checkpoint.save_checkpoint(path, m, {}, 'tok', 1)
     assert not os.path.exists(path + '.tmp')
     with open(path + '.tmp', 'wb') as f:
         f.write(b'garbage')
-    assert M.load_checkpoint(path)['step'] == 1
+    assert checkpoint.load_checkpoint(path)['step'] == 1
     # a crash in the middle of writing step 2 leaves step 1 intact
     real_save = torch.save
 
@@ -397,9 +400,9 @@ def test_checkpoint_atomic_and_stale_tmp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(KeyboardInterrupt):
-        M.save_checkpoint(path, m, {}, 'tok', 2)
+        checkpoint.save_checkpoint(path, m, {}, 'tok', 2)
     monkeypatch.setattr(torch, 'save', real_save)
-    assert M.load_checkpoint(path)['step'] == 1
+    assert checkpoint.load_checkpoint(path)['step'] == 1
 
 
 @pytest.mark.fast
@@ -407,18 +410,18 @@ def test_checkpoint_errors_and_wrappers(tmp_path):
     m = make_model()
     path = tmp_path / 'c.pt'
     with pytest.raises(TypeError, match='weights_only'):
-        M.save_checkpoint(path, m, {}, 'tok', 0, extra={'state': np.zeros(3)})
-    M.save_checkpoint(path, m, {}, 'tok-A', 0)
+        checkpoint.save_checkpoint(path, m, {}, 'tok', 0, extra={'state': np.zeros(3)})
+    checkpoint.save_checkpoint(path, m, {}, 'tok-A', 0)
     with pytest.raises(ValueError, match="tok-A.*tok-B"):
-        M.load_checkpoint(path, expect_tokenizer='tok-B')
+        checkpoint.load_checkpoint(path, expect_tokenizer='tok-B')
     other = M.ModelConfig(**{**SMALL, 'n_layer': 3})
     with pytest.raises(ValueError, match='n_layer: checkpoint=2 vs expected=3'):
-        M.load_checkpoint(path, expect_model_config=other)
+        checkpoint.load_checkpoint(path, expect_model_config=other)
     # state dicts from torch.compile / DDP wrappers load cleanly
     ck = torch.load(path, weights_only=True)
     ck['model'] = {'module._orig_mod.' + k: v for k, v in ck['model'].items()}
     torch.save(ck, path)
-    loaded = M.load_checkpoint(path)['model']
+    loaded = checkpoint.load_checkpoint(path)['model']
     x = torch.randint(0, 97, (1, 8))
     torch.testing.assert_close(loaded(x)[0], m(x)[0])
 
@@ -427,7 +430,7 @@ def test_checkpoint_errors_and_wrappers(tmp_path):
             super().__init__()
             self.module = inner
 
-    M.save_checkpoint(path, Wrapper(m), {}, 'tok', 0)
+    checkpoint.save_checkpoint(path, Wrapper(m), {}, 'tok', 0)
     assert all(not k.startswith('module.') for k in torch.load(path, weights_only=True)['model'])
 
 # -----------------------------------------------------------------------------
@@ -443,17 +446,17 @@ def test_configure_presets_and_overrides(tmp_path, monkeypatch):
     os.makedirs('config')
     with open('config/fast.py', 'w') as f:
         f.write("import math\nbatch_size = 4 * 8\nlr = 3e-4\n_private = 1\n")
-    cfg = M.configure(DEFAULTS, ['fast', '--lr=1', '--compile=True', '--out_dir=runs/x', '--ops=[5, 6]',
+    cfg = common.configure(DEFAULTS, ['fast', '--lr=1', '--compile=True', '--out_dir=runs/x', '--ops=[5, 6]',
                                  '--init_from=ckpt.pt'])
     assert cfg == {'lr': 1.0, 'batch_size': 32, 'compile': True, 'out_dir': 'runs/x', 'ops': [5, 6],
                    'init_from': 'ckpt.pt'}
     assert isinstance(cfg['lr'], float)
-    assert M.configure(DEFAULTS, []) == DEFAULTS and DEFAULTS['lr'] == 1e-4  # defaults untouched
-    assert M.configure(DEFAULTS, ['--compile'])['compile'] is True
-    assert M.configure(DEFAULTS, ['--out_dir=123'])['out_dir'] == '123'  # str default keeps the text
+    assert common.configure(DEFAULTS, []) == DEFAULTS and DEFAULTS['lr'] == 1e-4  # defaults untouched
+    assert common.configure(DEFAULTS, ['--compile'])['compile'] is True
+    assert common.configure(DEFAULTS, ['--out_dir=123'])['out_dir'] == '123'  # str default keeps the text
     with open('alt.py', 'w') as f:
         f.write("batch_size = 2\n")
-    assert M.configure(DEFAULTS, ['alt.py'])['batch_size'] == 2  # a path works too
+    assert common.configure(DEFAULTS, ['alt.py'])['batch_size'] == 2  # a path works too
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -473,13 +476,13 @@ def test_configure_errors_are_one_line(tmp_path, monkeypatch, argv, message):
     with open('config/bad.py', 'w') as f:
         f.write("batchsize = 4\n")
     with pytest.raises(SystemExit) as e:
-        M.configure(DEFAULTS, argv)
+        common.configure(DEFAULTS, argv)
     assert message in str(e.value.code) and '\n' not in str(e.value.code)
 
 
 @pytest.mark.fast
 def test_configure_returns_a_dict_with_attribute_access(tmp_path):
-    cfg = M.configure(DEFAULTS, ['--lr=0.5'])
+    cfg = common.configure(DEFAULTS, ['--lr=0.5'])
     assert isinstance(cfg, dict) and cfg.lr == cfg['lr'] == 0.5
     cfg.batch_size = 3
     assert cfg['batch_size'] == 3
@@ -487,21 +490,21 @@ def test_configure_returns_a_dict_with_attribute_access(tmp_path):
         cfg.nope
     # a Config inside a checkpoint is saved as a plain dict (weights_only=True loads it)
     m = M.Qwen2(M.ModelConfig(**SMALL))
-    M.save_checkpoint(tmp_path / 'c.pt', m, cfg, 'tok', 0, extra={'log': {'config': cfg}})
-    ck = M.load_checkpoint(tmp_path / 'c.pt')
+    checkpoint.save_checkpoint(tmp_path / 'c.pt', m, cfg, 'tok', 0, extra={'log': {'config': cfg}})
+    ck = checkpoint.load_checkpoint(tmp_path / 'c.pt')
     assert type(ck['config']) is dict and ck['config'] == cfg and ck['extra']['log']['config'] == cfg
 
 
 @pytest.mark.fast
 def test_commands_without_presets_reject_bare_arguments():
-    with pytest.raises(M.UsageError, match="'stray' is not --key=value"):
-        M.configure(DEFAULTS, ['stray'], presets=False)
+    with pytest.raises(common.UsageError, match="'stray' is not --key=value"):
+        common.configure(DEFAULTS, ['stray'], presets=False)
 
 
 @pytest.mark.fast
 def test_configure_help(capsys):
     with pytest.raises(SystemExit) as e:
-        M.configure(DEFAULTS, ['--help'])
+        common.configure(DEFAULTS, ['--help'])
     assert e.value.code == 0 and '--batch_size' in capsys.readouterr().out
 
 
@@ -513,15 +516,15 @@ def test_cli_dispatches_a_command_table(capsys):
     def build(argv):
         calls.append(argv)
         if argv == ['--bad']:
-            raise M.UsageError('build needs --out=DIR')
+            raise common.UsageError('build needs --out=DIR')
         return 'built'
 
     table = {'build': build, 'sample': lambda argv: None}
-    assert M.cli('x.py', table, ['build', '--out=d']) == 'built' and calls == [['--out=d']]
+    assert common.cli('x.py', table, ['build', '--out=d']) == 'built' and calls == [['--out=d']]
     for argv, words in (([], 'usage: python x.py {build|sample}'), (['nope'], "unknown command 'nope'"),
                         (['build', '--bad'], 'build needs --out=DIR')):
         with pytest.raises(SystemExit) as e:
-            M.cli('x.py', table, argv)
+            common.cli('x.py', table, argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith('x.py: ') and words in err and err.count('\n') == 1
 
@@ -534,8 +537,8 @@ def test_cli_dispatches_a_command_table(capsys):
 def test_runlog_files_history_and_tracker_get_the_same_records(tmp_path, monkeypatch, capsys):
     wandb = StubWandb()
     monkeypatch.setitem(sys.modules, 'wandb', wandb)
-    cfg = M.Config(lr=0.1, out_dir=str(tmp_path / 'run'))
-    log = M.RunLog(cfg.out_dir, cfg, 'rl', 'wandb', jsonl={'train': 'log.jsonl', 'samples': 'samples.jsonl'})
+    cfg = common.Config(lr=0.1, out_dir=str(tmp_path / 'run'))
+    log = common.RunLog(cfg.out_dir, cfg, 'rl', 'wandb', jsonl={'train': 'log.jsonl', 'samples': 'samples.jsonl'})
     assert wandb.inits == [dict(project='reasoning-study', name='run', config={'lr': 0.1, 'out_dir': cfg.out_dir},
                                 dir=cfg.out_dir, job_type='rl')]
     recs = [{'step': s, 'reward': 0.5 * s, 'kl': 1e-3, 'mfu': None} for s in (1, 2, 3)]
@@ -565,7 +568,7 @@ def test_runlog_files_history_and_tracker_get_the_same_records(tmp_path, monkeyp
 @pytest.mark.fast
 def test_runlog_other_ranks_write_nothing_and_an_object_is_a_tracker(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'wandb', None)  # not even imported on rank 1
-    log = M.RunLog(str(tmp_path / 'r1'), {}, 'pretrain', 'wandb', master=False, jsonl={'train': 'log.jsonl'},
+    log = common.RunLog(str(tmp_path / 'r1'), {}, 'pretrain', 'wandb', master=False, jsonl={'train': 'log.jsonl'},
                    history={'val': []})
     log.log('train', {'step': 1, 'loss': 1.0})
     log.log('val', {'step': 1, 'loss': 2.0})
@@ -573,13 +576,13 @@ def test_runlog_other_ranks_write_nothing_and_an_object_is_a_tracker(tmp_path, m
     log.write_json('log.json', {})
     assert not os.path.exists(tmp_path / 'r1') and log.history == {'val': [{'step': 1, 'loss': 2.0}]}
     stub = StubWandb()
-    M.RunLog(str(tmp_path / 'r0'), {}, 'eval', stub).log('base', {'ckpt_step': 7, 'all/pass@1': 0.5})
+    common.RunLog(str(tmp_path / 'r0'), {}, 'eval', stub).log('base', {'ckpt_step': 7, 'all/pass@1': 0.5})
     assert stub.logged == [({'base/ckpt_step': 7, 'base/all/pass@1': 0.5}, None)]
 
 
 @pytest.mark.fast
 def test_runlog_plot_writes_a_png(tmp_path):
-    log = M.RunLog(str(tmp_path), {}, 'pretrain', history={'train': [], 'val': []})
+    log = common.RunLog(str(tmp_path), {}, 'pretrain', history={'train': [], 'val': []})
     for s in range(1, 20):
         log.log('train', {'step': s, 'loss': 5.0 / s})
     log.log('val', {'step': 19, 'loss': 0.4})
@@ -592,12 +595,12 @@ def test_runlog_plot_writes_a_png(tmp_path):
 @pytest.mark.parametrize('kind, package', [('wandb', 'wandb'), ('tensorboard', 'torch.utils.tensorboard')])
 def test_asking_for_a_tracker_that_is_not_installed_is_one_line(tmp_path, monkeypatch, kind, package):
     monkeypatch.setitem(sys.modules, package, None)  # import fails as if it were not installed
-    with pytest.raises(M.UsageError) as e:
-        M.RunLog(str(tmp_path), {}, 'pretrain', kind)
+    with pytest.raises(common.UsageError) as e:
+        common.RunLog(str(tmp_path), {}, 'pretrain', kind)
     msg = str(e.value)
     assert f"logger='{kind}' needs the" in msg and 'pip install' in msg and "--logger=''" in msg and '\n' not in msg
-    with pytest.raises(M.UsageError, match="logger='mlflow'; choose one of"):
-        M.RunLog(str(tmp_path), {}, 'pretrain', 'mlflow')
+    with pytest.raises(common.UsageError, match="logger='mlflow'; choose one of"):
+        common.RunLog(str(tmp_path), {}, 'pretrain', 'mlflow')
 
 # -----------------------------------------------------------------------------
 # (7) Hugging Face export / import
@@ -632,13 +635,13 @@ def test_hf_export_import_round_trip(tmp_path):
 def test_single_process_dist_and_autocast(monkeypatch):
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
         monkeypatch.delenv(k, raising=False)
-    d = M.setup_distributed()
+    d = common.setup_distributed()
     assert (d.rank, d.world_size, d.is_master, d.ddp) == (0, 1, True, False)
-    with M.autocast_ctx('cpu'):
+    with common.autocast_ctx('cpu'):
         assert not torch.is_autocast_enabled('cpu')
-    M.seed_everything(3)
+    common.seed_everything(3)
     a = (random.random(), np.random.rand(), torch.rand(1).item())
-    M.seed_everything(3)
+    common.seed_everything(3)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
 
 
@@ -662,9 +665,9 @@ def test_tiny_model_learns_a_pattern():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 def test_cuda_bf16_generation_matches_forward():
     m = make_model(peaky=True).cuda()
-    with M.autocast_ctx('cuda'):
-        a = m.generate(PROMPTS, 20, num_samples=3, stop_ids=[3, 4], generator=torch.Generator().manual_seed(0))
-        b = m.generate(PROMPTS, 20, num_samples=3, stop_ids=[3, 4], generator=torch.Generator().manual_seed(0))
+    with common.autocast_ctx('cuda'):
+        a = E.generate(m, PROMPTS, 20, num_samples=3, stop_ids=[3, 4], generator=torch.Generator().manual_seed(0))
+        b = E.generate(m, PROMPTS, 20, num_samples=3, stop_ids=[3, 4], generator=torch.Generator().manual_seed(0))
         assert a == b
         for i in range(0, len(a.tokens), 4):
             p, t = PROMPTS[i // 3], a.tokens[i]

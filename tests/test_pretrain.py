@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import common
 import data
 import midtrain
-import model
 import pretrain
+import tokenizer
 from conftest import ROOT, StubWandb, run_pretrain
 
 # A micro model and run for the equivalence tests: seconds per run.
@@ -59,16 +61,16 @@ def test_tiny_base_learns_and_writes_its_run_dir(tiny_base):
     assert s['tokens'] == 50 * 4096 and s['tok_s'] > 0 and s['params'] > 1e6
     assert s['train_flops_6n'] == 6 * s['params'] * s['tokens']
     # self-contained run dir: checkpoint with the data's tokenizer identity, a copy of the tokenizer, plot
-    ck = model.load_checkpoint(tiny_base['ckpt'])
-    tok = data.Tokenizer.load(os.path.join(out, 'tokenizer.json'))
+    ck = checkpoint.load_checkpoint(tiny_base['ckpt'])
+    tok = tokenizer.Tokenizer.load(os.path.join(out, 'tokenizer.json'))
     assert ck['tokenizer_identity'] == tok.identity == \
-        data.Tokenizer.load(os.path.join(tiny_base['data_dir'], 'tokenizer.json')).identity
+        tokenizer.Tokenizer.load(os.path.join(tiny_base['data_dir'], 'tokenizer.json')).identity
     assert ck['step'] == 50 and ck['config']['max_steps'] == 50 and ck['optimizer'] is not None
     assert {'loader', 'rng', 'log'} <= set(ck['extra'])
     assert os.path.getsize(os.path.join(out, 'loss.png')) > 5000
     # the checkpoint's weights give the logged val loss (nothing lost in the save/load round trip)
     # (the loss the run's config trains: its doc_mask and loss_on, read back from the checkpoint)
-    x, y = next(iter(data.ShardLoader(tiny_base['data_dir'], 'val', 8, 512, seed=0)))
+    x, y = next(iter(tokenizer.ShardLoader(tiny_base['data_dir'], 'val', 8, 512, seed=0)))
     cfg = ck['config']
     with torch.no_grad():
         _, loss = ck['model'](x, pretrain.targets(x, y, cfg, tok), doc_ids=pretrain.doc_ids(x, cfg, tok.eos_id))
@@ -122,7 +124,7 @@ def test_resume_with_another_config_is_an_error_naming_the_keys(tiny_data, tmp_p
     out = f'{tmp_path}/run'
     args = MICRO + [f'--data_dir={tiny_data}', f'--out_dir={out}', '--max_steps=2']
     pretrain.main(args)
-    with pytest.raises(model.UsageError,  # one line naming the key
+    with pytest.raises(common.UsageError,  # one line naming the key
                        match=r"different config.*lr: checkpoint 0\.003 != now 0\.005.*resume_override"):
         pretrain.main(args + ['--lr=0.005'])
     # how often we log / evaluate is not part of the trajectory: no error
@@ -179,7 +181,7 @@ def test_two_processes_match_one(tiny_data, tmp_path):
 
 def test_midtrain_starts_from_base_with_fresh_optimizer_and_flops_budget(tiny_base, tmp_path):
     base_log = load_log(tiny_base['out_dir'])
-    n = model.load_checkpoint(tiny_base['ckpt'])['model'].num_params()
+    n = checkpoint.load_checkpoint(tiny_base['ckpt'])['model'].num_params()
     out = f'{tmp_path}/mid'
     batch = 4096
     budget = 6 * n * batch * 3 + 1  # three steps' worth of 6N FLOPs
@@ -202,10 +204,10 @@ def test_midtrain_starts_from_base_with_fresh_optimizer_and_flops_budget(tiny_ba
 
 
 def test_midtrain_refuses_data_from_another_tokenizer(tiny_base, tmp_path):
-    other = data.train_tokenizer(['<question> a different corpus </question> entirely'] * 3)
+    other = tokenizer.train_tokenizer(['<question> a different corpus </question> entirely'] * 3)
     d = f'{tmp_path}/other'
     data.build_dataset(d, '2-3', 20_000, tokenizer=other, eval_ops=[2], eval_n=1, val_n=20)
-    with pytest.raises(model.UsageError, match='tokenizer mismatch'):
+    with pytest.raises(common.UsageError, match='tokenizer mismatch'):
         midtrain.main([f'--init_from={tiny_base["out_dir"]}', f'--data_dir={d}', f'--out_dir={tmp_path}/mid',
                        '--seq_len=32', '--micro_batch=2', '--batch_tokens=64', '--max_steps=1', '--progress=False'])
 
@@ -214,8 +216,8 @@ def test_midtrain_builds_its_data_with_the_base_tokenizer(tiny_base, tmp_path):
     d = f'{tmp_path}/mid_data'
     assert midtrain.main([f'--init_from={tiny_base["out_dir"]}', f'--data_dir={d}', f'--out_dir={tmp_path}/mid',
                           '--mixture=2-3:0.2,7-8:0.8', '--data_tokens=20000', '--prepare_only=True']) is None
-    meta = data.load_shard_meta(d)
-    assert meta['tokenizer_identity'] == model.load_checkpoint(tiny_base['ckpt'])['tokenizer_identity']
+    meta = tokenizer.load_shard_meta(d)
+    assert meta['tokenizer_identity'] == checkpoint.load_checkpoint(tiny_base['ckpt'])['tokenizer_identity']
     assert 15_000 < meta['splits']['train']['tokens'] <= 20_000
     assert meta['meta']['mixture']['ops'] == [[0.2, [2, 3]], [0.8, [7, 8]]]
     assert not os.path.exists(f'{tmp_path}/mid')  # prepare_only trains nothing
@@ -229,13 +231,13 @@ def test_midtrain_needs_a_base(tmp_path):
 
 
 def test_load_run_checks_the_tokenizer(tiny_base, tmp_path):
-    m, tok, ck = model.load_run(tiny_base['out_dir'])
+    m, tok, ck = checkpoint.load_run(tiny_base['out_dir'])
     assert tok.identity == ck['tokenizer_identity'] and m.num_params() == ck['model'].num_params()
-    other = data.train_tokenizer(['<question> a b </question>'], data.N_FIXED_TOKENS)
-    with pytest.raises(model.UsageError, match='tokenizer mismatch'):
-        model.load_run(tiny_base['ckpt'], tokenizer=other)
-    with pytest.raises(model.UsageError, match='no checkpoint'):
-        model.load_run(str(tmp_path / 'nothing'))
+    other = tokenizer.train_tokenizer(['<question> a b </question>'], tokenizer.N_FIXED_TOKENS)
+    with pytest.raises(common.UsageError, match='tokenizer mismatch'):
+        checkpoint.load_run(tiny_base['ckpt'], tokenizer=other)
+    with pytest.raises(common.UsageError, match='no checkpoint'):
+        checkpoint.load_run(str(tmp_path / 'nothing'))
 
 
 def test_tokens_for_flops():
@@ -247,7 +249,7 @@ def test_tokens_for_flops():
 # config errors and the schedule
 
 def test_batch_not_divisible_names_the_fix(tiny_data, tmp_path):
-    with pytest.raises(model.UsageError, match=r'batch_tokens=100 is not a multiple of .* = 64; set --batch_tokens'):
+    with pytest.raises(common.UsageError, match=r'batch_tokens=100 is not a multiple of .* = 64; set --batch_tokens'):
         pretrain.main(MICRO + [f'--data_dir={tiny_data}', f'--out_dir={tmp_path}', '--batch_tokens=100'])
     assert pretrain.grad_accum_steps({'batch_tokens': 512, 'micro_batch': 2, 'seq_len': 32}, 2) == 4
     # from the command line: that one line and exit status 2, no traceback
@@ -259,9 +261,9 @@ def test_batch_not_divisible_names_the_fix(tiny_data, tmp_path):
 def test_solution_loss_mask_matches_a_token_by_token_reference(tiny_data):
     """loss_on='solution': a target is dropped iff it is a token of a question (tags included), also in
     windows that start inside a question; checked against a walk over the whole token stream."""
-    tok = data.Tokenizer.load(os.path.join(tiny_data, 'tokenizer.json'))
+    tok = tokenizer.Tokenizer.load(os.path.join(tiny_data, 'tokenizer.json'))
     qo, qc = tok.id_of('<question>'), tok.id_of('</question>')
-    stream = data.ShardLoader(tiny_data, 'val', 1, 64, seed=0)._read(0, 8000).astype('int64')
+    stream = tokenizer.ShardLoader(tiny_data, 'val', 1, 64, seed=0)._read(0, 8000).astype('int64')
     in_q, inside = [], False
     for t in stream.tolist():  # reference: a state machine over the stream from its true start
         inside = inside or t == qo
@@ -271,7 +273,7 @@ def test_solution_loss_mask_matches_a_token_by_token_reference(tiny_data):
     starts = list(range(0, 8000 - W - 1, 37))
     s = torch.from_numpy(np.stack([stream[i:i + W + 1] for i in starts]))
     x, y = s[:, :-1], s[:, 1:]
-    got = data.mask_question_targets(x, y, tok)
+    got = tokenizer.mask_question_targets(x, y, tok)
     want = torch.tensor([[-100 if in_q[i + 1 + t] else int(stream[i + 1 + t]) for t in range(W)] for i in starts])
     tagless = [k for k, i in enumerate(starts) if not ({qo, qc} & set(stream[i:i + W + 1].tolist()))]
     want[tagless] = -100  # no tag in view: the window is masked whole (it cannot tell question from solution)
@@ -287,17 +289,17 @@ def test_doc_mask_and_solution_loss_train(tiny_data, tmp_path):
     both = pretrain.main(base + [f'--out_dir={tmp_path}/both', '--doc_mask=True', '--loss_on=solution'])
     assert plain['train'][0]['loss'] != both['train'][0]['loss']
     assert all(r['loss'] == r['loss'] for r in both['train'] + both['val'])  # finite, no NaN from empty masks
-    with pytest.raises(model.UsageError, match="loss_on='answers'.*'solution'"):
+    with pytest.raises(common.UsageError, match="loss_on='answers'.*'solution'"):
         pretrain.main(base + [f'--out_dir={tmp_path}/bad', '--loss_on=answers'])
 
 
 def test_unknown_and_mistyped_keys_are_errors():
     with pytest.raises(SystemExit, match="unknown config key 'batch_token'.*batch_tokens"):
-        model.configure(pretrain.defaults, ['--batch_token=10'])
+        common.configure(pretrain.defaults, ['--batch_token=10'])
     with pytest.raises(SystemExit, match='lr expects float'):
-        model.configure(pretrain.defaults, ['--lr=fast'])
+        common.configure(pretrain.defaults, ['--lr=fast'])
     with pytest.raises(SystemExit, match="unknown config key 'n_layer'"):  # mid-training takes the base's architecture
-        model.configure(midtrain.defaults, ['--n_layer=3'])
+        common.configure(midtrain.defaults, ['--n_layer=3'])
 
 
 def test_presets_resolve():
@@ -308,20 +310,20 @@ def test_presets_resolve():
     assert {'tiny_pretrain', 'paper_pretrain', 'paper_pretrain_headroom_50_30_20', 'paper_pretrain_ctx_school_1pct'} \
         <= set(pre) and {'tiny_midtrain', 'paper_midtrain'} <= set(mid)
     for n in pre:
-        cfg = model.configure(pretrain.defaults, [n])
+        cfg = common.configure(pretrain.defaults, [n])
         data.parse_mixture(cfg['mixture'])  # the mixture exists
     for n in mid:
-        cfg = model.configure(midtrain.defaults, [n])
+        cfg = common.configure(midtrain.defaults, [n])
         data.parse_mixture(cfg['mixture'])
-    p = model.configure(pretrain.defaults, ['paper_pretrain'])
+    p = common.configure(pretrain.defaults, ['paper_pretrain'])
     assert (p['model'], p['seq_len'], p['batch_tokens'], p['max_tokens']) == ('paper', 2048, 524_288, 10_000_000_000)
     assert (p['lr'], p['min_lr'], p['warmup_frac'], p['weight_decay'], p['grad_clip']) == (1e-4, 3e-5, 0.05, 0.1, 1.0)
     assert p['max_tokens'] // p['batch_tokens'] == 19_073
     for world in (1, 8, 16):
         pretrain.grad_accum_steps(p, world)  # divisible on 1 GPU, 8 GPUs, two nodes
-    h = model.configure(pretrain.defaults, ['paper_pretrain_headroom_50_30_20'])
+    h = common.configure(pretrain.defaults, ['paper_pretrain_headroom_50_30_20'])
     assert h['mixture'] == 'headroom_.5/.3/.2' and h['out_dir'] != p['out_dir'] and h['max_tokens'] == p['max_tokens']
-    m = model.configure(midtrain.defaults, ['paper_midtrain'])
+    m = common.configure(midtrain.defaults, ['paper_midtrain'])
     assert m['mixture'] == 'mid_11_14' and m['warmup_frac'] == 0.15 and m['init_from'] == 'out/base'
 
 

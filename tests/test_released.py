@@ -12,7 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import interop  # noqa: E402
+import checkpoint  # noqa: E402
 import model as M  # noqa: E402
+import tokenizer  # noqa: E402
 
 RELEASE = os.path.join(ROOT, 'reference', 'paper_release')
 
@@ -34,9 +36,9 @@ def test_import_released_layout_gives_a_run_dir_with_the_same_logits(tmp_path):
     r = subprocess.run([sys.executable, 'interop.py', 'import_hf', f'--hf_dir={hf_dir}', f'--out={tmp_path}/run'],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    ck = M.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))
-    tok = data.Tokenizer.load(str(tmp_path / 'run' / 'tokenizer.json'))
-    assert ck['tokenizer_identity'] == tok.identity == interop.load_original_tokenizer().identity
+    ck = checkpoint.load_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))
+    tok = tokenizer.Tokenizer.load(str(tmp_path / 'run' / 'tokenizer.json'))
+    assert ck['tokenizer_identity'] == tok.identity == tokenizer.load_original_tokenizer().identity
     row = data.read_jsonl(data.FIXTURE_PATH)[0]
     ids = torch.tensor([tok.encode(data.prompt_text(row))])
     assert ids.max() < cfg.vocab_size

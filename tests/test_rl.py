@@ -13,6 +13,8 @@ import types
 import pytest
 import torch
 
+import checkpoint
+import common
 import data
 import model as M
 import rl
@@ -74,7 +76,7 @@ def test_advantages_hand_computed():
     torch.testing.assert_close(none, torch.tensor([.5, -.5, -.5, .5, 0, 0, 0, 0, .25, .25, .25, -.75]))
     sb = math.sqrt(5 * 7 / 12 / 11)
     torch.testing.assert_close(rl.compute_advantages(r, 4, norm='batch'), none / (sb + 1e-6))
-    assert rl.global_std(r, 1) == pytest.approx(sb)
+    assert common.global_std(r, 1) == pytest.approx(sb)
     torch.testing.assert_close(rl.compute_advantages(r, 4, norm='batch', batch_std=2.0), none / (2 + 1e-6))
 
 
@@ -537,8 +539,8 @@ def _half_update_worker(rank, world, init_file, out_file):
     tdist.all_reduce(vec)
     if rank == 0:
         torch.save({'params': m.state_dict(), 'tokens': vec[0].item()}, out_file)
-    del ddp  # (the DDP wrapper goes first: M.cleanup_distributed)
-    M.cleanup_distributed()
+    del ddp  # (the DDP wrapper goes first: common.cleanup_distributed)
+    common.cleanup_distributed()
 
 
 def test_update_matches_across_world_sizes(tmp_path):
@@ -684,7 +686,7 @@ def test_rerun_resumes_a_half_finished_run_and_exits_on_a_finished_one(tiny_base
         rl.main(cmd + [f'--out_dir={b}', '--lr=1e-3'])
     assert 'lr' in str(e.value) and 'resume_override' in str(e.value)
     # FLOPs: 2N per rollout token, 2N per old/ref token, 6N per trained token
-    n = M.load_checkpoint(a / 'ckpt.pt')['model'].num_params()
+    n = checkpoint.load_checkpoint(a / 'ckpt.pt')['model'].num_params()
     f = ra['flops']
     assert f['train'] == pytest.approx(3 * f['ref']) and f['old'] == pytest.approx(f['ref'])
     assert f['total'] == pytest.approx(f['rollout'] + f['ref'] + f['old'] + f['train'])

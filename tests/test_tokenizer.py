@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-import interop  # noqa: E402
-from data import (_TRAIN_SPLIT, N_FIXED_TOKENS, SPECIAL_TOKENS, ShardLoader, Tokenizer,  # noqa: E402
+import tokenizer  # noqa: E402
+from tokenizer import (_TRAIN_SPLIT, N_FIXED_TOKENS, SPECIAL_TOKENS, ShardLoader, Tokenizer,  # noqa: E402
                   check_identity, count_tokens, load_shard_meta, train_tokenizer,
                   write_shards)
 
@@ -121,7 +121,7 @@ def test_tokens_per_text_by_op(tok):
     for word in (' adult', ' Define', ' equals', ' number', ' total', ' Valley', ' RÃªves', ' school', ' movie'):
         assert len(tok.encode(word)) == 1, word
     if os.path.exists(ORIGINAL):
-        original = interop.load_original_tokenizer(ORIGINAL)
+        original = tokenizer.load_original_tokenizer(ORIGINAL)
         assert n_tokens < 0.8 * sum(len(original.encode(t)) for t in TEXTS)
 
 
@@ -160,7 +160,7 @@ ADVERSARIAL = (list("spLNabcxyzSPln{}()[]<>=!:-_^.,;'\"*+/\\ \t\n\r\u00a0\u3000Ã
 def original():
     if not os.path.exists(ORIGINAL):
         pytest.skip(f'{ORIGINAL} not found')
-    return interop.load_original_tokenizer(ORIGINAL)
+    return tokenizer.load_original_tokenizer(ORIGINAL)
 
 
 def test_original_tokenizer_encodes_exactly_like_hf(original):
