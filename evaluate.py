@@ -370,9 +370,9 @@ def quick_eval(model, tok, rows, n=4, temperature=1.0, *, max_new_tokens=512, ba
                bands=BANDS, dist=None, progress=False):
     """Held-out evaluation for training loops (rl.py calls this every few steps). Stable signature.
 
-    model: a Qwen2 (DDP / torch.compile wrappers are unwrapped); tok: data.Tokenizer; rows: eval rows
+    model: a Qwen2 (DDP / torch.compile wrappers are unwrapped); tok: tokenizer.Tokenizer; rows: eval rows
     with gold graphs (e.g. data.load_eval_rows(...)[0] or data.make_eval_set(...) rows); n samples per row at
-    `temperature` (0 = greedy, then n is 1). With dist (model.Dist) and world_size > 1 every rank must
+    `temperature` (0 = greedy, then n is 1). With dist (common.Dist) and world_size > 1 every rank must
     call it: rows are sharded across ranks and every rank returns the same metrics.
 
     Returns flat_metrics: {'all/pass@1': ..., 'all/outcome_pass@1': ..., ..., 'all/process_acc',

@@ -34,6 +34,7 @@ os.chdir(ROOT)
 import common  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
+import tokenizer  # noqa: E402
 
 NGPU = int(os.environ.get('NGPU') or 1)
 PEAK = float(os.environ.get('PEAK_TFLOPS', 989)) * 1e12
@@ -66,7 +67,7 @@ def resolve(script, args):
 def default_model():
     """The architecture of a checkpoint no stage of the plan makes: PLAN_MODEL, with the standard vocabulary."""
     import dataclasses
-    return dataclasses.replace(model.MODEL_PRESETS[PLAN_MODEL], vocab_size=data.DEFAULT_VOCAB_SIZE)
+    return dataclasses.replace(model.MODEL_PRESETS[PLAN_MODEL], vocab_size=tokenizer.DEFAULT_VOCAB_SIZE)
 
 
 def params_of(mc):
@@ -106,7 +107,7 @@ def decode_hours(calls, resp, max_len):
 def data_tokens_available(cfg):
     """Training tokens in data_dir: counted if built, else what building it will write."""
     if os.path.exists(os.path.join(cfg['data_dir'], 'meta.json')):
-        return data.count_tokens(cfg['data_dir'], 'train'), 'built'
+        return tokenizer.count_tokens(cfg['data_dir'], 'train'), 'built'
     return cfg['data_tokens'] or cfg['max_tokens'], 'to build'
 
 
@@ -121,7 +122,7 @@ def check_epochs(what, needed, available, fix, unit='tokens'):
 def plan_train(mod, cfg, models):
     """pretrain / midtrain: tokens, FLOPs, time, data coverage."""
     if mod == 'pretrain':
-        mc = __import__('pretrain').model_config_for(cfg, data.DEFAULT_VOCAB_SIZE)
+        mc = __import__('pretrain').model_config_for(cfg, tokenizer.DEFAULT_VOCAB_SIZE)
     else:
         mc = models.get(os.path.normpath(cfg['init_from'])) or default_model()
     n, flops_per_token = params_of(mc)

@@ -1,8 +1,8 @@
-"""Tests of model.py's generation engine (Qwen2.generate -> Engine): greedy decoding equals the
-uncached forward pass token for token (slots refilled mid-run included), seeded samples do not depend
-on the number of slots, the order of the prompts or what else is in the call, the draws follow the
-softmax, parked slots come back as they were, stops / caps / edge cases, log-probs, and CUDA-graph
-decoding == eager decoding (CUDA only).
+"""Tests of engine.py's generation engine (generate -> Engine): greedy decoding equals the
+uncached forward pass token for token (slots refilled mid-run included; model.sample, the reference
+sampler, too), seeded samples do not depend on the number of slots, the order of the prompts or what
+else is in the call, the draws follow the softmax, parked slots come back as they were, stops / caps
+/ edge cases, log-probs, and CUDA-graph decoding == eager decoding (CUDA only).
 
 Run: python -m pytest -q tests/test_engine.py   (CPU, ~10 s)
 """
@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import engine as E  # noqa: E402
+import model as M  # noqa: E402
 from test_model import make_model, naive_greedy  # noqa: E402
 
 pytestmark = [pytest.mark.fast, pytest.mark.usefixtures('one_thread')]
@@ -160,7 +161,7 @@ def test_greedy_equals_transformers_generate():
 
 
 def test_bench_patches_in_the_old_engine_and_restores_ours():
-    """bench.generate_of (the `stages` benchmark's before/after switch): inside it Qwen2.generate is
+    """bench.generate_of (the `stages` benchmark's before/after switch): inside it engine.generate is
     the old engine of git commit 281bfb1 -- greedy rows equal the new engine's, with the caller's
     current weights -- and after it ours is back."""
     import subprocess
@@ -341,3 +342,13 @@ def test_cuda_graph_decoding_equals_eager():
         a = E.generate(m, prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=True, **kw)
         b = E.generate(m, prompts, 40, generator=torch.Generator().manual_seed(0), cuda_graphs=False, **kw)
     assert a.tokens == b.tokens
+
+
+def test_reference_sampler_gives_the_engines_greedy_tokens():
+    """model.sample, the few-line sampler model.py keeps for teaching (one full forward pass per token),
+    and the engine agree token for token at temperature 0, stops included."""
+    m = make_model(peaky=True)
+    prompts, stop = varied_prompts(6, seed=5, lo=2), [3, 4]
+    g = E.generate(m, prompts, 12, temperature=0, stop_ids=stop)
+    for p, toks in zip(prompts, g.tokens):
+        assert M.sample(m, p, 12, stop_ids=stop) == toks
