@@ -1709,7 +1709,7 @@ def verify_main(argv) -> int:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise common.UsageError(f'{inp} line {i + 1} is not valid JSON ({e.msg}); fix or remove '
-                                           f'that line') from None
+                                            f'that line') from None
         try:
             verdicts, summary = verify_rows(rows)
         except ValueError as e:
@@ -1741,7 +1741,7 @@ def _build_main(argv):
     a = common.configure(BUILD_DEFAULTS, argv, presets=False)
     if not (a.out and a.mixture and a.tokens):
         raise common.UsageError('build needs --out=DIR --mixture=NAME_OR_OPS --tokens=N '
-                               '(e.g. python data.py build --out=data/base --mixture=2-10 --tokens=5e6)')
+                                '(e.g. python data.py build --out=data/base --mixture=2-10 --tokens=5e6)')
     try:
         eval_ops = parse_ops(a.eval_ops)[0][1]
         mix = parse_mixture(a.mixture)
@@ -1758,7 +1758,7 @@ def _tokenizer_main(argv):
     a = common.configure(TOKENIZER_DEFAULTS, argv, presets=False)
     if not a.out:
         raise common.UsageError('tokenizer needs --out=tokenizer.json (the standard tokenizer; --vocab_size=N '
-                               'to change its size)')
+                                'to change its size)')
     tok = standard_tokenizer(a.vocab_size)
     tok.save(a.out)
     print(f"wrote {a.out}: {tok}")

@@ -727,7 +727,8 @@ def sample_runs(cfg, labels, ckpts, n, temperature, dist, device, say):
         verdicts = verify_all(mine, samples, cfg['workers'], cfg['progress'] and master)
         records = [problem_record(r, vs) for r, vs in zip(mine, verdicts)]
         gen_path = os.path.join(out_dir, f'generations_{label}.jsonl')
-        data.write_jsonl(gen_path + (f'.rank{dist.rank}' if world > 1 else ''), generation_lines(mine, samples, verdicts))
+        part = gen_path + (f'.rank{dist.rank}' if world > 1 else '')
+        data.write_jsonl(part, generation_lines(mine, samples, verdicts))
         records = [r for part in common.all_gather(records, world) for r in part]  # every rank's, in rank order
         if master and world > 1:  # rank 0 concatenates the generation parts
             with open(gen_path + '.tmp', 'w') as out:

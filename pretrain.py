@@ -205,7 +205,8 @@ def load_model(cfg, tok, ckpt_path, say):
     if cfg['init_from'] != 'scratch':
         # weights only: the optimizer, LR schedule and data order start fresh
         try:
-            init = load_checkpoint(resolve_ckpt(cfg['init_from'], 'init_from checkpoint'), expect_tokenizer=tok.identity)
+            init = load_checkpoint(resolve_ckpt(cfg['init_from'], 'init_from checkpoint'),
+                                   expect_tokenizer=tok.identity)
         except ValueError as e:
             raise common.UsageError(str(e)) from None
         if init['model'].config.max_seq_len < cfg['seq_len']:
@@ -259,7 +260,8 @@ def check_run(cfg, dist):
     tok = Tokenizer.load(os.path.join(data_dir, 'tokenizer.json'))
     grad_accum = grad_accum_steps(cfg, dist.world_size)
     if cfg['loss_on'] not in ('all', 'solution'):
-        raise common.UsageError(f"loss_on={cfg['loss_on']!r}: use 'all' (every token) or 'solution' (not the questions)")
+        raise common.UsageError(f"loss_on={cfg['loss_on']!r}: use 'all' (every token) or 'solution' "
+                                f"(not the questions)")
     max_steps = cfg['max_steps'] or cfg['max_tokens'] // cfg['batch_tokens']
     if max_steps < 1:
         raise common.UsageError(f"max_tokens={cfg['max_tokens']} is less than one batch of "

@@ -194,10 +194,10 @@ def resolve(cfg: dict) -> common.Config:
             raise common.UsageError(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
     if cfg['prompts_per_step'] % cfg['minibatch_prompts']:
         raise common.UsageError(f"prompts_per_step={cfg['prompts_per_step']} is not a multiple of minibatch_prompts="
-                           f"{cfg['minibatch_prompts']}")
+                                f"{cfg['minibatch_prompts']}")
     if not 0 <= cfg['overlong_buffer'] < cfg['max_response_len']:
         raise common.UsageError(f"overlong_buffer={cfg['overlong_buffer']} must be in "
-                           f"[0, max_response_len={cfg['max_response_len']})")
+                                f"[0, max_response_len={cfg['max_response_len']})")
     if cfg['max_rollouts'] < 1:
         raise common.UsageError(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
     if cfg['world']:
@@ -244,7 +244,7 @@ class PromptStream:
                          in templates) and r['id'] not in self.exclude and self.keep(r)]
             if not self.rows:
                 raise common.UsageError(f"no prompt rows left after filtering to ops {ops}, templates {templates} and "
-                                   f"exclusions; fix --prompts, --op_min/--op_max or --templates")
+                                        f"exclusions; fix --prompts, --op_min/--op_max or --templates")
             self._perm_epoch, self._perm = -1, None
         else:
             assert mix is not None, "PromptStream needs a mixture or rows"
@@ -665,7 +665,7 @@ def setup(C):
     device = C.device or dist.device
     if C.minibatch_prompts % dist.world_size:
         raise common.UsageError(f"minibatch_prompts={C.minibatch_prompts} is not a multiple of the world size "
-                           f"{dist.world_size}")
+                                f"{dist.world_size}")
     torch.manual_seed(C.seed + dist.rank)
 
     # models: the policy (start or resume) and the frozen reference (always the start)

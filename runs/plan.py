@@ -229,7 +229,7 @@ def print_plan(rows, out=sys.stdout):
 def main(argv):
     if len(argv) != 1:
         raise common.UsageError("usage: python runs/plan.py STAGES_FILE   (one 'script preset --key=value ...' "
-                               "per line)")
+                                "per line)")
     with open(argv[0]) as f:
         lines = [ln for ln in f.read().splitlines() if ln.strip()]
     try:
