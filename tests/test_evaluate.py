@@ -170,8 +170,13 @@ def test_corrupted_samples_score_exactly(forward_problems):
     for r in recs:
         m = n_gold[r['id']]
         assert (r['n'], r['c_outcome'], r['c_process'], r['c_hacked']) == (4, 4, 2, 2)
-        assert r['process_acc'] == pytest.approx((1 + (m - 1) / m) / 2)
+        assert (r['c_lenient'], r['c_false_arith']) == (2, 0)       # a wrong value: both checks see it
+        # lenient: one wrong step; strict: its children, which substitute the gold value, too
+        assert r['lenient_process_acc'] == pytest.approx((1 + (m - 1) / m) / 2)
+        assert r['process_acc'] <= r['lenient_process_acc']
+        assert r['step_errors']['value'] == 2 and r['step_errors']['parents'] == 0
     assert st['process_acc'] == pytest.approx(sum(r['process_acc'] for r in recs) / len(recs))
+    assert st['false_arith_rate'] == 0.0 and st['lenient']['pass@1'] == pytest.approx(0.5)
 
     wrong = [[gold_completion(r)] + [wrong_answer(r)] * 3 for r in rows]
     st = ev.aggregate(ev.score(rows, wrong))['all']
@@ -432,8 +437,10 @@ def _rec(op, flags, **extra):
     """A problem record whose samples, in drawn order, are perfect where flags is 1 (outcome = perfect)."""
     n, c = len(flags), sum(flags)
     return {'id': f'{op}-{flags}-{extra}', 'op': op, 'template': 'crazy_zootopia', 'mode': 'normalforward',
-            'n': n, 'c_outcome': c, 'c_process': c, 'c_hacked': 0, 'no_answer': 0, 'process_acc': 1.0,
-            'first_outcome': ev.first_rank(flags), 'first_process': ev.first_rank(flags)}
+            'n': n, 'c_outcome': c, 'c_process': c, 'c_lenient': c, 'c_hacked': 0, 'c_false_arith': 0, 'no_answer': 0,
+            'process_acc': 1.0, 'lenient_process_acc': 1.0, 'step_errors': dict.fromkeys(ev.STEP_ERROR_KINDS, 0),
+            'first_outcome': ev.first_rank(flags), 'first_process': ev.first_rank(flags),
+            'first_lenient': ev.first_rank(flags)}
 
 
 def test_ordered_pass_at_k_on_hand_made_orders():
