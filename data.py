@@ -1557,7 +1557,12 @@ MIXTURES = {
     'tiny_pretrain_exposure': mixture([(0.95, range(2, 5)), (0.05, range(5, 7))], modes=['normalforward'],
                                       world=WORLDS['tiny']),
 }
-# STUDY.md §5.2: pre-training on zoo (op 2-10) with a school share, and the variant with school only at op 2
+# STUDY.md §5.2, contextual generalization. The release's main-text setting (its context_pretrain_2
+# checkpoints): zoo at op 2-20 and school only at op 2 (the primitives), school at 10 / 1 / 0.1% of the problems.
+for _name, _share in (('0.1pct', 0.001), ('1pct', 0.01), ('10pct', 0.1)):
+    MIXTURES[f'ctx_main_school_{_name}'] = mixture(range(2, 21), {ZOO: 1 - _share, SCHOOL: _share},
+                                                   template_ops={SCHOOL: [2]})
+# Its appendix setting: zoo at op 2-10 with a school share (school at op 2-10), and school only at op 2.
 for _name, _share in (('0pct', 0.0), ('0.1pct', 0.001), ('1pct', 0.01), ('5pct', 0.05), ('10pct', 0.1),
                       ('20pct', 0.2), ('50pct', 0.5)):
     MIXTURES[f'ctx_school_{_name}'] = mixture(range(2, 11), {ZOO: 1 - _share, SCHOOL: _share})
@@ -1703,7 +1708,8 @@ def read_jsonl(path) -> list:
     """Rows of a JSONL file, or of every file of a directory / glob (jsonl_files). Released rows without
     'graph' / 'answer' get them from the gold solution; without op / template, from the file's name (else
     the template from the problem's place names); without mode, from the solution (reverse ones say the
-    unknown is not known yet)."""
+    unknown is not known yet). The release's rows also carry 'depth' (the depth of the question's graph,
+    which our generator does not write): read as an int where present and kept in the row."""
     path = os.fspath(path)
     files = jsonl_files(path)
     if len(files) > 1 or files[0] != path:
@@ -1719,6 +1725,8 @@ def read_jsonl(path) -> list:
             if 'template' not in r:   # place names belong to one template each
                 r['template'] = next((t.name for t in TEMPLATES.values()
                                       if any(p in r['problem'] for ps in t.places for p in ps)), 'unknown')
+            if r.get('depth') is not None:
+                r['depth'] = int(r['depth'])
             if 'answer' not in r:
                 r['answer'] = answer_of(r['solution'])
             if 'graph' not in r:

@@ -773,3 +773,16 @@ def test_gold_and_renamed_gold_stay_perfect_strict_and_lenient():
         for pred in (p.solution, as_model_output(p.solution, p.answer), rename_letters(p.solution, p.mode, rng)):
             v = verify(pred, p.graph)
             assert v.perfect and v.lenient_perfect and v.errors == {} and v.chain_errors == 0, (v, pred)
+
+
+@pytest.mark.fast
+def test_released_rows_keep_their_depth(tmp_path):
+    """The release's dataset rows carry a 'depth' field: read_jsonl keeps it (as an int); rows without it
+    get none."""
+    import data
+    released = {k: ROWS[3][k] for k in ('problem', 'question', 'solution')}
+    path = tmp_path / 'op%d_1k.jsonl' % ROWS[3]['op']
+    path.write_text(json.dumps(dict(released, depth='4')) + '\n' + json.dumps(released) + '\n')
+    with_depth, without = data.read_jsonl(str(path))
+    assert with_depth['depth'] == 4 and 'depth' not in without
+    assert with_depth['op'] == ROWS[3]['op'] and verify(with_depth['solution'], with_depth['graph']).perfect
