@@ -781,7 +781,7 @@ def test_released_rows_keep_their_depth(tmp_path):
     get none."""
     import data
     released = {k: ROWS[3][k] for k in ('problem', 'question', 'solution')}
-    path = tmp_path / 'op%d_1k.jsonl' % ROWS[3]['op']
+    path = tmp_path / ('op%d_1k.jsonl' % ROWS[3]['op'])
     path.write_text(json.dumps(dict(released, depth='4')) + '\n' + json.dumps(released) + '\n')
     with_depth, without = data.read_jsonl(str(path))
     assert with_depth['depth'] == 4 and 'depth' not in without
