@@ -48,6 +48,7 @@ Sizes and speed of the task world: `python bench.py --only=sizes,data`.
 import collections
 import functools
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -719,6 +720,28 @@ def graph_op(graph: dict) -> int:
 # - A name defined twice keeps its first definition; each redefinition counts as an
 #   extra node.
 #
+# Two verdicts come out of one reading (a Verdict carries both):
+# - lenient: each gold node has the right parents and the right final value, and (reverse)
+#   the closing below has the gold equation and root. This is what the original study's
+#   scorer judges; it never reads the numbers between the first and the last expression of
+#   a clause, nor whether a scratch letter's value is right.
+# - strict (perfect, correct, process_acc, the RL rewards): lenient, and every equality the
+#   step writes is true. Each clause "L = e0 = e1 = ... = ek" is read with every letter
+#   standing for the value its latest clause gave it (the last expression of that clause;
+#   a Define's letter has no value until its own clause), and then
+#     - each ei equals e(i+1) as a linear form (exact integers; a*x + b in reverse mode);
+#     - where e(i+1) rewrites ei operand by operand (same operators at the top level,
+#       e.g. "3 + l = 3 + 2", "x + D = x + x + 2", "3 * m = (3) * (x + 1)"), each operand
+#       is replaced by an expression of its value: "l + m = 1 + 4" with l = 2, m = 3 is false
+#       although the sums agree (_substitutes);
+#     - a letter with no value yet (used before its clause) makes the step wrong.
+#   A false equality in the node's own clause is an 'arithmetic' error of that node, one in
+#   a scratch clause a 'scratch' error of the node whose step holds it, a letter with no
+#   value an 'unassigned' error (ERROR_KINDS lists every kind; Verdict.errors gives each
+#   wrong gold node its kinds). chain_errors counts the gold nodes that only the strict
+#   check finds wrong (right parents and value, a false equality): "right values, false
+#   arithmetic".
+#
 # Reverse mode also checks the closing ("We know L = v, so we have E = v and we solve
 # it through the following steps: Simplifying the equation: ... Move all terms to one
 # side: ... Isolate the term with x: ... Divide both sides by d: x = n / d. Solution:
@@ -726,9 +749,13 @@ def graph_op(graph: dict) -> int:
 # equals that parameter's gold linear form, all five steps are present, each step's
 # equation is linear in x with a non-zero x coefficient and the gold answer as its root
 # (so each is equivalent to the gold equation), and the divisor d is the one on the
-# right-hand side. A wrong or missing closing is an ANSWER error (answer_error = True)
-# even when the <answer> tag is right: it costs one error in the process reward and
-# makes the sample not perfect; the outcome reward still reads only the tag.
+# right-hand side (the lenient closing, as the original judges it). The strict closing
+# also asks each step to restate the one before it as the step says (_closing_chain_ok):
+# Simplifying and Move keep lhs - rhs, Isolate writes it as c*x = n, Divide as
+# x = n / c, Solution as x = N with N * c = n; "Isolate: 4*x = 8" after "Move: 2*x - 4 = 0"
+# has the right root but is false. A wrong or missing closing is an ANSWER error
+# (answer_error = True) even when the <answer> tag is right: it costs one error in the
+# process reward and makes the sample not perfect; the outcome reward still reads only the tag.
 
 REWARDS = ('outcome', 'blend_0.2_0.8', 'blend_0.5_0.5', 'strict')
 
@@ -770,9 +797,18 @@ def _short_linear_form(s, var):
 
 
 def _read_linear_form(s, var):
-    """One pass over the tokens of s with an explicit stack for parentheses: + - * ( ), unary
-    signs, integers and var. Returns (a, b) or None."""
-    toks = _EXPR_TOKEN_RE.findall(s)
+    return _eval_tokens(_EXPR_TOKEN_RE.findall(s), var)
+
+
+def _eval_tokens(toks, var, vals=None):
+    """One pass over the tokens with an explicit stack for parentheses: + - * ( ), unary signs,
+    integers, var, and (given vals, {letter: (a, b)}) letters standing for their values.
+    Returns (a, b) or None (not a linear form, or a letter without a value)."""
+    if len(toks) == 1:                 # fast path: most operands are one number or letter
+        t = toks[0]
+        if t[0] in '0123456789':
+            return (0, int(t)) if len(t) <= _LIN_MAX_DIGITS else None
+        return (1, 0) if t == var else (vals.get(t) if vals is not None else None)
     if not toks or len(toks) > _LIN_MAX_TOKENS:
         return None
     stack = []
@@ -801,6 +837,9 @@ def _read_linear_form(s, var):
                 fa, fb = 0, sign * int(t)
             elif t == var:
                 fa, fb = sign, 0
+            elif vals is not None and t in vals:
+                fa, fb = vals[t]
+                fa, fb = sign * fa, sign * fb
             else:
                 return None
             operand = False
@@ -833,6 +872,130 @@ def _read_linear_form(s, var):
     return sa + ta, sb + tb
 
 
+def _chain(parts, var, vals):
+    """The strict reading of a clause's right side "e0 = e1 = ... = ek" (parts: the texts e0..ek), letters
+    standing for their values in vals. -> (the _Part of ek, None if it is unreadable; what is wrong: None,
+    'arithmetic' (two neighbours differ, an operand substituted with a wrong value, an unreadable part) or
+    'unassigned' (a letter without a value))."""
+    prev = bad = None
+    for text in parts:
+        part = _part(text, var)
+        if part.letters and not part.letters <= vals.keys():
+            bad, prev = bad or 'unassigned', None
+        elif part.form is None and not part.letters:
+            bad, prev = bad or 'arithmetic', None           # unreadable
+        else:
+            if prev is not None and not bad and not _equal(prev, part, var, vals):
+                bad = 'arithmetic'
+            prev = part
+    return prev, bad
+
+
+class _Part(collections.namedtuple('_Part', 'form toks split spans letters')):
+    """An expression text, read once: its linear form when it has no letters (else None), its tokens, their
+    _top_split, its letters other than the unknown, and (no letters) spans: {(i, j): the form of its top-level
+    operands i..j with the operators between them}, filled by _span as they are asked for."""
+
+
+def _read_part(s, var):
+    toks = tuple(_EXPR_TOKEN_RE.findall(s)) if len(s) <= _LIN_MAX_CHARS else ()
+    split, form = _top_split(toks), _eval_tokens(toks, var)
+    letters = frozenset(t for t in toks if t.isalpha() and t != var)
+    spans = {(i, i): _eval_tokens(o, var) for i, o in enumerate(split[0])} if split and not letters else None
+    return _Part(form, toks, split, spans, letters)
+
+
+_short_part = functools.lru_cache(maxsize=65536)(_read_part)      # "3 + l", "3 + 2" recur in every solution
+
+
+def _part(s, var):
+    return _short_part(s, var) if len(s) <= 40 else _read_part(s, var)
+
+
+def _part_value(part, var, vals):
+    return part.form if part.form is not None or not part.letters else _eval_tokens(part.toks, var, vals)
+
+
+def _equal(a, b, var, vals):
+    """Is "a = b" true, letters standing for their values in vals, with each operand of a substituted by
+    its value where b rewrites a operand by operand? a, b: _Parts whose letters all have values."""
+    if not a.letters:                  # "3 + 2 = 5"
+        return a.form == (b.form if b.form is not None else _eval_tokens(b.toks, var, vals))
+    if a.split and b.split and a.split[1] == b.split[1]:
+        # b has a's operators: the usual "3 + l = 3 + 2". Equal operands make equal values.
+        spans = b.spans or {}
+        for i, o in enumerate(a.split[0]):
+            if _eval_tokens(o, var, vals) != _span(b, spans, i, i, var, vals):
+                return False
+        return True
+    return _part_value(a, var, vals) == _part_value(b, var, vals) and _substitutes(a, b, var, vals)
+
+
+_BINARY = frozenset('+-*')
+
+
+def _top_split(toks):
+    """Tokens split at their top-level binary operators -> (operands, operators), or None when the
+    parentheses do not balance. An operator right after another one (or first) is a unary sign."""
+    operands, ops, cur, depth = [], [], [], 0
+    for t in toks:
+        if t == '(':
+            depth += 1
+        elif t == ')':
+            depth -= 1
+            if depth < 0:
+                return None
+        elif depth == 0 and t in _BINARY and cur and cur[-1] not in _BINARY:
+            operands.append(tuple(cur))
+            ops.append(t)
+            cur = []
+            continue
+        cur.append(t)
+    if depth or not cur:
+        return None
+    operands.append(tuple(cur))
+    return tuple(operands), tuple(ops)
+
+
+def _span(part, spans, i, j, var, vals):
+    """The form of a _Part's top-level operands i..j with the operators between them, kept in spans (the
+    part's own for a part without letters, whose spans do not depend on vals)."""
+    if (i, j) not in spans:
+        operands, ops = part.split
+        toks = list(operands[i])
+        for k in range(i, j):
+            toks += (ops[k],) + operands[k + 1]
+        spans[i, j] = _eval_tokens(toks, var, vals)
+    return spans[i, j]
+
+
+_SUBST_MAX_EXTRA = 3          # _substitutes reads operands of b with up to this many operators of their own
+
+
+def _substitutes(a, b, var, vals):
+    """Where b has more top-level operators than a, can b be cut into a's operands, each written as an
+    expression of its value ("x + D" -> "x + x + 2" with D = x + 2; "3 + m" -> "3 + x + 2")? The cuts are at
+    operators of b equal to a's, in order. True also when no cut gives a's shape at all ("l + m = 5"): then
+    only the values, compared by the caller, count. a, b: _Parts; a's letters all have values."""
+    if a.split is None or b.split is None:
+        return True
+    (a_operands, a_ops), (b_operands, b_ops) = a.split, b.split
+    if not a_ops or not 0 < len(b_ops) - len(a_ops) <= _SUBST_MAX_EXTRA or len(a_ops) > 6:
+        return True             # a is one operand (b has its value), or b is no rewriting of a
+    want = [_eval_tokens(o, var, vals) for o in a_operands]
+    spans = b.spans if b.spans is not None else {}
+    shaped = False
+    for cuts in itertools.combinations(range(len(b_ops)), len(a_ops)):
+        if any(b_ops[c] != op for c, op in zip(cuts, a_ops)):
+            continue
+        got = [_span(b, spans, i, j, var, vals) for i, j in zip((0,) + tuple(c + 1 for c in cuts), cuts + (len(b_ops),))]
+        if None not in got:
+            if got == want:
+                return True
+            shaped = True
+    return not shaped
+
+
 def _extract_answer(text):
     """The answer inside <answer>...</answer>; without tags, the N of 'Answer: N'."""
     i = text.find('<answer>')
@@ -848,7 +1011,8 @@ class _ParsedSolution:
 
 
 def _parse_text(text, mode=None):
-    """Parse a solution text into _ParsedSolution (nodes: name -> (sorted parent tuple, (a, b) or None))."""
+    """Parse a solution text into _ParsedSolution (nodes: name -> (sorted parent tuple, (a, b) or None,
+    frozenset of the strict error kinds its step's clauses have))."""
     if isinstance(text, (bytes, bytearray)):
         text = text.decode('utf-8', 'replace')
     elif not isinstance(text, str):
@@ -862,6 +1026,7 @@ def _parse_text(text, mode=None):
             cut = k
     body = text[:cut]
     table = {}        # letter -> tuple of parameter names it stands for (one name for a node letter)
+    vals = {}         # letter -> (a, b): the value its latest clause gave it (strict check)
     nodes, order, dup = {}, [], 0
     unknown = var = None
     starts = []
@@ -885,7 +1050,8 @@ def _parse_text(text, mode=None):
         dot = rest.find('.')
         step = rest if dot < 0 else rest[:dot]
         table[letter] = (name,)
-        parents, value = (), None
+        vals.pop(letter, None)             # the node's letter has no value until its own clause
+        parents, value, kinds = (), None, ()
         for clause in step.split(';'):
             if _UNKNOWN_MARK in clause:
                 if unknown is None:
@@ -906,14 +1072,23 @@ def _parse_text(text, mode=None):
                 if len(plist) > _PARENTS_MAX:
                     plist = ['?too many parents']
                     break
-            if lhs == letter:
-                parents, value = tuple(sorted(plist)), _linear_form(parts[-1], var)
+            last, bad = _chain(parts[1:], var, vals)
+            got = None if last is None else _part_value(last, var, vals)
+            if lhs == letter:                # its value: the last expression, read without letters (lenient)
+                parents, value = tuple(sorted(plist)), None if last is None else last.form
             else:
                 table[lhs] = tuple(plist)
+                bad = 'scratch' if bad == 'arithmetic' else bad
+            if bad:
+                kinds += (bad,)
+            if got is None:
+                vals.pop(lhs, None)
+            else:
+                vals[lhs] = got
         if name in nodes:
             dup += 1
         else:
-            nodes[name] = (parents, value)
+            nodes[name] = (parents, value, frozenset(kinds))
             order.append(name)
     out.nodes, out.order, out.duplicates, out.unknown = nodes, order, dup, unknown
     out.known = out.closing = None
@@ -974,13 +1149,38 @@ def _closing_equation(s, var):
     return lhs, rhs, d
 
 
+def _difference(eqn):
+    """lhs * d - rhs of an equation (lhs, rhs, d): the form that is 0 at its root."""
+    (a1, b1), (a2, b2), d = eqn
+    d = 1 if d is None else d
+    return a1 * d - a2, b1 * d - b2
+
+
+def _closing_chain_ok(closing):
+    """Strict closing: each step restates the equation before it as the step says (section header)."""
+    prev = _difference(closing['have'])
+    for step in _CLOSING_STEPS:
+        eqn = closing.get(step)
+        if eqn is None:
+            return False
+        (a1, b1), (a2, _), d = eqn
+        if step == 'Isolate' and (b1 or a2 or d is not None):          # c*x = n
+            return False
+        if step in ('Divide', 'Solution') and ((a1, b1) != (1, 0) or a2 or (d is None) != (step == 'Solution')):
+            return False                                               # x = n / c, then x = N
+        scale = closing['Divide'][2] if step == 'Solution' else 1       # N * c = n
+        a, b = _difference(eqn)
+        if (a * scale, b * scale) != prev:
+            return False
+        prev = a, b
+    return True
+
+
 def _has_root(eqn, answer):
     """Is eqn linear in x with a non-zero x coefficient and root x = answer?"""
     if eqn is None:
         return False
-    (a1, b1), (a2, b2), d = eqn
-    d = 1 if d is None else d
-    a, b = a1 * d - a2, b1 * d - b2          # lhs * d - rhs = 0
+    a, b = _difference(eqn)
     return a != 0 and a * answer + b == 0
 
 
@@ -1007,20 +1207,45 @@ def parse_solution(text, mode=None):
     return _graph_dict(_parse_text(text, mode))
 
 
+# What can be wrong with a gold step: not defined; wrong parents; a wrong or an unreadable final value (the
+# lenient kinds); a false equality in its own clause, a false equality in one of its scratch clauses, a
+# letter used before it has a value (what the strict check adds).
+ERROR_KINDS = ('missing', 'parents', 'value', 'unreadable', 'arithmetic', 'scratch', 'unassigned')
+CHECKS = ('strict', 'lenient')
+
+
 @dataclass
 class Verdict:
     outcome: bool          # answer inside <answer>...</answer> (or "Answer: N." without tags) == gold answer
     answer: int | None     # the answer read from the prediction
-    perfect: bool          # every gold node correct, outcome, and (reverse) a correct closing
-    process_acc: float     # correct gold nodes / gold nodes
+    perfect: bool          # strict: every gold node correct, outcome, and (reverse) a correct closing
+    process_acc: float     # strict: correct gold nodes / gold nodes
     n_gold: int
-    correct: int
+    correct: int           # gold nodes right under the strict check
     missing: int
     extra: int             # predicted nodes not in the gold graph, plus redefinitions
-    value_errors: int
+    value_errors: int      # gold nodes with a wrong or unreadable final value
     parent_errors: int
-    answer_error: bool     # not outcome, or (reverse) a wrong/missing closing equation
-    closing_ok: bool | None = None   # reverse: closing equation correct; forward: None
+    answer_error: bool     # not outcome, or (reverse) a wrong/missing closing equation (strict)
+    closing_ok: bool | None = None   # reverse: closing correct (strict); forward: None
+    chain_errors: int = 0  # gold nodes with the right parents and value whose step writes a false equality
+    lenient_perfect: bool = False              # the same, judged as the original's scorer does (lenient)
+    lenient_closing_ok: bool | None = None
+    errors: dict = field(default_factory=dict)  # gold node name -> its kinds (ERROR_KINDS), wrong nodes only
+
+    @property
+    def lenient_process_acc(self) -> float:
+        return (self.correct + self.chain_errors) / self.n_gold if self.n_gold else 0.0
+
+    def error_counts(self) -> dict:
+        """{kind: gold steps with that kind} for every ERROR_KINDS kind, and 'closing': 1 for a wrong
+        (strict) reverse closing."""
+        out = dict.fromkeys(ERROR_KINDS, 0)
+        for kinds in self.errors.values():
+            for k in kinds:
+                out[k] += 1
+        out['closing'] = int(self.closing_ok is False)
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -1051,28 +1276,44 @@ def _gold_view(gold):
 
 
 def _judge(p, view):
-    """Compare a parsed prediction with a gold view."""
+    """Compare a parsed prediction with a gold view: both verdicts (section header)."""
     mode, gnodes, answer, known = view
     n = len(gnodes)
-    correct = missing = verr = perr = 0
+    correct = missing = verr = perr = chain = 0
+    errors = {}
     pnodes = p.nodes
     for name, (gp, gv) in gnodes.items():
         got = pnodes.get(name)
         if got is None:
             missing += 1
+            errors[name] = ['missing']
             continue
-        ok_p, ok_v = got[0] == gp, got[1] == gv
-        correct += ok_p and ok_v
-        perr += not ok_p
-        verr += not ok_v
+        ps, pv, bad = got
+        kinds = []
+        if ps != gp:
+            perr += 1
+            kinds.append('parents')
+        if pv != gv:
+            verr += 1
+            kinds.append('unreadable' if pv is None else 'value')
+        if not kinds and not bad:
+            correct += 1
+            continue
+        chain += not kinds                 # right parents and value, a false equality: strict only
+        errors[name] = kinds + sorted(bad, key=ERROR_KINDS.index)
     extra = p.duplicates + sum(1 for name in pnodes if name not in gnodes)
     outcome = p.answer is not None and p.answer == answer
-    closing_ok = _check_closing(p, gnodes, answer, known) if mode == REVERSE else None
+    lenient_closing = closing_ok = None
+    if mode == REVERSE:
+        lenient_closing = _check_closing(p, gnodes, answer, known)
+        closing_ok = lenient_closing and _closing_chain_ok(p.closing)
     answer_error = not outcome or closing_ok is False
     return Verdict(outcome=outcome, answer=p.answer, perfect=n > 0 and correct == n and not answer_error,
                    process_acc=correct / n if n else 0.0, n_gold=n, correct=correct, missing=missing,
                    extra=extra, value_errors=verr, parent_errors=perr, answer_error=answer_error,
-                   closing_ok=closing_ok)
+                   closing_ok=closing_ok, chain_errors=chain,
+                   lenient_perfect=n > 0 and correct + chain == n and outcome and lenient_closing is not False,
+                   lenient_closing_ok=lenient_closing, errors=errors)
 
 
 def _check_closing(p, gnodes, answer, known):
@@ -1106,15 +1347,21 @@ def verify(prediction, gold, safe: bool = True) -> Verdict:
         return _judge(_parse_text('', view[0]), view)
 
 
-def reward(v: Verdict, kind: str) -> float:
+def reward(v: Verdict, kind: str, check: str = 'strict') -> float:
     """RL reward of a verdict. kind: 'outcome', 'process', 'blend_{w_a}_{w_p}' (forced to 0 when the
-    outcome is 0), or 'strict' (= outcome * graph perfect)."""
+    outcome is 0), or 'strict' (= outcome * graph perfect). check: 'strict' (what RL uses) or 'lenient'
+    (the original's scorer: parents and final values only, for comparison)."""
+    if check not in CHECKS:
+        raise ValueError('reward: unknown check %r; use one of %s' % (check, ', '.join(CHECKS)))
+    strict = check == 'strict'
     if kind == 'outcome':
         return float(v.outcome)
     if kind == 'strict':
-        return float(v.outcome and v.perfect)
+        return float(v.outcome and (v.perfect if strict else v.lenient_perfect))
     n = v.n_gold
-    errors = v.value_errors + v.parent_errors + v.missing + min(v.extra, n) + int(v.answer_error)
+    answer_error = v.answer_error if strict else not v.outcome or v.lenient_closing_ok is False
+    errors = (v.value_errors + v.parent_errors + v.missing + min(v.extra, n) + int(answer_error)
+              + (v.chain_errors if strict else 0))
     process = max(0.0, 1.0 - errors / n) if n else 0.0
     if kind == 'process':
         return process
@@ -1159,8 +1406,8 @@ def _verify_summary(verdicts, modes):
         out = {'n': n}
         if not n:
             return out
-        for key in ('outcome', 'perfect', 'process_acc', 'value_errors', 'parent_errors', 'missing',
-                    'extra', 'answer_error'):
+        for key in ('outcome', 'perfect', 'lenient_perfect', 'process_acc', 'lenient_process_acc',
+                    'value_errors', 'parent_errors', 'chain_errors', 'missing', 'extra', 'answer_error'):
             out[key] = sum(float(getattr(v, key)) for v in vs) / n
         for kind in REWARDS:
             out['reward_' + kind] = sum(reward(v, kind) for v in vs) / n
@@ -1304,7 +1551,12 @@ MIXTURES = {
     'tiny_pretrain_exposure': mixture([(0.95, range(2, 5)), (0.05, range(5, 7))], modes=['normalforward'],
                                       world=WORLDS['tiny']),
 }
-# STUDY.md §5.2: pre-training on zoo (op 2-10) with a school share, and the variant with school only at op 2
+# STUDY.md §5.2, contextual generalization. The release's main-text setting (its context_pretrain_2
+# checkpoints): zoo at op 2-20 and school only at op 2 (the primitives), school at 10 / 1 / 0.1% of the problems.
+for _name, _share in (('0.1pct', 0.001), ('1pct', 0.01), ('10pct', 0.1)):
+    MIXTURES[f'ctx_main_school_{_name}'] = mixture(range(2, 21), {ZOO: 1 - _share, SCHOOL: _share},
+                                                   template_ops={SCHOOL: [2]})
+# Its appendix setting: zoo at op 2-10 with a school share (school at op 2-10), and school only at op 2.
 for _name, _share in (('0pct', 0.0), ('0.1pct', 0.001), ('1pct', 0.01), ('5pct', 0.05), ('10pct', 0.1),
                       ('20pct', 0.2), ('50pct', 0.5)):
     MIXTURES[f'ctx_school_{_name}'] = mixture(range(2, 11), {ZOO: 1 - _share, SCHOOL: _share})
@@ -1452,9 +1704,10 @@ def read_jsonl(path) -> list:
     """Rows of a JSONL file, or of every file of a directory / glob (jsonl_files). Released rows without
     'graph' / 'answer' get them from the gold solution; without op / template, from the file's name (else
     the template from the problem's place names); without mode, from the solution (reverse ones say the
-    unknown is not known yet). Every stage reads problem rows here, so a line that is not one (bad JSON,
-    a missing ROW_FIELDS field, a solution without its answer) is one UsageError naming the file, the
-    line and what to fix."""
+    unknown is not known yet). The release's rows also carry 'depth' (the depth of the question's graph,
+    which our generator does not write): read as an int where present and kept in the row. Every stage
+    reads problem rows here, so a line that is not one (bad JSON, a missing ROW_FIELDS field, a solution
+    without its answer) is one UsageError naming the file, the line and what to fix."""
     path = os.fspath(path)
     files = jsonl_files(path)
     if len(files) > 1 or files[0] != path:
@@ -1481,6 +1734,11 @@ def _read_row(where, line, named) -> dict:
     if 'template' not in r:   # place names belong to one template each
         r['template'] = next((t.name for t in TEMPLATES.values()
                               if any(p in r['problem'] for ps in t.places for p in ps)), 'unknown')
+    if r.get('depth') is not None:
+        try:
+            r['depth'] = int(r['depth'])
+        except (TypeError, ValueError):
+            raise common.UsageError(f"{where}: the row's 'depth' {r['depth']!r} is not an integer; {fix}") from None
     if 'answer' not in r:
         if 'Answer:' not in r['solution']:
             raise common.UsageError(f"{where}: the row's 'solution' has no final 'Answer: N'; {fix}")

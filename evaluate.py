@@ -114,6 +114,7 @@ BANDS = defaults['bands']
 # the groupings every aggregate reports; a key joins the row's values with '/' ("ID/forwardreverse")
 GROUPS = (('all',), ('op',), ('band',), ('template',), ('mode',),
           ('op', 'mode'), ('band', 'mode'), ('band', 'template'), ('op', 'template'), ('op', 'given'))
+STEP_ERROR_KINDS = data.ERROR_KINDS + ('closing',)   # what a wrong step can have (Verdict.error_counts)
 MODE_NOTE = "reverse-mode answers are always 1..4, so outcome pass@k is flattered there"
 
 
@@ -187,19 +188,32 @@ def first_rank(flags):
 
 
 def problem_record(row, verdicts):
-    """Counts for one problem: n samples, c_outcome right answers, c_process process-verified correct,
-    c_hacked right answer with a wrong process, no_answer without a parsable answer, mean ProcessAcc;
-    first_outcome / first_process: the 1-based rank of the first right / perfect sample (0 = none)."""
+    """Counts for one problem: n samples, c_outcome right answers, c_process process-verified correct
+    (strict, STUDY.md §2), c_lenient correct as the original's scorer judges (parents and final values),
+    c_hacked right answer with a wrong process, c_false_arith lenient-perfect but strict-wrong ("right
+    values, false arithmetic"), no_answer without a parsable answer, mean ProcessAcc (strict and lenient),
+    step_errors: {error kind: wrong gold steps of that kind over the samples} (data.ERROR_KINDS, 'closing');
+    first_outcome / first_process / first_lenient: the 1-based rank of the first right / perfect / lenient-
+    perfect sample (0 = none)."""
     n = len(verdicts)
+    step_errors = dict.fromkeys(STEP_ERROR_KINDS, 0)
+    for v in verdicts:
+        for kind, c in v.error_counts().items():
+            step_errors[kind] += c
     return {'id': row['id'], 'op': row['op'], 'template': row['template'], 'mode': row['mode'], 'n': n,
             'given': data.given_statements(row['problem']),
             'c_outcome': sum(v.outcome for v in verdicts),
             'c_process': sum(v.perfect for v in verdicts),
+            'c_lenient': sum(v.lenient_perfect for v in verdicts),
             'c_hacked': sum(v.outcome and not v.perfect for v in verdicts),
+            'c_false_arith': sum(v.lenient_perfect and not v.perfect for v in verdicts),
             'no_answer': sum(v.answer is None for v in verdicts),
             'process_acc': sum(v.process_acc for v in verdicts) / n if n else 0.0,
+            'lenient_process_acc': sum(v.lenient_process_acc for v in verdicts) / n if n else 0.0,
+            'step_errors': step_errors,
             'first_outcome': first_rank(v.outcome for v in verdicts),
-            'first_process': first_rank(v.perfect for v in verdicts)}
+            'first_process': first_rank(v.perfect for v in verdicts),
+            'first_lenient': first_rank(v.lenient_perfect for v in verdicts)}
 
 
 def score(rows, samples, workers=1, progress=False):
@@ -239,9 +253,11 @@ def band_of(op, bands=BANDS):
     return 'other'
 
 
-# the pass@k tables of a group: (key in the stats, verifier, estimator)
+# the pass@k tables of a group: (key in the stats, verifier, estimator). process = the strict check,
+# lenient = the original's (parents and final values only; STUDY.md §2)
 PASS_KINDS = (('process', 'process', 'unbiased'), ('outcome', 'outcome', 'unbiased'),
-              ('process_ordered', 'process', 'ordered'), ('outcome_ordered', 'outcome', 'ordered'))
+              ('process_ordered', 'process', 'ordered'), ('outcome_ordered', 'outcome', 'ordered'),
+              ('lenient', 'lenient', 'unbiased'), ('lenient_ordered', 'lenient', 'ordered'))
 
 
 def pass_matrix(records, ks):
@@ -296,14 +312,23 @@ def group_stats(records, ks, n_boot=0, seed=0):
     bootstrap intervals when n_boot > 0); sample-weighted rates."""
     n_samples = sum(r['n'] for r in records)
     c_outcome = sum(r['c_outcome'] for r in records)
+    c_lenient = sum(r['c_lenient'] for r in records)
     hacked = sum(r['c_hacked'] for r in records)
+    false_arith = sum(r['c_false_arith'] for r in records)
     return {
         'n_problems': len(records), 'n_samples': n_samples,
         **pass_tables([(1.0, records)], ks, n_boot, seed),
         'process_acc': sum(r['process_acc'] * r['n'] for r in records) / n_samples,
+        'lenient_process_acc': sum(r['lenient_process_acc'] * r['n'] for r in records) / n_samples,
         'hack_rate': hacked / n_samples,                       # right answer, wrong process: share of all samples
         'hack_share': hacked / c_outcome if c_outcome else 0.0,  # ... share of the right answers
+        # right values, false arithmetic (lenient-perfect, strict-wrong): share of all samples, and of the
+        # samples the original's scorer accepts
+        'false_arith_rate': false_arith / n_samples,
+        'false_arith_share': false_arith / c_lenient if c_lenient else 0.0,
         'no_answer_rate': sum(r['no_answer'] for r in records) / n_samples,
+        'step_errors': {kind: sum(r['step_errors'][kind] for r in records) / n_samples   # per sample
+                        for kind in STEP_ERROR_KINDS},
     }
 
 
@@ -354,14 +379,14 @@ def _sort_key(key, bands):
 
 def flat_metrics(agg):
     """{group/metric: value} for logging: group = 'all', each band and each mode present; metrics
-    pass@k (process-verified), outcome_pass@k, process_acc, hack_rate, no_answer_rate."""
+    pass@k (process-verified), outcome_pass@k, process_acc, hack_rate, false_arith_rate, no_answer_rate."""
     out = {}
     groups = [('all', agg['all'])] + list(agg['band'].items()) + list(agg['mode'].items())
     for name, st in groups:
         for k in agg['ks']:
             out[f'{name}/pass@{k}'] = st['process'][f'pass@{k}']
             out[f'{name}/outcome_pass@{k}'] = st['outcome'][f'pass@{k}']
-        for metric in ('process_acc', 'hack_rate', 'no_answer_rate'):
+        for metric in ('process_acc', 'hack_rate', 'false_arith_rate', 'no_answer_rate'):
             out[f'{name}/{metric}'] = st[metric]
     return out
 
@@ -423,8 +448,10 @@ def write_csv(runs, path):
     """One row per (label, grouping, key); pass@k of both estimators (intervals are in results.json)."""
     ks = next(iter(runs.values()))['aggregate']['ks']
     kinds = [kind for kind, _, _ in PASS_KINDS]
-    head = ['label', 'grouping', 'key', 'n_problems', 'n_samples', 'process_acc', 'hack_rate', 'hack_share',
-            'no_answer_rate'] + [f'{kind}_pass@{k}' for kind in kinds for k in ks]
+    rates = ('process_acc', 'lenient_process_acc', 'hack_rate', 'hack_share', 'false_arith_rate',
+             'false_arith_share', 'no_answer_rate')
+    head = (['label', 'grouping', 'key', 'n_problems', 'n_samples'] + list(rates)
+            + [f'step_errors_{kind}' for kind in STEP_ERROR_KINDS] + [f'{kind}_pass@{k}' for kind in kinds for k in ks])
     with open(path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(head)
@@ -435,7 +462,8 @@ def write_csv(runs, path):
                 table = {'all': agg['all']} if g == 'all' else agg[g]
                 for key, st in table.items():
                     w.writerow([label, g, key, st['n_problems'], st['n_samples']]
-                               + [f"{st[m]:.6f}" for m in ('process_acc', 'hack_rate', 'hack_share', 'no_answer_rate')]
+                               + [f"{st[m]:.6f}" for m in rates]
+                               + [f"{st['step_errors'][kind]:.6f}" for kind in STEP_ERROR_KINDS]
                                + [f"{st[kind][f'pass@{k}']:.6f}" for kind in kinds for k in ks])
 
 
@@ -461,8 +489,9 @@ def write_summary(runs, meta, path):
          f"{meta['n_samples']} samples each at temperature {meta['temperature']}.",
          "Cells are **process-verified / outcome** pass@k in %"
          + (f", each with its 95% bootstrap interval over problems ({boot} resamples, seeded)" if boot else '')
-         + ". Process-verified = every gold step has the right parents and value and the answer is right "
-         "(STUDY.md §2). Two estimators: unbiased = 1 - C(n-c,k)/C(n,k); ordered = the original study's scorer, "
+         + ". Process-verified = every gold step has the right parents and value, every equality it writes "
+         "is true, and the answer is right (the strict check, STUDY.md §2); the original study's scorer checks "
+         "only the parents and final values (lenient, its own table below). Two estimators: unbiased = 1 - C(n-c,k)/C(n,k); ordered = the original study's scorer, "
          "a problem counts at k if one of its first k samples as drawn is right (STUDY.md §6). Note: "
          + MODE_NOTE + ".", '',
          '## Checkpoints', '', '| label | checkpoint | step |', '|---|---|---|']
@@ -494,13 +523,36 @@ def write_summary(runs, meta, path):
                 cells += [_cell(st, 1, est), _cell(st, kmax, est)] if st else ['', '']
             L.append(f"| {op} | " + ' | '.join(cells) + ' |')
         L.append('')
-    L += ['## Process accuracy and reward hacking (right answer, wrong process), by band', '',
-          '| label | band | ProcessAcc | hacked, % of samples | hacked, % of right answers | no answer |',
+    L += [f'## Strict and lenient process verification: pass@1 and pass@{kmax}, unbiased, by band', '',
+          'Lenient = the original study\'s scorer (each step\'s parents and final value); strict also asks every '
+          'number a step writes to be right (STUDY.md §2). Their difference is the samples with right values '
+          'and false arithmetic.', '',
+          f'| label | band | strict pass@1 | lenient pass@1 | strict pass@{kmax} | lenient pass@{kmax} |',
           '|---|---|---|---|---|---|']
     for lb in labels:
         for band, st in runs[lb]['aggregate']['band'].items():
-            L.append(f"| {lb} | {band} | {_pct(st['process_acc'])} | {_pct(st['hack_rate'])} | "
-                     f"{_pct(st['hack_share'])} | {_pct(st['no_answer_rate'])} |")
+            L.append(f"| {lb} | {band} | {_value(st, 'process', 1)} | {_value(st, 'lenient', 1)} | "
+                     f"{_value(st, 'process', kmax)} | {_value(st, 'lenient', kmax)} |")
+    L += ['', '## Process accuracy and reward hacking, by band', '',
+          'Hacked = right answer, wrong process (strict). Right values, false arithmetic = judged perfect by the '
+          'original\'s scorer (lenient) but not by the strict check.', '',
+          '| label | band | ProcessAcc strict / lenient | hacked, % of samples | hacked, % of right answers | '
+          'right values, false arithmetic, % of samples | ... % of lenient-perfect | no answer |',
+          '|---|---|---|---|---|---|---|---|']
+    for lb in labels:
+        for band, st in runs[lb]['aggregate']['band'].items():
+            L.append(f"| {lb} | {band} | {_pct(st['process_acc'])} / {_pct(st['lenient_process_acc'])} | "
+                     f"{_pct(st['hack_rate'])} | {_pct(st['hack_share'])} | {_pct(st['false_arith_rate'])} | "
+                     f"{_pct(st['false_arith_share'])} | {_pct(st['no_answer_rate'])} |")
+    L += ['', '## Wrong steps by kind, per 100 samples, by band', '',
+          'A wrong step can have several kinds (data.ERROR_KINDS): missing, wrong parents, wrong value, unreadable '
+          'value; and, seen only by the strict check, false arithmetic in its chain, a false scratch clause, a letter '
+          'used before it has a value; closing = a wrong reverse closing (one per sample).', '',
+          '| label | band | ' + ' | '.join(STEP_ERROR_KINDS) + ' |', '|---|---|' + '---|' * len(STEP_ERROR_KINDS)]
+    for lb in labels:
+        for band, st in runs[lb]['aggregate']['band'].items():
+            L.append(f"| {lb} | {band} | " + ' | '.join(f"{100 * st['step_errors'][k]:.1f}" for k in STEP_ERROR_KINDS)
+                     + ' |')
     for est in ESTIMATOR_TITLES:
         L += ['', f'## By template and band: pass@1 and pass@{kmax}, {ESTIMATOR_TITLES[est]}', '',
               f'| label | template/band | pass@1 | pass@{kmax} |', '|---|---|---|---|']

@@ -1,4 +1,4 @@
-# Contextual generalization (STUDY.md §5.2): pre-train on op 2..10 with 0.1% school, 99.9% zoo
+# Contextual generalization (STUDY.md §5.2), the release's appendix setting: pre-train on op 2..10 with 0.1% school, 99.9% zoo
 # (movie never appears); everything else as paper_pretrain.
 #   python pretrain.py paper_pretrain_ctx_school_0.1pct --prepare_only=True --data_workers=16
 #   torchrun --standalone --nproc_per_node=8 pretrain.py paper_pretrain_ctx_school_0.1pct

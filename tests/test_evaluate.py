@@ -173,8 +173,13 @@ def test_corrupted_samples_score_exactly(forward_problems):
     for r in recs:
         m = n_gold[r['id']]
         assert (r['n'], r['c_outcome'], r['c_process'], r['c_hacked']) == (4, 4, 2, 2)
-        assert r['process_acc'] == pytest.approx((1 + (m - 1) / m) / 2)
+        assert (r['c_lenient'], r['c_false_arith']) == (2, 0)       # a wrong value: both checks see it
+        # lenient: one wrong step; strict: its children, which substitute the gold value, too
+        assert r['lenient_process_acc'] == pytest.approx((1 + (m - 1) / m) / 2)
+        assert r['process_acc'] <= r['lenient_process_acc']
+        assert r['step_errors']['value'] == 2 and r['step_errors']['parents'] == 0
     assert st['process_acc'] == pytest.approx(sum(r['process_acc'] for r in recs) / len(recs))
+    assert st['false_arith_rate'] == 0.0 and st['lenient']['pass@1'] == pytest.approx(0.5)
 
     wrong = [[gold_completion(r)] + [wrong_answer(r)] * 3 for r in rows]
     st = ev.aggregate(ev.score(rows, wrong))['all']
@@ -263,6 +268,45 @@ def test_reports_and_plots(tmp_path, problems):
     assert {t['key'] for t in table if t['grouping'] == 'band/mode'} >= {'ID/normalforward', 'OOD-hard/forwardreverse'}
     md = (tmp_path / 'summary.md').read_text()
     assert '| rl | OOD-edge |' in md and 'forwardreverse' in md and '75.0 / 75.0' in md
+
+
+def false_arithmetic(row):
+    """Gold completion whose last step writes a false intermediate expression ("= (v) + 1 = v"): right
+    parents and values, so the original's (lenient) scorer accepts it; the strict check does not."""
+    text = gold_completion(row)
+    end = text.rindex('. ', 0, text.index('Answer:') if 'Answer:' in text else text.index('</solution>'))
+    head, last = text[:end].rsplit(' = ', 1)
+    return f'{head} = ({last}) + 1 = {last}{text[end:]}'
+
+
+def test_false_arithmetic_is_reported(tmp_path, forward_problems):
+    """Half the samples right, half with right values and false arithmetic: strict pass@1 0.5, lenient 1.0,
+    'right values, false arithmetic' 50% of the samples, one false-arithmetic step per bad sample; in the
+    CSV, the JSON and summary.md."""
+    rows = forward_problems
+    samples = [[gold_completion(r), false_arithmetic(r)] for r in rows]
+    recs = ev.score(rows, samples)
+    for r in recs:
+        assert (r['c_outcome'], r['c_process'], r['c_lenient'], r['c_hacked'], r['c_false_arith']) == (2, 1, 2, 1, 1)
+        assert r['lenient_process_acc'] == 1.0 and r['process_acc'] < 1.0 and r['first_lenient'] == 1
+        assert r['step_errors']['arithmetic'] == 1 and sum(r['step_errors'].values()) == 1
+    runs = {'rl': {'ckpt': 'out/rl/ckpt.pt', 'step': 1, 'records': recs, 'aggregate': ev.aggregate(recs)}}
+    st = runs['rl']['aggregate']['all']
+    assert st['process']['pass@1'] == pytest.approx(0.5) and st['lenient']['pass@1'] == 1.0
+    assert st['lenient_ordered']['pass@1'] == 1.0 and st['process_ordered']['pass@1'] == 1.0   # gold drawn first
+    assert st['false_arith_rate'] == pytest.approx(0.5) and st['false_arith_share'] == pytest.approx(0.5)
+    assert st['step_errors']['arithmetic'] == pytest.approx(0.5) and st['step_errors']['value'] == 0.0
+    meta = {'n_problems': len(rows), 'n_samples': 2, 'temperature': 0.7, 'source': 'test', 'ops': '2-18'}
+    ev.write_reports(str(tmp_path), runs, meta)
+    with open(tmp_path / 'results.csv') as f:
+        row = next(t for t in csv.DictReader(f) if t['grouping'] == 'all')
+    assert float(row['lenient_pass@1']) == 1.0 and float(row['false_arith_rate']) == pytest.approx(0.5)
+    assert float(row['step_errors_arithmetic']) == pytest.approx(0.5)
+    md = (tmp_path / 'summary.md').read_text()
+    assert 'right values, false arithmetic' in md and '| strict pass@1 | lenient pass@1 |' in md
+    assert '## Wrong steps by kind' in md
+    res = json.loads((tmp_path / 'results.json').read_text())
+    assert res['runs']['rl']['records'][0]['c_false_arith'] == 1
 
 
 # -----------------------------------------------------------------------------------------------
@@ -435,8 +479,10 @@ def _rec(op, flags, **extra):
     """A problem record whose samples, in drawn order, are perfect where flags is 1 (outcome = perfect)."""
     n, c = len(flags), sum(flags)
     return {'id': f'{op}-{flags}-{extra}', 'op': op, 'template': 'crazy_zootopia', 'mode': 'normalforward',
-            'n': n, 'c_outcome': c, 'c_process': c, 'c_hacked': 0, 'no_answer': 0, 'process_acc': 1.0,
-            'first_outcome': ev.first_rank(flags), 'first_process': ev.first_rank(flags)}
+            'n': n, 'c_outcome': c, 'c_process': c, 'c_lenient': c, 'c_hacked': 0, 'c_false_arith': 0, 'no_answer': 0,
+            'process_acc': 1.0, 'lenient_process_acc': 1.0, 'step_errors': dict.fromkeys(ev.STEP_ERROR_KINDS, 0),
+            'first_outcome': ev.first_rank(flags), 'first_process': ev.first_rank(flags),
+            'first_lenient': ev.first_rank(flags)}
 
 
 def test_ordered_pass_at_k_on_hand_made_orders():

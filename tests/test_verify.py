@@ -204,8 +204,16 @@ def node_letters(text):
     return [m.group(2) for m in re.finditer(r'Define (.*?) as ([A-Za-z]);', text)]
 
 
+def lenient_counts(v):
+    return (v.correct + v.chain_errors, v.missing, v.extra, v.value_errors, v.parent_errors,
+            not v.outcome or v.lenient_closing_ok is False)
+
+
 @pytest.mark.fast
 def test_one_wrong_value_is_one_value_error():
+    """"... = 5 + 1": a value error of the node (and, strict, false arithmetic: 5 is not 6); its children
+    still substitute the gold value for the letter, which now says 6: false arithmetic (or a false scratch
+    clause) there too."""
     for row in ROWS:
         g = gold_of(row)
         sol = as_model_output(row['solution'], g['answer'])
@@ -215,10 +223,16 @@ def test_one_wrong_value_is_one_value_error():
                 continue
             v = verify(bump_value(sol, span), g)
             n = len(g['nodes'])
-            assert counts(v) == (n - 1, 0, 0, 1, 0, False), (v, name)
-            assert v.outcome and not v.perfect and v.closing_ok in (True, None)
-            assert reward(v, 'process') == pytest.approx(1 - 1 / n)
-            assert reward(v, 'blend_0.2_0.8') == pytest.approx(0.2 + 0.8 * (1 - 1 / n))
+            assert lenient_counts(v) == (n - 1, 0, 0, 1, 0, False), (v, name)
+            assert v.outcome and not v.perfect and not v.lenient_perfect and v.closing_ok in (True, None)
+            assert reward(v, 'process', 'lenient') == pytest.approx(1 - 1 / n)
+            assert reward(v, 'blend_0.2_0.8', 'lenient') == pytest.approx(0.2 + 0.8 * (1 - 1 / n))
+            assert v.errors[name][0] == 'value'
+            children = {c for c in g['order'] if name in g['nodes'][c]['parents']}
+            assert set(v.errors) - {name} <= children and v.chain_errors == len(v.errors) - 1
+            assert all(v.errors[c] in (['arithmetic'], ['scratch'], ['arithmetic', 'scratch'])
+                       for c in set(v.errors) - {name})
+            assert reward(v, 'process') == pytest.approx(1 - len(v.errors) / n)
             assert reward(v, 'strict') == 0.0 and reward(v, 'outcome') == 1.0
 
 
@@ -557,3 +571,218 @@ def test_generator_gold_graphs_match_the_parser():
             v = verify(pred, g)
             assert v.perfect, (v, pred)
     assert modes == {'normalforward', REV}
+
+
+# --- the strict check: every number a step writes (STUDY.md §2) ----------------------------------
+
+def clause_spans(sol):
+    """(start, end, is_node_clause) of every clause of every Define step ("l = C = 2", "so E = 3 + l = ...")."""
+    out = []
+    for m in re.finditer(r'Define [^;.]*? as (\w+); ', sol):
+        end = sol.index('.', m.end())
+        pos = m.end()
+        for clause in sol[m.end():end].split('; '):
+            if "know its value" not in clause:
+                out.append((pos, pos + len(clause), clause.startswith('so ')))
+            pos += len(clause) + 2
+    return out
+
+
+def _edit(sol, rng, pick, change):
+    """Apply change(clause text) -> new text to a random clause that pick(clause, is_node) accepts; None if none."""
+    spans = [(s, e) for s, e, node in clause_spans(sol) if pick(sol[s:e], node)]
+    if not spans:
+        return None
+    s, e = rng.choice(spans)
+    new = change(sol[s:e])
+    return None if new is None else sol[:s] + new + sol[e:]
+
+
+def _bump_last_number(part):
+    nums = list(re.finditer(r'\d+', part))
+    k = nums[-1]
+    return part[:k.start()] + str(int(k.group()) + 7) + part[k.end():]
+
+
+def wrong_operand(sol, rng):
+    """'so E = 3 + l = 3 + 9 = 5': a number of the substituted expression of a node's clause changed."""
+    def change(c):
+        parts = c.split('=')
+        parts[2] = _bump_last_number(parts[2])
+        return '='.join(parts)
+    return _edit(sol, rng, lambda c, node: node and c.count('=') >= 3 and re.search(r'\d', c.split('=')[2]), change)
+
+
+def wrong_intermediate(sol, rng):
+    """'so E = 3 + l = 3 + 2 = (5) + 1 = 5': a false expression before the final value."""
+    def change(c):
+        head, last = c.rsplit(' = ', 1)
+        return f'{head} = ({last}) + 1 = {last}'
+    return _edit(sol, rng, lambda c, node: node and c.count('=') >= 3, change)
+
+
+def wrong_scratch_value(sol, rng):
+    """'l = C = 2 + 7' while the later steps keep using 2."""
+    return _edit(sol, rng, lambda c, node: not node, lambda c: c + ' + 7')
+
+
+def scratch_used_before_assigned(sol, rng):
+    """'Define E as E; so E = 3 + l = 3 + 2 = 5; l = C = 2.': the scratch clause after its use."""
+    steps = [m for m in re.finditer(r'(Define [^;.]*? as \w+; )([^.]*)\.', sol)
+             if '; ' in m.group(2) and not m.group(2).startswith('so ')]
+    if not steps:
+        return None
+    m = rng.choice(steps)
+    clauses = m.group(2).split('; ')
+    body = '; '.join(clauses[1:] + clauses[:1])
+    return sol[:m.start(2)] + body + sol[m.end(2):]
+
+
+def computes_something_else(sol, rng):
+    """'so E = 3 - l = 3 + 2 = 5': the right letters, another operation (every value here is non-zero)."""
+    def change(c):
+        parts = c.split('=')
+        sym = parts[1]
+        k = next((i for i, ch in enumerate(sym) if ch in '+-' and sym[i - 1] == ' '), None)
+        if k is None:
+            return None
+        parts[1] = sym[:k] + ('-' if sym[k] == '+' else '+') + sym[k + 1:]
+        return '='.join(parts)
+    return _edit(sol, rng, lambda c, node: node and c.count('=') >= 3 and re.search(r' [+-] ', c.split('=')[1]),
+                 change)
+
+
+def wrong_closing_step(sol, rng):
+    """'Move all terms to one side: 4*x - 8 = 0' for '2*x - 4 = 0', or 'Isolate ...: 4*x = 8': the same root,
+    the step does not say what it should."""
+    step = rng.choice(['Move all terms to one side', 'Isolate the term with x'])
+    m = re.search(re.escape(step) + r': ([^.=]*) = ([^.=]*)\.', sol)
+    if m is None:
+        return None
+    lhs, rhs = m.group(1), m.group(2)
+    return sol[:m.start(1)] + f'(2) * ({lhs}) = (2) * ({rhs})' + sol[m.end(2):]
+
+
+MUTATIONS = {  # name -> (edit, the error kind it must show, does the lenient check miss it)
+    'wrong_operand': (wrong_operand, 'arithmetic', True),
+    'wrong_intermediate': (wrong_intermediate, 'arithmetic', True),
+    'wrong_scratch_value': (wrong_scratch_value, 'scratch', True),
+    'scratch_used_before_assigned': (scratch_used_before_assigned, 'unassigned', False),
+    'computes_something_else': (computes_something_else, 'arithmetic', True),
+    'wrong_closing_step': (wrong_closing_step, 'closing', True),
+}
+
+
+def generated_problems(n, seed=0):
+    import data
+    return data.generate_problems(n, data.mixture(list(range(2, 21))), seed=seed)
+
+
+@pytest.mark.fast
+def test_issue_examples():
+    """The two edits the issue found accepted, on the forward solution it quotes."""
+    sol = ('Define adult owl in Cedar Valley as W; so W = 2. Define adult blue jay in Pine Ridge as C; so C = W = 2. '
+           'Define adult parrot in Pine Ridge as E; l = C = 2; so E = 3 + l = 3 + 2 = 5. '
+           'Define adult owl in Pine Ridge as q; so q = E = 5. Answer: 5.')
+    g = parse_solution(sol)
+    assert verify(sol, g).perfect
+    for bad, kinds in ((sol.replace('3 + l = 3 + 2', '3 + l = 3 + 9'), ['arithmetic']),
+                       (sol.replace('l = C = 2', 'l = C = 7'), ['arithmetic', 'scratch']),
+                       (sol.replace('3 + l = 3 + 2', '3 * l = 3 + 2'), ['arithmetic']),
+                       (sol.replace('so E = 3 + l = 3 + 2 = 5', 'so E = 3 + l = 3 + 2 = 6 = 5'), ['arithmetic'])):
+        v = verify(bad, g)
+        assert not v.perfect and v.lenient_perfect and v.errors == {'adult parrot in Pine Ridge': kinds}, bad
+        assert v.chain_errors == 1 and v.correct == 3 and v.lenient_process_acc == 1.0 and v.process_acc == 0.75
+        assert reward(v, 'strict') == 0.0 and reward(v, 'strict', 'lenient') == 1.0
+        assert reward(v, 'process') == pytest.approx(0.75) and reward(v, 'process', 'lenient') == 1.0
+        assert v.error_counts()[kinds[-1]] == 1 and v.error_counts()['closing'] == 0
+    # true rewritings stay right: no substitution written, a value left unsimplified, the same equation
+    for ok in (sol.replace('3 + l = 3 + 2 = 5', '3 + l = 5'), sol.replace('3 + l = 3 + 2 = 5', '3 + l = 3 + 2'),
+               sol.replace('3 + l = 3 + 2', '3 + l = (3) + (2)')):
+        assert verify(ok, g).perfect, ok
+    # a substitution must give each letter its value, even when the sums agree
+    two = ('Define a in P as A; so A = 2. Define b in P as B; so B = 3. Define c in P as C; '
+           'so C = A + B = 2 + 3 = 5. Answer: 5.')
+    g2 = parse_solution(two)
+    for bad in (two.replace('2 + 3 = 5', '1 + 4 = 5'), two.replace('2 + 3 = 5', '3 + 2 = 5')):
+        v = verify(bad, g2)
+        assert v.lenient_perfect and not v.perfect and v.errors == {'c in P': ['arithmetic']}
+    with pytest.raises(ValueError, match='unknown check'):
+        reward(verify(sol, g), 'strict', 'bogus')
+
+
+@pytest.mark.fast
+def test_reverse_substitutions_and_closing():
+    row = next(r for r in ROWS if r['mode'] == REV and r['op'] >= 8 and '+ x + ' in r['solution'])
+    g = gold_of(row)
+    sol = row['solution']
+    v = verify(sol, g)
+    assert v.perfect and v.lenient_perfect and v.closing_ok and v.lenient_closing_ok
+    # an operand of an unparenthesised substituted form ("... + x + 3") changed
+    m = re.search(r'= ([^=;.]*\+ x \+ )(\d+) =', sol)
+    bad = sol[:m.start(2)] + str(int(m.group(2)) + 1) + sol[m.end(2):]
+    v = verify(bad, g)
+    assert v.lenient_perfect and not v.perfect and list(v.errors.values()) in ([['arithmetic']], [['scratch']])
+    # every closing step is checked against the one before it
+    for old, new in ((r'Move all terms to one side: ([^.]*) = 0\.', r'Move all terms to one side: (3) * (\1) = 0.'),
+                     (r'Isolate the term with x: (\d+)\*x = (-?\d+)\.', r'Isolate the term with x: (2) * (\1*x) = 2 * \2.'),
+                     (r'Solution: x = (\d+)\.', r'Solution: x = (\1).'), ):
+        other = re.sub(old, new, sol)
+        assert other != sol
+        v = verify(other, g)
+        if new.endswith('(\\1).'):
+            assert v.perfect                                    # "x = (2)" is still x = 2
+            continue
+        assert v.lenient_perfect and v.lenient_closing_ok and not v.closing_ok and not v.perfect, other
+        assert v.answer_error and v.errors == {} and v.error_counts()['closing'] == 1
+        n = len(g['nodes'])
+        assert reward(v, 'process') == pytest.approx(1 - 1 / n) and reward(v, 'process', 'lenient') == 1.0
+
+
+def test_mutations_of_generated_gold_are_caught():
+    """Each hand-made edit of a gold solution (op 2-20, both modes, every template) is not perfect, with
+    the error kind it should have; where the lenient check cannot see it, lenient still calls it perfect."""
+    import data
+    rng = random.Random(5)
+    seen = {name: 0 for name in MUTATIONS}
+    problems = generated_problems(300, seed=7)
+    assert {p.template for p in problems} == set(data.TEMPLATES) and {p.mode for p in problems} == set(data.MODES)
+    for p in problems:
+        for name, (edit, kind, lenient_blind) in MUTATIONS.items():
+            bad = edit(p.solution, rng)
+            if bad is None:
+                continue
+            assert bad != p.solution, name
+            v = _check(bad, p.graph)
+            assert not v.perfect, (name, bad)
+            assert v.error_counts()[kind] >= 1, (name, v.errors, bad)
+            if lenient_blind:
+                assert v.lenient_perfect, (name, bad)
+            v2 = verify(rename_letters(bad, p.mode, rng), p.graph)
+            assert v2 == v, (name, bad)
+            seen[name] += 1
+    assert min(seen.values()) >= 50, seen
+
+
+def test_gold_and_renamed_gold_stay_perfect_strict_and_lenient():
+    import data
+    rng = random.Random(9)
+    problems = generated_problems(400, seed=11)
+    assert {p.template for p in problems} == set(data.TEMPLATES) and {p.mode for p in problems} == set(data.MODES)
+    for p in problems:
+        for pred in (p.solution, as_model_output(p.solution, p.answer), rename_letters(p.solution, p.mode, rng)):
+            v = verify(pred, p.graph)
+            assert v.perfect and v.lenient_perfect and v.errors == {} and v.chain_errors == 0, (v, pred)
+
+
+@pytest.mark.fast
+def test_released_rows_keep_their_depth(tmp_path):
+    """The release's dataset rows carry a 'depth' field: read_jsonl keeps it (as an int); rows without it
+    get none."""
+    import data
+    released = {k: ROWS[3][k] for k in ('problem', 'question', 'solution')}
+    path = tmp_path / ('op%d_1k.jsonl' % ROWS[3]['op'])
+    path.write_text(json.dumps(dict(released, depth='4')) + '\n' + json.dumps(released) + '\n')
+    with_depth, without = data.read_jsonl(str(path))
+    assert with_depth['depth'] == 4 and 'depth' not in without
+    assert with_depth['op'] == ROWS[3]['op'] and verify(with_depth['solution'], with_depth['graph']).perfect
