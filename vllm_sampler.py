@@ -60,13 +60,13 @@ def available() -> bool:
     return importlib.util.find_spec('vllm') is not None
 
 
-def check_sampler(sampler: str):
+def check_sampler(sampler: str, flag: str = '--sampler=vllm'):
     """The config check every command runs before any work: a one-line UsageError for an unknown
-    sampler, or for 'vllm' where the package is not installed."""
+    sampler, or for 'vllm' where the package is not installed (flag: how the command asked for it)."""
     if sampler not in SAMPLERS:
         raise M.UsageError(f"unknown --sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if sampler == 'vllm' and not available():
-        raise M.UsageError(f"--sampler=vllm needs the vllm package, which is not installed: {INSTALL_HINT}")
+        raise M.UsageError(f"{flag} needs the vllm package, which is not installed: {INSTALL_HINT}")
 
 
 def _request_seed(base: int, prompt, copy: int, G: int) -> int:
@@ -95,7 +95,7 @@ class VLLMSampler:
         try:
             from vllm import LLM, SamplingParams
         except Exception as e:  # installed but broken (e.g. a torchvision built for another torch)
-            raise M.UsageError(f"--sampler=vllm: `import vllm` failed ({type(e).__name__}: {str(e)[:200]}); "
+            raise M.UsageError(f"vllm_sampler: `import vllm` failed ({type(e).__name__}: {str(e)[:200]}); "
                                f"{INSTALL_HINT}") from None
         self.SamplingParams = SamplingParams
         self.dir = tempfile.mkdtemp(prefix='vllm_model_')
