@@ -209,9 +209,10 @@ def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, b
     device = next(m.parameters()).device
     prompts = [tok.encode(data.prompt_text(r)) for r in rows]
     gen = torch.Generator(device=device).manual_seed(seed)
+    e = sampler or m  # what samples: the model's engine, or the sampler holding its weights
     with tqdm(total=len(rows) * n, desc=desc, unit='sample', disable=not progress, dynamic_ncols=True) as bar:
         with autocast_ctx(device):
-            res = (sampler or m).generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k or None,
+            res = e.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k or None,
                              stop_ids=(tok.id_of('</answer>'), tok.eos_id), generator=gen, num_samples=n,
                              pad_id=tok.pad_id, logprobs=False, max_rows=batch_size if batch_size > 0 else None)
         bar.update(len(res.tokens))

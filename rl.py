@@ -312,9 +312,10 @@ def rollout(model, tok, rows, cfg, generator=None, sampler=None):
     with Qwen2.generate's call used instead of the model's engine (vllm_sampler.VLLMSampler)."""
     G = cfg.group_size
     prompts = [tok.encode(data.prompt_text(r)) for r in rows]
-    gen = (sampler or M.unwrap(model)).generate(prompts, cfg.max_response_len, temperature=cfg.temperature,
-                                   stop_ids=(tok.id_of('</answer>'), tok.eos_id), generator=generator,
-                                   num_samples=G, pad_id=tok.pad_id, logprobs=False)  # old log-probs: forward
+    engine = sampler or M.unwrap(model)
+    gen = engine.generate(prompts, cfg.max_response_len, temperature=cfg.temperature,
+                          stop_ids=(tok.id_of('</answer>'), tok.eos_id), generator=generator,
+                          num_samples=G, pad_id=tok.pad_id, logprobs=False)  # old log-probs: forward
     return {'row': [r for r in rows for _ in range(G)], 'prompt': [p for p in prompts for _ in range(G)],
             'response': gen.tokens, 'finished': list(gen.finished),
             'text': [tok.decode([t for t in r if t != tok.eos_id]) for r in gen.tokens]}

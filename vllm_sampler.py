@@ -10,6 +10,7 @@ Install (a separate virtual environment; README "vLLM"): pip install -r requirem
                      stop_ids=(...), generator=g, num_samples=G, logprobs=False)
     gen.tokens / gen.logprobs / gen.finished    # the same Generation as Qwen2.generate, prompt-major
     s.load_weights(model)             # RL: push the policy's current weights into the live engine
+                                      # (in-process, then vLLM's prefix cache is reset)
     s.close()
 
 What is the same as our engine: token ids in and out (our tokenizer throughout; vLLM never sees a
@@ -41,6 +42,7 @@ process: its weights can be replaced in place, no second process to start), VLLM
 vLLM's CPU worker lowers torch's thread count to 1 and disables torch.set_num_threads on start; the
 sampler puts both back, so the caller's thread settings hold for our code and for vLLM's forward.
 """
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -145,13 +147,17 @@ class VLLMSampler:
                 k = seen[key] = seen.get(key, -1) + 1
                 seed = _request_seed(base, p, k, G)
             params.append(self.SamplingParams(
-                n=G, temperature=float(temperature), top_k=int(top_k or 0), top_p=float(top_p or 1.0), seed=seed,
+                n=G if base is not None else 1, temperature=float(temperature), top_k=int(top_k or 0), top_p=float(top_p or 1.0), seed=seed,
                 max_tokens=int(max_new_tokens), stop_token_ids=[int(s) for s in stop_ids], ignore_eos=True,
                 detokenize=False, logprobs=0 if logprobs else None))
-        outs = self.llm.generate([{'prompt_token_ids': list(map(int, p))} for p in prompts], params, use_tqdm=False)
+        # (our callers sample under autocast_ctx; vLLM runs its own dtype, so autocast is switched off)
+        with torch.autocast('cuda', enabled=False) if torch.cuda.is_available() else contextlib.nullcontext():
+            outs = self.llm.generate([{'prompt_token_ids': list(map(int, p))} for p in prompts], params,
+                                     use_tqdm=False)
         tokens, lps, finished = [], [], []
         for o in outs:  # in the order of the prompts; a request's samples by their index
-            for c in sorted(o.outputs, key=lambda c: c.index):
+            cs = sorted(o.outputs, key=lambda c: c.index)
+            for c in cs * (G // len(cs)):  # greedy: vLLM takes n=1 only; the G rows are copies (as ours)
                 t = list(c.token_ids)
                 tokens.append(t)
                 finished.append(c.finish_reason == 'stop')
@@ -160,16 +166,22 @@ class VLLMSampler:
 
     @torch.no_grad()
     def load_weights(self, model):
-        """Copy `model`'s current weights into the live engine (as TRL's colocated mode does: the
-        model runner's load_weights, with HF names, in this process) and drop vLLM's prefix cache,
-        whose keys and values were computed with the old weights."""
+        """Copy `model`'s current weights into the live engine, in this process, then drop vLLM's
+        prefix cache, whose keys and values were computed with the old weights. On CUDA this is what
+        TRL's colocated mode does (the vLLM model's load_weights with HF names). On the CPU, vLLM 0.32
+        packs every linear weight into a oneDNN handle at load time and empties the parameter, so
+        load_weights fails ('Parameter' has no 'weight_loader') and the worker's reload_weights keeps
+        the old handles: _load_cpu puts each weight back in vLLM's layout and packs it again."""
         import interop
         m = M.unwrap(model)
         sd = interop.to_hf_state_dict(m)
         if m.config.tie_embeddings:
             sd.pop('lm_head.weight', None)  # vLLM ties it to the embedding itself
         weights = [(k, v.detach()) for k, v in sd.items()]
-        self.llm.apply_model(lambda vm: vm.load_weights(iter(weights)))
+        if torch.cuda.is_available():
+            self.llm.apply_model(lambda vm: vm.load_weights(iter(weights)))
+        else:
+            self.llm.apply_model(lambda vm: _load_cpu(vm, weights))
         self.llm.reset_prefix_cache()
 
     def close(self):
@@ -184,3 +196,40 @@ class VLLMSampler:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
             cleanup_dist_env_and_memory()
         shutil.rmtree(getattr(self, 'dir', ''), ignore_errors=True)
+
+
+# vLLM's fused projections: HF name -> (its module, its place in the concatenation)
+_STACKED = {'q_proj': ('qkv_proj', 0), 'k_proj': ('qkv_proj', 1), 'v_proj': ('qkv_proj', 2),
+            'gate_proj': ('gate_up_proj', 0), 'up_proj': ('gate_up_proj', 1)}
+
+
+@torch.no_grad()
+def _load_cpu(vm, weights):
+    """HF-named tensors into vLLM's CPU Qwen2 `vm` (see VLLMSampler.load_weights): fused projections
+    concatenated, each linear given its weight back and re-packed by vLLM's own dispatch, everything
+    else copied in place; a module that packed a weight it keeps (the embedding as the tied lm_head)
+    is re-packed from the new values."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    parts = {}
+    for name, t in weights:
+        mod, pname = name.rsplit('.', 1)
+        parent, _, leaf = mod.rpartition('.')
+        if leaf in _STACKED:
+            fused, i = _STACKED[leaf]
+            parts.setdefault((f'{parent}.{fused}', pname), {})[i] = t
+        else:
+            parts[(mod, pname)] = {0: t}
+    for (mod_name, pname), ts in parts.items():
+        t = torch.cat([ts[i] for i in sorted(ts)])
+        mod = vm.get_submodule(mod_name)
+        p = getattr(mod, pname)
+        if pname == 'weight' and p.numel() == 0 and hasattr(mod, 'cpu_linear'):  # packed and emptied
+            mod.weight = torch.nn.Parameter(t.to(p.dtype).contiguous(), requires_grad=False)
+            dispatch_cpu_unquantized_gemm(mod, remove_weight=True)
+        else:
+            # (vLLM pads the vocabulary rows of the embedding / lm_head to a multiple of 64)
+            assert p.shape[1:] == t.shape[1:] and p.shape[0] >= t.shape[0], (mod_name, pname, p.shape, t.shape)
+            p.data[:t.shape[0]].copy_(t)
+    for mod in vm.modules():  # packed copies of weights kept in place (embedding / lm_head)
+        if hasattr(mod, 'cpu_linear') and getattr(mod, 'weight', None) is not None and mod.weight.numel() > 0:
+            dispatch_cpu_unquantized_gemm(mod, remove_weight=False)
