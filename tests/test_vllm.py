@@ -123,7 +123,7 @@ def test_seeded_evaluation_agrees_with_our_engine_within_sampling_noise(tiny_bas
     rec_w, _ = _eval(tiny_base, tmp_path / 'vllm2', 'vllm', n)
     assert rec_w == rec_v
     with open(tmp_path / 'vllm' / 'results.json') as f:
-        assert json.load(f)['config']['sampler'] == 'vllm'
+        assert json.load(f)['meta']['config']['sampler'] == 'vllm'
 
 
 @needs_vllm
