@@ -97,6 +97,8 @@ defaults = dict(
     batch_size=0,                        # one generate() call per rank for all its problems x n samples;
                                          # > 0 caps the sequences decoded at once (generate's max_rows)
     seed=0,                              # sampling seed (every checkpoint gets the same one)
+    sampler='engine',                    # 'engine' (ours) | 'vllm' (vllm_sampler.py: pip install -r
+                                         # requirements-vllm.txt; one process; other random streams than ours)
     # scoring and reports
     bands={'ID': (2, 10), 'OOD-edge': (11, 14), 'OOD-hard': (15, 20)},  # band name -> inclusive op range
     weighted_bands={},                   # band name -> op weights, e.g. {'ID': '2-4:0.2,5-7:0.3,8-10:0.5'}: an extra
@@ -130,7 +132,7 @@ def split_list(s):
 
 @torch.no_grad()
 def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, batch_size=0, top_k=None,
-                     seed=0, progress=True, desc='sampling'):
+                     seed=0, progress=True, desc='sampling', sampler=None):
     """n completions per row, returned as texts[row][sample] in the order of `rows`; a row's samples
     keep the order they were drawn in (the ordered pass@k reads it).
 
@@ -140,7 +142,8 @@ def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, b
     caps the sequences decoded at once (generate's max_rows), 0 leaves it to the budget. A sample
     depends only on (seed, its prompt, its index), not on batch_size nor on which rows share the call:
     ranks pass the same seed, so results do not depend on the number of processes. temperature 0 is greedy. The
-    model's train/eval mode is left as it was."""
+    model's train/eval mode is left as it was. sampler: an object with Qwen2.generate's call that samples
+    instead of the model's engine (vllm_sampler.VLLMSampler holding the model's weights); None = the engine."""
     if not rows:
         return []
     m = unwrap(model)
@@ -148,7 +151,7 @@ def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, b
     gen = torch.Generator(device=device).manual_seed(seed)
     with progress_bar(total=len(rows) * n, desc=desc, unit='sample', disable=not progress) as bar:
         with autocast_ctx(device):
-            res = engine.complete(m, tok, [data.prompt_text(r) for r in rows], max_new_tokens, num_samples=n,
+            res = engine.complete(sampler or m, tok, [data.prompt_text(r) for r in rows], max_new_tokens, num_samples=n,
                                   temperature=temperature, top_k=top_k, generator=gen,
                                   max_rows=batch_size if batch_size > 0 else None)
         bar.update(len(res.texts))
@@ -392,7 +395,7 @@ def flat_metrics(agg):
 
 
 def quick_eval(model, tok, rows, n=4, temperature=1.0, *, max_new_tokens=512, batch_size=256, seed=0,
-               bands=BANDS, dist=None, progress=False):
+               bands=BANDS, dist=None, progress=False, sampler=None):
     """Held-out evaluation for training loops (rl.py calls this every few steps). Stable signature.
 
     model: a Qwen2 (DDP / torch.compile wrappers are unwrapped); tok: tokenizer.Tokenizer; rows: eval rows
@@ -403,7 +406,7 @@ def quick_eval(model, tok, rows, n=4, temperature=1.0, *, max_new_tokens=512, ba
     Returns flat_metrics: {'all/pass@1': ..., 'all/outcome_pass@1': ..., ..., 'all/process_acc',
     'all/hack_rate', 'all/no_answer_rate', and the same under each band name ('ID/pass@1', ...) and
     each mode ('forwardreverse/pass@1', ...) present}. pass@k is process-verified; k = 1, 2, 4, ..., n.
-    The model's train/eval mode is restored."""
+    The model's train/eval mode is restored. sampler: see sample_solutions."""
     n = 1 if temperature == 0 else n
     m = unwrap(model)
     was_training = m.training
@@ -413,7 +416,7 @@ def quick_eval(model, tok, rows, n=4, temperature=1.0, *, max_new_tokens=512, ba
     try:
         samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, seed=seed,  # not the rank: see sample_solutions
-                                   progress=progress, desc='quick_eval')
+                                   progress=progress, desc='quick_eval', sampler=sampler)
     finally:
         m.train(was_training)
     records = score(mine, samples)
@@ -722,6 +725,11 @@ def check_config(cfg):
             data.parse_ops(spec)
         except ValueError as e:
             raise UsageError(f"weighted_bands[{band!r}]: {e}") from None
+    if cfg['sampler'] != 'engine':
+        import vllm_sampler
+        vllm_sampler.check_sampler(cfg['sampler'])
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+            raise UsageError(f"--sampler={cfg['sampler']} runs in one process; drop torchrun")
     labels, ckpts = run_labels(cfg)
     return n, temperature, labels, ckpts
 
@@ -772,10 +780,16 @@ def sample_runs(cfg, labels, ckpts, n, temperature, dist, device, say):
         say(f"{label}: {ckpt_path} (step {ck['step']}), {n} samples x {len(mine)} problems/rank x {world} "
             f"rank(s), temperature {temperature}, max_new_tokens {cfg['max_new_tokens']}")
         m, step = ck['model'].eval(), ck['step']
+        sampler = None
+        if cfg['sampler'] == 'vllm':  # a vLLM engine holding this checkpoint's weights
+            import vllm_sampler
+            sampler = vllm_sampler.VLLMSampler(m, max_rows=cfg['batch_size'] or None)
         samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=cfg['max_new_tokens'],
                                    batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'],
-                                   progress=cfg['progress'] and master, desc=f'sampling {label}')
-        del m, ck
+                                   progress=cfg['progress'] and master, desc=f'sampling {label}', sampler=sampler)
+        if sampler is not None:
+            sampler.close()
+        del m, ck, sampler
         verdicts = verify_all(mine, samples, cfg['workers'], cfg['progress'] and master)
         records = [problem_record(r, vs) for r, vs in zip(mine, verdicts)]
         gen_path = os.path.join(out_dir, f'generations_{label}.jsonl')

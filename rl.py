@@ -45,6 +45,14 @@ Choices, and where we differ from verl (the paper's code):
   GPU, different kernels) and are at temperature 1, so using them would make the first ratio
   differ from 1 by numerical noise. With a single update per rollout (prompts_per_step ==
   minibatch_prompts, ppo_epochs 1) the pass is skipped: old = current, detached (ratio == 1).
+- With --sampler=vllm (vllm_sampler.py) the rollouts are drawn by vLLM from a copy of the policy whose
+  weights are replaced in place after every step (load_weights, as TRL's colocated mode), and the old
+  log-probs still come from our model's forward pass as above (or old = current), never from vLLM's
+  sampling log-probs. So the ratio stays exactly 1 before the first update, and what changes is only
+  the behaviour policy: the samples come from vLLM's kernels, whose distribution differs from our
+  forward's by numerical noise (fp32 CPU: ~1e-6 in a token's log-prob; bf16 GPU: larger), and that
+  mismatch goes uncorrected (no truncated importance weight, as verl's default) -- as with our own
+  engine, whose KV-cache path differs from the forward in the same way, only by other kernels.
 - Log-probs (policy, old and reference) are taken from logits / temperature, as verl does, so the
   ratio is measured against the distribution that was actually sampled.
 - Advantages use the unbiased group std (torch.std, as verl).
@@ -165,6 +173,8 @@ defaults = dict(
     seed=1337,                  # sampler noise is seeded by (seed, step) and each prompt / sample index
     device='',                  # '' = cuda if available else cpu (torchrun: cuda:LOCAL_RANK)
     compile=False,              # torch.compile the training forward (dynamic shapes)
+    sampler='engine',           # rollouts and held-out evaluation: 'engine' (ours) | 'vllm' (vllm_sampler.py,
+                                # pip install -r requirements-vllm.txt; one process; weights pushed after each step)
 )
 
 # loss_type presets: (aggregation, advantage normalisation, clip low, clip high)
@@ -177,7 +187,8 @@ LOSS_TYPES = {
 LOSS_AGGS = ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum-norm')
 # keys that may change on resume: they do not change the trajectory (the lr has no schedule to stretch)
 RESUME_SAFE_KEYS = {'resume_override', 'max_steps', 'flops_budget', 'log_every', 'sample_every', 'n_samples_show',
-                    'eval_every', 'ckpt_every', 'compile', 'logger'}
+                    'eval_every', 'ckpt_every', 'compile', 'logger',
+                    'sampler'}  # (the sampler changes the draws and their kernels, not the recipe)
 
 
 def resolve(cfg: dict) -> common.Config:
@@ -200,6 +211,11 @@ def resolve(cfg: dict) -> common.Config:
                                 f"[0, max_response_len={cfg['max_response_len']})")
     if cfg['max_rollouts'] < 1:
         raise common.UsageError(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
+    if cfg['sampler'] != 'engine':
+        import vllm_sampler
+        vllm_sampler.check_sampler(cfg['sampler'])
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+            raise common.UsageError(f"--sampler={cfg['sampler']} runs in one process; drop torchrun")
     if cfg['world']:
         try:
             data.parse_world(cfg['world'])
@@ -295,13 +311,14 @@ class PromptStream:
 # Rollout, rewards, dynamic sampling, advantages
 
 
-def rollout(model, tok, rows, cfg, generator=None):
+def rollout(model, tok, rows, cfg, generator=None, sampler=None):
     """G = cfg.group_size samples per row in one generate() call (the sampler schedules its own
     memory). Samples are prompt-major: sample k answers row k // G. Returns per-sample lists:
     'row' (the problem), 'prompt', 'response' (token lists, stop token kept), 'text' (the response
-    decoded, EOS dropped), 'finished' (hit </answer> or EOS; False = truncated)."""
+    decoded, EOS dropped), 'finished' (hit </answer> or EOS; False = truncated). sampler: an object
+    with Qwen2.generate's call used instead of the model's engine (vllm_sampler.VLLMSampler)."""
     G = cfg.group_size
-    out = engine.complete(model, tok, [data.prompt_text(r) for r in rows], cfg.max_response_len, num_samples=G,
+    out = engine.complete(sampler or model, tok, [data.prompt_text(r) for r in rows], cfg.max_response_len, num_samples=G,
                           temperature=cfg.temperature, generator=generator)  # (old log-probs: a forward pass)
     return {'row': [r for r in rows for _ in range(G)], 'prompt': [p for p in out.prompts for _ in range(G)],
             'response': out.tokens, 'finished': out.finished, 'text': out.texts}
@@ -642,11 +659,11 @@ def update_policy(model, optimizer, batch, cfg):
 # Evaluation, checkpoints, logging helpers
 
 
-def held_out_eval(model, tok, rows, n, temperature, max_new_tokens, dist):
+def held_out_eval(model, tok, rows, n, temperature, max_new_tokens, dist, sampler=None):
     """pass@1 (process-verified and outcome) etc. on held-out rows: evaluate.quick_eval in one
     generate() call per rank (rows sharded across ranks; every rank gets the same numbers)."""
     res = evaluate.quick_eval(model, tok, rows, n, temperature, max_new_tokens=max_new_tokens,
-                              batch_size=0, dist=dist)  # 0: generate's memory budget sets the rows
+                              batch_size=0, dist=dist, sampler=sampler)  # 0: generate's memory budget sets the rows
     return {f'eval/{k}': float(v) for k, v in res.items()}
 
 
@@ -707,6 +724,10 @@ def setup(C):
     if dist.ddp:
         S.train_model = torch.nn.parallel.DistributedDataParallel(
             S.train_model, device_ids=[dist.local_rank] if 'cuda' in str(device) else None)
+    S.sampler = None
+    if C.sampler == 'vllm':  # after resume: vLLM starts from the weights the run continues with
+        import vllm_sampler
+        S.sampler = vllm_sampler.VLLMSampler(policy)
     if not S.resumed:
         S.log.clear()  # logs of an earlier attempt that never reached a checkpoint
     if dist.is_master:
@@ -788,7 +809,7 @@ def collect_rollouts(S, C):
         rows = S.stream.take(first + r * C.prompts_per_step + S.rank * P, P)
         S.policy.eval()
         with common.autocast_ctx(S.device):
-            return score(rollout(S.policy, S.tok, rows, C, gen), C)
+            return score(rollout(S.policy, S.tok, rows, C, gen, S.sampler), C)
 
     ro, sums, info = fill_step(draw, P, C.group_size, C.dynamic_sampling, C.max_rollouts, S.W, S.device)
     S.stream.next += info['rounds'] * C.prompts_per_step
@@ -867,7 +888,8 @@ def log_step(S, C, m, ro):
 
 
 def evaluate_now(S, C):
-    res = held_out_eval(S.policy, S.tok, S.eval_rows, C.eval_samples, C.eval_temperature, C.max_response_len, S.dist)
+    res = held_out_eval(S.policy, S.tok, S.eval_rows, C.eval_samples, C.eval_temperature, C.max_response_len, S.dist,
+                        S.sampler)
     res['step'] = S.last_eval = S.step
     S.log.log('eval', res)
     S.say(f"eval step {S.step}: pass@1 {res['eval/all/pass@1']:.3f} (process-verified) | outcome pass@1 "
@@ -896,6 +918,8 @@ def main(argv):
         ro['adv'] = advantages(S, C, ro)
         ro['old_logp'], ro['ref_logp'] = rollout_logprobs(S, C, ro)
         st = update_policy(S.train_model, S.optimizer, ro, C)
+        if S.sampler is not None:
+            S.sampler.load_weights(S.policy)                    # vLLM samples the next step with the new weights
         S.step += 1
         results['last'] = m = step_metrics(S, C, ro, sums, info, st, ro['old_logp'], t_gen, time.time() - t0)
         log_step(S, C, m, ro)

@@ -6,7 +6,8 @@ one:
     common.py   <- tokenizer.py <- data.py
     checkpoint.py imports common, model, tokenizer
     stages (pretrain, midtrain, rl, evaluate, interop) import the library; of each other only
-    midtrain -> pretrain (its training loop) and rl -> evaluate (its held-out evaluation)
+    midtrain -> pretrain (its training loop), rl -> evaluate (its held-out evaluation), rl / evaluate ->
+    vllm_sampler (the optional vLLM backend) -> interop (its Hugging Face export)
     tools (bench.py, runs/*.py) import anything; nothing imports a tool
 
 A new file must be placed in this table.
@@ -33,8 +34,9 @@ STAGES = {
     'interop': set(),
     'pretrain': set(),
     'midtrain': {'pretrain'},
-    'evaluate': set(),
-    'rl': {'evaluate'},
+    'evaluate': {'vllm_sampler'},
+    'rl': {'evaluate', 'vllm_sampler'},
+    'vllm_sampler': {'interop'},   # the optional vLLM backend: hands the model over by interop's HF export
 }
 TOOLS = {'bench', 'runs/plan', 'runs/gpu_check'}
 
