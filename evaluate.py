@@ -90,6 +90,9 @@ defaults = dict(
     world='paper',                       # data.WORLDS name or 'places,items,noise' of an on-the-fly eval set
     # sampling
     n_samples=128,                       # samples per problem; pass@k is reported for k = 1, 2, 4, ..., n
+    n_samples_by_op={},                  # more (or fewer) samples for some ops: {op or band name: n}, e.g.
+                                         # {'OOD-edge': 64} (an op key wins over its band's); a sample depends only on
+                                         # (seed, prompt, index), so the first n_samples of them are the default's
     temperature=0.7,                     # sampling temperature (STUDY.md §4)
     greedy=False,                        # greedy decoding: temperature 0 and one sample
     top_k=0,                             # 0 = off
@@ -156,6 +159,17 @@ def sample_solutions(model, tok, rows, n, temperature, *, max_new_tokens=1024, b
                                   max_rows=batch_size if batch_size > 0 else None)
         bar.update(len(res.texts))
     return [res.texts[i * n:(i + 1) * n] for i in range(len(rows))]  # samples come back prompt-major
+
+
+def sample_mixed(model, tok, rows, ns, temperature, **kw):
+    """sample_solutions with ns[i] samples for rows[i]: one call per distinct count, results in the
+    order of `rows`. Row i's samples are the first ns[i] of what any larger count would draw."""
+    out = [None] * len(rows)
+    for n in sorted(set(ns)):
+        idx = [i for i, m in enumerate(ns) if m == n]
+        for i, ss in zip(idx, sample_solutions(model, tok, [rows[i] for i in idx], n, temperature, **kw)):
+            out[i] = ss
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -256,6 +270,24 @@ def band_of(op, bands=BANDS):
     return 'other'
 
 
+def samples_for_op(op, n, by_op=None, bands=BANDS):
+    """Samples per problem of an op: by_op[op] (an int or str key), else by_op[its band], else n."""
+    by_op = by_op or {}
+    for key in (op, str(op), band_of(op, bands)):
+        if key in by_op:
+            return int(by_op[key])
+    return n
+
+
+def check_samples_by_op(by_op, bands=BANDS):
+    """UsageError for a key that is neither an op nor a band name, or a count below 1."""
+    for key, v in by_op.items():
+        if not (isinstance(key, int) or str(key).isdigit() or key in bands):
+            raise UsageError(f"n_samples_by_op: {key!r} is neither an op nor a band ({', '.join(bands)})")
+        if not isinstance(v, int) or v < 1:
+            raise UsageError(f"n_samples_by_op[{key!r}] = {v!r}; it must be an int >= 1")
+
+
 # the pass@k tables of a group: (key in the stats, verifier, estimator). process = the strict check,
 # lenient = the original's (parents and final values only; STUDY.md §2)
 PASS_KINDS = (('process', 'process', 'unbiased'), ('outcome', 'outcome', 'unbiased'),
@@ -318,8 +350,9 @@ def group_stats(records, ks, n_boot=0, seed=0):
     c_lenient = sum(r['c_lenient'] for r in records)
     hacked = sum(r['c_hacked'] for r in records)
     false_arith = sum(r['c_false_arith'] for r in records)
+    ks = [k for k in ks if k <= min(r['n'] for r in records)]  # a group's k up to its fewest samples
     return {
-        'n_problems': len(records), 'n_samples': n_samples,
+        'n_problems': len(records), 'n_samples': n_samples, 'ks': ks,
         **pass_tables([(1.0, records)], ks, n_boot, seed),
         'process_acc': sum(r['process_acc'] * r['n'] for r in records) / n_samples,
         'lenient_process_acc': sum(r['lenient_process_acc'] * r['n'] for r in records) / n_samples,
@@ -344,21 +377,24 @@ def weighted_stats(records, ops_spec, ks, n_boot=0, seed=0):
     strata = [(w / total, [r for r in records if r['op'] in ops]) for w, ops in parts]
     if any(not rs for _, rs in strata):
         return None
-    return {'n_problems': sum(len(rs) for _, rs in strata), 'weights': ops_spec,
+    ks = [k for k in ks if k <= min(r['n'] for _, rs in strata for r in rs)]
+    return {'ks': ks, 'n_problems': sum(len(rs) for _, rs in strata), 'weights': ops_spec,
             **pass_tables(strata, ks, n_boot, seed)}
 
 
 def aggregate(records, ks=None, bands=BANDS, weighted_bands=None, n_boot=0, seed=0):
     """{'ks', 'bands', 'all': stats, 'op': {'2': stats, ...}, 'band': {'ID': ...}, 'template': ...,
     'mode': ..., 'op/mode': {'2/normalforward': ...}, 'band/mode', 'band/template', 'op/template', 'op/given',
-    'weighted': {'ID': ...} (weighted_bands)}; stats as group_stats. ks default to 1, 2, 4, ..., n
-    (k > the smallest n is dropped). n_boot > 0 adds bootstrap intervals (seeded by seed)."""
+    'weighted': {'ID': ...} (weighted_bands)}; stats as group_stats. ks default to 1, 2, 4, ..., n for
+    every sample count n present (k > the largest n is dropped); each group reports the ks up to its own
+    smallest n (its 'ks'), and 'ks_common' are those every problem has. n_boot > 0 adds bootstrap
+    intervals (seeded by seed)."""
     if not records:
         raise UsageError("nothing to aggregate: no scored problems")
-    n_min = min(r['n'] for r in records)
-    ks = [k for k in (ks or default_ks(n_min)) if k <= n_min]
+    ns = sorted({r['n'] for r in records})
+    ks = [k for k in (ks or sorted({k for n in ns for k in default_ks(n)})) if k <= ns[-1]]
     keyed = [dict(r, all='all', band=band_of(r['op'], bands), given=r.get('given', '?')) for r in records]
-    out = {'ks': ks, 'bands': {b: list(v) for b, v in bands.items()}}
+    out = {'ks': ks, 'ks_common': [k for k in ks if k <= ns[0]], 'bands': {b: list(v) for b, v in bands.items()}}
     for dims in GROUPS:
         buckets = defaultdict(list)
         for r in keyed:
@@ -386,7 +422,7 @@ def flat_metrics(agg):
     out = {}
     groups = [('all', agg['all'])] + list(agg['band'].items()) + list(agg['mode'].items())
     for name, st in groups:
-        for k in agg['ks']:
+        for k in st.get('ks', agg['ks']):
             out[f'{name}/pass@{k}'] = st['process'][f'pass@{k}']
             out[f'{name}/outcome_pass@{k}'] = st['outcome'][f'pass@{k}']
         for metric in ('process_acc', 'hack_rate', 'false_arith_rate', 'no_answer_rate'):
@@ -467,11 +503,15 @@ def write_csv(runs, path):
                     w.writerow([label, g, key, st['n_problems'], st['n_samples']]
                                + [f"{st[m]:.6f}" for m in rates]
                                + [f"{st['step_errors'][kind]:.6f}" for kind in STEP_ERROR_KINDS]
-                               + [f"{st[kind][f'pass@{k}']:.6f}" for kind in kinds for k in ks])
+                               + [f"{st[kind][f'pass@{k}']:.6f}" if f'pass@{k}' in st[kind] else ''
+                                  for kind in kinds for k in ks])
 
 
 def _value(st, kind, k):
-    """'36.7' or, with a bootstrap interval, '36.7 [30.0, 43.3]' (%)."""
+    """'36.7' or, with a bootstrap interval, '36.7 [30.0, 43.3]' (%); '-' where the group has fewer
+    than k samples per problem."""
+    if f'pass@{k}' not in st[kind]:
+        return '-'
     v = _pct(st[kind][f'pass@{k}'])
     ci = st.get('ci', {}).get(kind, {}).get(f'pass@{k}')
     return f"{v} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else v
@@ -479,17 +519,36 @@ def _value(st, kind, k):
 
 def _cell(st, k, estimator):
     p, o = _kinds(estimator)
+    if f'pass@{k}' not in st[p]:
+        return '-'
     return f"{_value(st, p, k)} / {_value(st, o, k)}"
+
+
+def _samples_note(records):
+    """'' when every problem has the same number of samples, else ' (ops 5-6: 64 samples)'."""
+    counts = defaultdict(set)
+    for r in records:
+        counts[r['n']].add(r['op'])
+    if len(counts) < 2:
+        return ''
+    n_main = max(counts, key=lambda n: len(counts[n]))
+    return ' (' + '; '.join(f"ops {_ops_text(sorted(ops))}: {n} samples" for n, ops in sorted(counts.items())
+                            if n != n_main) + ')'
 
 
 def write_summary(runs, meta, path):
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
     ks, kmax = first['ks'], first['ks'][-1]
+    kc = first.get('ks_common', ks)[-1]
+    kcols = [1, kc] + ([kmax] if kmax != kc else [])   # pass@1, the k every problem has, the largest k
+    khead = lambda: ' | '.join(f'pass@{k}' for k in kcols)
+    kcells = lambda st, est: ' | '.join(_cell(st, k, est) for k in kcols)
     boot = meta.get('bootstrap', 0)
     L = [f"# Evaluation: {', '.join(labels)}", '',
          f"{meta['n_problems']} held-out problems (ops {meta['ops']}; source: {meta['source']}); "
-         f"{meta['n_samples']} samples each at temperature {meta['temperature']}.",
+         f"{meta['n_samples']} samples each{_samples_note(runs[labels[0]].get('records', []))} at temperature "
+         f"{meta['temperature']}" + (" ('-': fewer samples than k)" if kmax != kc else '') + ".",
          "Cells are **process-verified / outcome** pass@k in %"
          + (f", each with its 95% bootstrap interval over problems ({boot} resamples, seeded)" if boot else '')
          + ". Process-verified = every gold step has the right parents and value, every equality it writes "
@@ -516,14 +575,14 @@ def write_summary(runs, meta, path):
                              + ' | '.join(_cell(st, k, est) for k in ks) + ' |')
             L.append('')
     for est in ESTIMATOR_TITLES:
-        L += [f'## By op: pass@1 and pass@{kmax} (all modes), {ESTIMATOR_TITLES[est]}', '',
-              '| op | ' + ' | '.join(f'{lb} pass@1 | {lb} pass@{kmax}' for lb in labels) + ' |',
-              '|---|' + '---|---|' * len(labels)]
+        L += [f"## By op: {', '.join(f'pass@{k}' for k in kcols)} (all modes), {ESTIMATOR_TITLES[est]}", '',
+              '| op | ' + ' | '.join(f'{lb} pass@{k}' for lb in labels for k in kcols) + ' |',
+              '|---|' + '---|' * len(kcols) * len(labels)]
         for op in first['op']:
             cells = []
             for lb in labels:
                 st = runs[lb]['aggregate']['op'].get(op)
-                cells += [_cell(st, 1, est), _cell(st, kmax, est)] if st else ['', '']
+                cells += [_cell(st, k, est) for k in kcols] if st else [''] * len(kcols)
             L.append(f"| {op} | " + ' | '.join(cells) + ' |')
         L.append('')
     L += [f'## Strict and lenient process verification: pass@1 and pass@{kmax}, unbiased, by band', '',
@@ -557,16 +616,17 @@ def write_summary(runs, meta, path):
             L.append(f"| {lb} | {band} | " + ' | '.join(f"{100 * st['step_errors'][k]:.1f}" for k in STEP_ERROR_KINDS)
                      + ' |')
     for est in ESTIMATOR_TITLES:
-        L += ['', f'## By template and band: pass@1 and pass@{kmax}, {ESTIMATOR_TITLES[est]}', '',
-              f'| label | template/band | pass@1 | pass@{kmax} |', '|---|---|---|---|']
+        L += ['', f"## By template and band: {', '.join(f'pass@{k}' for k in kcols)}, {ESTIMATOR_TITLES[est]}", '',
+              f'| label | template/band | {khead()} |', '|---|---|' + '---|' * len(kcols)]
         for lb in labels:
             for key, st in runs[lb]['aggregate']['band/template'].items():
-                L.append(f"| {lb} | {key} | {_cell(st, 1, est)} | {_cell(st, kmax, est)} |")
-    L += ['', f'## By op and statements given: pass@1 and pass@{kmax}, unbiased (what makes a problem hard)', '',
-          f'| label | op/statements | problems | pass@1 | pass@{kmax} |', '|---|---|---|---|---|']
+                L.append(f"| {lb} | {key} | {kcells(st, est)} |")
+    L += ['', f"## By op and statements given: {', '.join(f'pass@{k}' for k in kcols)}, unbiased "
+          f"(what makes a problem hard)", '',
+          f'| label | op/statements | problems | {khead()} |', '|---|---|---|' + '---|' * len(kcols)]
     for lb in labels:
         for key, st in runs[lb]['aggregate'].get('op/given', {}).items():
-            L.append(f"| {lb} | {key} | {st['n_problems']} | {_cell(st, 1, 'unbiased')} | {_cell(st, kmax, 'unbiased')} |")
+            L.append(f"| {lb} | {key} | {st['n_problems']} | {kcells(st, 'unbiased')} |")
     with open(path, 'w') as f:
         f.write('\n'.join(L) + '\n')
 
@@ -596,7 +656,7 @@ def plot_passk(runs, path, estimator='unbiased'):
                 st = agg['band/mode'].get(band + suffix) if suffix else agg['band'].get(band)
                 if not st:
                     continue
-                ks = agg['ks']
+                ks = st.get('ks', agg['ks'])
                 for kind, ls in zip(_kinds(estimator), ('-', '--')):
                     ax.plot(ks, [st[kind][f'pass@{k}'] for k in ks], ls, color=colors[lb], marker='o', ms=3)
             ax.set_xscale('log', base=2)
@@ -619,7 +679,7 @@ def plot_acc_vs_op(runs, path, bands=BANDS, by='mode', estimator='unbiased'):
     plt = common.pyplot()
     labels = list(runs)
     first = runs[labels[0]]['aggregate']
-    kmax = first['ks'][-1]
+    kmax = first.get('ks_common', first['ks'])[-1]  # the k every problem has
     rows = _split_rows(first, by)
     colors = {lb: f'C{i}' for i, lb in enumerate(labels)}
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.8 * len(rows) + 0.6), squeeze=False, sharey=True)
@@ -730,6 +790,7 @@ def check_config(cfg):
         vllm_sampler.check_sampler(cfg['sampler'])
         if int(os.environ.get('WORLD_SIZE', 1)) > 1:
             raise UsageError(f"--sampler={cfg['sampler']} runs in one process; drop torchrun")
+    check_samples_by_op(cfg['n_samples_by_op'], cfg['bands'])
     labels, ckpts = run_labels(cfg)
     return n, temperature, labels, ckpts
 
@@ -777,16 +838,19 @@ def sample_runs(cfg, labels, ckpts, n, temperature, dist, device, say):
             say(f"eval set: {len(rows)} problems from {source}")
             # balanced shards: deal problems sorted by prompt length round-robin to the ranks
             mine = sorted(rows, key=lambda r: -len(data.prompt_text(r)))[dist.rank::world]
+        ns = [n if cfg['greedy'] else samples_for_op(r['op'], n, cfg['n_samples_by_op'], cfg['bands'])
+              for r in mine]
         say(f"{label}: {ckpt_path} (step {ck['step']}), {n} samples x {len(mine)} problems/rank x {world} "
-            f"rank(s), temperature {temperature}, max_new_tokens {cfg['max_new_tokens']}")
+            f"rank(s){_samples_note([{'n': k, 'op': r['op']} for k, r in zip(ns, mine)])}, temperature "
+            f"{temperature}, max_new_tokens {cfg['max_new_tokens']}")
         m, step = ck['model'].eval(), ck['step']
         sampler = None
         if cfg['sampler'] == 'vllm':  # a vLLM engine holding this checkpoint's weights
             import vllm_sampler
             sampler = vllm_sampler.VLLMSampler(m, max_rows=cfg['batch_size'] or None)
-        samples = sample_solutions(m, tok, mine, n, temperature, max_new_tokens=cfg['max_new_tokens'],
-                                   batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'],
-                                   progress=cfg['progress'] and master, desc=f'sampling {label}', sampler=sampler)
+        samples = sample_mixed(m, tok, mine, ns, temperature, max_new_tokens=cfg['max_new_tokens'],
+                               batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'],
+                               progress=cfg['progress'] and master, desc=f'sampling {label}', sampler=sampler)
         if sampler is not None:
             sampler.close()
         del m, ck, sampler
@@ -845,7 +909,7 @@ def evaluate(cfg):
     for label, run in runs.items():
         logger.log(label, {'ckpt_step': run['step'], **flat_metrics(run['aggregate'])})
         st = run['aggregate']['all']
-        k = run['aggregate']['ks'][-1]
+        k = st.get('ks', run['aggregate']['ks'])[-1]
         say(f"  {label}: pass@1 {_pct(st['process']['pass@1'])} / {_pct(st['outcome']['pass@1'])}, pass@{k} "
             f"{_pct(st['process'][f'pass@{k}'])} / {_pct(st['outcome'][f'pass@{k}'])} (process / outcome, %, "
             f"unbiased); ordered pass@{k} {_pct(st['process_ordered'][f'pass@{k}'])} / "

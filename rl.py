@@ -8,7 +8,8 @@ One step of `main`, each phase a function a fork can replace:
   rewards          compute_rewards(): data.verify(text, gold graph) -> data.reward(verdict, kind),
                    plus DAPO's soft overlong penalty if asked; with dynamic sampling, groups whose
                    rewards are all equal are dropped and more prompts drawn (collect_rollouts())
-  advantages       compute_advantages(): (r - group mean) / group std (or none, or the batch std)
+  advantages       compute_advantages(): (r - group mean) / group std (or none, or the batch std), or
+                   passk_advantages(); then downsample() keeps update_size per group (PODS; 0 = all)
   old / reference  rollout_logprobs(): "old" log-probs of the current policy and the reference's
   update           update_policy(model, optimizer, batch, cfg): prompts_per_step / minibatch_prompts
                    optimizer steps of policy_loss() (PPO clip + dual clip, k3 KL, entropy bonus)
@@ -38,6 +39,10 @@ no overlong shaping, token-level ratio. The variants people ablate, each a key (
   dynamic_sampling   DAPO: only groups with signal, up to max_rollouts rollouts per step
   mask_truncated     DAPO overlong filtering: truncated responses carry no loss
   overlong_buffer    DAPO soft overlong penalty, linear to -overlong_penalty over the last N tokens
+  update_size        PODS (Xu et al. 2025): roll out group_size per prompt (e.g. 64), train on the
+                     update_size of each group with the largest reward variance (as balanced a set of
+                     successes and failures as the group allows), advantages from the whole group
+  adv_estimator      'passk': pass@k training's analytic advantage (Chen et al. 2025; k = passk_k)
 
 Choices, and where we differ from verl (the paper's code):
 - Old log-probs are recomputed by a forward pass of the current policy before the updates (as verl
@@ -115,6 +120,11 @@ defaults = dict(
     exclude='',                 # comma-separated JSONL files whose ids must never be RL prompts (besides held-out sets)
     # rollout and reward
     group_size=6,               # G samples per prompt
+    update_size=0,              # PODS (Xu et al. 2025): train on this many of each group's G rollouts, those with
+                                # the largest reward variance (advantages still from all G); 0 = all G
+    adv_estimator='grpo',       # grpo: r - group mean (over adv_norm) | passk: pass@k training's analytic
+                                # advantage (Chen et al. 2025) of binary success (reward >= 1), k = passk_k
+    passk_k=8,                  # k of adv_estimator='passk' (1 <= k <= group_size; k = 1 is plain GRPO)
     prompts_per_step=1024,      # prompts per step (groups trained on), over all ranks
     max_prompt_len=1024,        # longer prompts are skipped
     max_response_len=1024,      # generation budget; unfinished responses are "truncated"
@@ -200,7 +210,7 @@ def resolve(cfg: dict) -> common.Config:
         if not cfg[k]:
             cfg[k] = v
     for key, allowed in (('reward', data.REWARDS), ('loss_agg', LOSS_AGGS), ('adv_norm', ('group', 'none', 'batch')),
-                         ('ratio_level', ('token', 'sequence'))):
+                         ('ratio_level', ('token', 'sequence')), ('adv_estimator', ('grpo', 'passk'))):
         if cfg[key] not in allowed:
             raise common.UsageError(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
     if cfg['prompts_per_step'] % cfg['minibatch_prompts']:
@@ -216,6 +226,14 @@ def resolve(cfg: dict) -> common.Config:
         vllm_sampler.check_sampler(cfg['sampler'])
         if int(os.environ.get('WORLD_SIZE', 1)) > 1:
             raise common.UsageError(f"--sampler={cfg['sampler']} runs in one process; drop torchrun")
+    if not 0 <= cfg['update_size'] <= cfg['group_size']:
+        raise common.UsageError(f"update_size={cfg['update_size']} must be in [0, group_size={cfg['group_size']}] "
+                           f"(0 = train on the whole group)")
+    if cfg['adv_estimator'] == 'passk' and not 1 <= cfg['passk_k'] <= cfg['group_size']:
+        raise common.UsageError(f"passk_k={cfg['passk_k']} must be in [1, group_size={cfg['group_size']}]")
+    if cfg['adv_estimator'] == 'passk' and cfg['adv_norm'] == 'batch':
+        raise common.UsageError("adv_estimator=passk normalises by its own group std (adv_norm=group) or not at all "
+                           "(adv_norm=none); adv_norm=batch is not supported")
     if cfg['world']:
         try:
             data.parse_world(cfg['world'])
@@ -343,6 +361,7 @@ def score(ro, cfg):
     """Add 'reward' [N], 'verdict' and 'train_mask' [N] bool (False: no loss, a masked truncated
     response) to a rollout."""
     ro['reward'], ro['verdict'] = compute_rewards(ro['text'], [r['graph'] for r in ro['row']], cfg.reward)
+    ro['success'] = ro['reward'] >= 1  # the full reward (before shaping): what pass@k counts
     if cfg.overlong_buffer:
         ro['reward'] = ro['reward'] + overlong_penalty([len(r) for r in ro['response']], cfg.max_response_len,
                                                        cfg.overlong_buffer, cfg.overlong_penalty)
@@ -370,7 +389,9 @@ def concat(ros):
 def rollout_sums(ro, group_size):
     """What the metrics need from a scored rollout, as sums (all-reduced later)."""
     v = ro['verdict']
+    ok = successes(ro).view(-1, group_size)
     return {'samples': len(v), 'groups': len(v) // group_size, 'reward': float(ro['reward'].sum()),
+            'solved': int(ok.any(1).sum()), 'successes': int(ok.sum()),
             'outcome': sum(x.outcome for x in v), 'process_acc': sum(x.process_acc for x in v),
             'perfect': sum(x.perfect for x in v), 'hacked': sum(x.outcome and not x.perfect for x in v),
             'no_signal': int((~has_signal(ro['reward'], group_size)).sum()),
@@ -412,6 +433,74 @@ def fill_step(draw, n_groups, group_size, dynamic=False, max_rounds=1, world_siz
     if topped_up:
         kept.append(select_groups(concat(spare), list(range(topped_up)), group_size))
     return concat(kept), sums, {'rounds': rounds, 'topped_up': topped_up}
+
+
+def successes(ro):
+    """[N] bool: the samples with the full reward (score() sets ro['success'] before any shaping)."""
+    return ro['success'] if 'success' in ro else ro['reward'] >= 1
+
+
+def max_variance_subset(rewards, m):
+    """PODS max-variance down-sampling of one group (Xu et al. 2025): the m of its samples whose rewards
+    have the largest (population) variance. That set is always the i highest and m - i lowest rewards
+    for some i (their Lemma), so every i is tried; a tie in variance goes to the larger i (more high
+    rewards), and among equal rewards the earlier samples are kept. For binary rewards with s
+    successes and f failures this keeps clamp(ceil(m / 2), m - f, s) successes: as balanced as the group
+    allows. rewards: a list (or 1-D tensor) of one group's rewards -> sorted indices (all of them if
+    m >= len(rewards))."""
+    r = [float(x) for x in rewards]
+    n = len(r)
+    if m >= n:
+        return list(range(n))
+    high = sorted(range(n), key=lambda j: (-r[j], j))   # highest first, earlier first among equals
+    best, best_var = None, -1.0
+    for i in range(m, -1, -1):
+        hi = high[:i]
+        taken = set(hi)
+        lo = [j for j in sorted(range(n), key=lambda j: (r[j], j)) if j not in taken][:m - i]
+        vals = [r[j] for j in hi + lo]
+        mean = sum(vals) / m
+        var = sum((x - mean) ** 2 for x in vals) / m
+        if var > best_var + 1e-12:
+            best, best_var = hi + lo, var
+    return sorted(best)
+
+
+def downsample(ro, group_size, update_size):
+    """The update batch of a PODS step: update_size samples of every group (max_variance_subset of its
+    rewards), in their drawn order; every per-sample entry (advantages included, computed before on
+    the whole group) follows. update_size 0 or >= group_size: the rollout as it is."""
+    if not update_size or update_size >= group_size:
+        return ro
+    r = ro['reward'].view(-1, group_size)
+    idx = [g * group_size + j for g in range(r.size(0)) for j in max_variance_subset(r[g].tolist(), update_size)]
+    return {key: v[idx] if torch.is_tensor(v) else [v[i] for i in idx] for key, v in ro.items()}
+
+
+def passk_advantages(success, group_size, k, norm='group', eps=1e-6):
+    """Pass@k training's analytic advantage (Chen et al. 2025, "Pass@k Training for Adaptively Balancing
+    Exploration and Exploitation"): the group's reward is the pass@k of its n = group_size samples,
+    R = 1 - C(n_neg, k) / C(n, k), with std sigma = sqrt(R (1 - R)); a success always sits in a
+    k-subset that passes, a failure in one that passes with probability 1 - C(n_neg - 1, k - 1) /
+    C(n - 1, k - 1), so
+      A_pos = (1 - R) / sigma,   A_neg = (1 - R - C(n_neg - 1, k - 1) / C(n - 1, k - 1)) / sigma
+    (norm 'none': without the / sigma). They sum to 0 over a group; k = 1 gives GRPO's advantage with
+    the population std; all successes, no success, or fewer than k failures: 0 (no signal).
+    success [N] bool, prompt-major -> [N] float."""
+    s = success.view(-1, group_size).bool()
+    n, out = group_size, torch.zeros(s.shape)
+    for g in range(s.size(0)):
+        n_neg = int((~s[g]).sum())
+        R = 1 - math.comb(n_neg, k) / math.comb(n, k)
+        a_pos = 1 - R
+        a_neg = (1 - R - math.comb(n_neg - 1, k - 1) / math.comb(n - 1, k - 1)) if n_neg >= 1 else 0.0
+        if norm == 'group':
+            sigma = math.sqrt(max(R * (1 - R), 0.0))
+            a_pos, a_neg = a_pos / (sigma + eps), a_neg / (sigma + eps)
+        elif norm != 'none':
+            raise ValueError(f"passk advantages take adv_norm 'group' or 'none', not {norm!r}")
+        out[g] = torch.where(s[g], torch.tensor(a_pos), torch.tensor(a_neg))
+    return out.reshape(-1)
 
 
 def compute_advantages(rewards, group_size, norm='group', eps=1e-6, batch_std=None):
@@ -735,7 +824,9 @@ def setup(C):
         tok.save(os.path.join(C.out_dir, 'tokenizer.json'))  # the run dir is self-contained for evaluate.py
         S.log.progress(C.max_steps, S.step)
         S.say(f"held-out: {len(eval_rows)} problems from {eval_source}; {len(excluded)} ids excluded from RL prompts")
-        S.say(f"rl: {S.N / 1e6:.2f}M params | world {S.W} | {C.prompts_per_step} prompts x G={C.group_size} per step, "
+        S.say(f"rl: {S.N / 1e6:.2f}M params | world {S.W} | {C.prompts_per_step} prompts x G={C.group_size} per step"
+              + (f" (update on {C.update_size} per group, max variance)" if C.update_size else '')
+              + (f" | pass@{C.passk_k} advantages" if C.adv_estimator == 'passk' else '') + ", "
               f"{C.prompts_per_step // C.minibatch_prompts} updates | reward {C.reward} | loss {C.loss_type} "
               f"({C.loss_agg}, adv {C.adv_norm}, clip {C.clip_eps_low}/{C.clip_eps_high}, ratio {C.ratio_level})"
               f"{' | dynamic sampling' if C.dynamic_sampling else ''} | prompts "
@@ -770,7 +861,8 @@ def step_flops_bound(C, N, prompt_lens, has_ref):
     """A step's FLOPs if every response ran to the budget (and dynamic sampling drew all its rounds):
     the estimate before the first step. prompt_lens: the step's prompts (all ranks)."""
     G, R, n, P = C.group_size, C.max_response_len, len(prompt_lens), sum(prompt_lens)
-    seq = G * P + n * G * R
+    U = C.update_size or G  # trained (and old / reference passes) per group
+    seq = U * P + n * U * R
     passes = has_ref + (not single_update(C))
     return 2 * N * (P + n * G * R) * (C.max_rollouts if C.dynamic_sampling else 1) + 2 * N * seq * passes + \
         6 * N * seq * C.ppo_epochs
@@ -817,6 +909,9 @@ def collect_rollouts(S, C):
 
 
 def advantages(S, C, ro):
+    """Per-sample advantages over whole groups (group_size samples each, before any down-sampling)."""
+    if C.adv_estimator == 'passk':
+        return passk_advantages(successes(ro), C.group_size, C.passk_k, C.adv_norm)
     std = global_std(ro['reward'], S.W, S.device) if C.adv_norm == 'batch' else None
     return compute_advantages(ro['reward'], C.group_size, C.adv_norm, batch_std=std)
 
@@ -834,6 +929,7 @@ def step_metrics(S, C, ro, sums, info, st, old_lp, t_gen, t_step):
     """Sums over this rank, all-reduced, then ratios; adds the step's FLOPs to S.flops."""
     N, seq = S.N, sum(len(p) + len(r) for p, r in zip(ro['prompt'], ro['response']))
     local = dict(sums, topped_up=info['topped_up'], seq_tokens=seq, t_gen=t_gen, t_step=t_step,
+                 kept=len(ro['response']), kept_successes=int(successes(ro).sum()),
                  flops_rollout=2 * N * (sums['prompt_once'] + sums['resp_tokens']),
                  flops_ref=2 * N * seq * (S.ref is not None), flops_old=2 * N * seq * (old_lp is not None),
                  flops_train=6 * N * seq * C.ppo_epochs,
@@ -853,6 +949,10 @@ def step_metrics(S, C, ro, sums, info, st, old_lp, t_gen, t_step):
             'perfect': tot['perfect'] / D, 'hack': tot['hacked'] / D, 'resp_len': tot['resp_tokens'] / D,
             'truncated': tot['truncated'] / D, 'no_signal': tot['no_signal'] / tot['groups'],
             'drawn': tot['groups'], 'dropped': tot['groups'] - C.prompts_per_step, 'topped_up': tot['topped_up'],
+            # exploration: drawn groups with at least one full-reward sample, full-reward samples drawn, and
+            # in the update batch (PODS keeps update_size per group)
+            'solved_groups': tot['solved'], 'successes': tot['successes'], 'kept': tot['kept'],
+            'kept_successes': tot['kept_successes'],
             # the update (trained tokens): how far the policy moves
             'kl': tot['kl'] / T, 'entropy': tot['entropy'] / T, 'clip_frac': tot['clipped'] / T,
             'dual_clip_frac': tot['dual_clipped'] / T, 'ratio': tot['ratio'] / T,
@@ -873,10 +973,11 @@ def log_step(S, C, m, ro):
         S.say(f"step {m['step']} | reward {m['reward']:.3f} | acc {m['outcome_acc']:.3f} | proc {m['process_acc']:.3f} "
               f"| hack {m['hack']:.3f} | kl {m['kl']:.2e} | ent {m['entropy']:.3f} | clip {m['clip_frac']:.3f} "
               f"| no-signal {m['no_signal']:.2f}" + (f" (drew {m['drawn']:.0f})" if C.dynamic_sampling else '')
+              + f" | solved {m['solved_groups']:.0f} groups, {m['kept_successes']:.0f}/{m['successes']:.0f} ok kept"
               + f" | len {m['resp_len']:.0f} | trunc {m['truncated']:.2f} | {m['gen_tok_per_s']:.0f} gen tok/s "
               f"| {m['step_s']:.1f}s | {m['flops']:.3g} FLOPs")
     if C.sample_every and m['step'] % C.sample_every == 0:
-        G = C.group_size
+        G = C.update_size or C.group_size  # per group in the update batch
         for j, k in enumerate(range(0, len(ro['text']), G)[:max(C.n_samples_show, 4)]):  # 1 per prompt
             row = ro['row'][k]
             rec = {'step': m['step'], 'id': row['id'], 'op': row['op'], 'mode': row['mode'],
@@ -915,7 +1016,8 @@ def main(argv):
             g['lr'] = lr_at(S.step, C.lr, C.warmup_steps)
         ro, sums, info = collect_rollouts(S, C)                 # take prompts -> rollout -> rewards
         t_gen = time.time() - t0
-        ro['adv'] = advantages(S, C, ro)
+        ro['adv'] = advantages(S, C, ro)                        # on whole groups
+        ro = downsample(ro, C.group_size, C.update_size)       # PODS: update_size per group (0: all)
         ro['old_logp'], ro['ref_logp'] = rollout_logprobs(S, C, ro)
         st = update_policy(S.train_model, S.optimizer, ro, C)
         if S.sampler is not None:

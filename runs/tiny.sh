@@ -20,7 +20,7 @@ if [ "$SMOKE" = 1 ]; then   # a few steps of each stage, on a small dataset
   PRE="--max_tokens=40960 --data_tokens=200000 --eval_interval=5 --ckpt_interval=5 --progress=False"
   MID="--max_tokens=16384 --data_tokens=100000 --eval_interval=2 --ckpt_interval=2 --progress=False"
   RL="--max_steps=2 --prompts_per_step=4 --minibatch_prompts=4 --max_response_len=96"
-  EVAL="--eval_ops=[2,3,5,8] --n_samples=2 --max_new_tokens=96 --bootstrap=50 --progress=False"
+  EVAL="--eval_ops=[2,3,5,8] --n_samples=2 --n_samples_by_op={} --max_new_tokens=96 --bootstrap=50 --progress=False"
 else
   PRE=""; MID=""; RL=""; EVAL=""
 fi

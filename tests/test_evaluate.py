@@ -625,3 +625,76 @@ def test_mixture_with_all_template_weights_zero_is_an_error():
     with pytest.raises(ValueError, match='every template weight is 0'):
         data.mixture('2-10', {'crazy_zootopia': 0, 'teachers_in_school': 0})
     assert dict(data.mixture('2-10', {'crazy_zootopia': 0, 'teachers_in_school': 1}).templates) == {'teachers_in_school': 1.0}
+
+
+# -----------------------------------------------------------------------------------------------
+# more samples for some ops (n_samples_by_op): the edge band at larger k
+
+def test_samples_for_op_and_its_checks():
+    by = {'OOD-edge': 64, 6: 32}
+    assert [ev.samples_for_op(op, 16, by) for op in (2, 11, 14, 6, 15)] == [16, 64, 64, 32, 16]
+    assert ev.samples_for_op(5, 16, {'5': 8}) == 8 and ev.samples_for_op(5, 16, {}) == 16
+    ev.check_samples_by_op({'OOD-edge': 64, 5: 8, '6': 4})
+    for bad in ({'edge': 64}, {5: 0}, {5: 2.5}):
+        with pytest.raises(ev.UsageError, match='n_samples_by_op'):
+            ev.check_samples_by_op(bad)
+
+
+def test_mixed_sample_counts_hand_computed(tmp_path, forward_problems):
+    """ID problems (op 2-10) with 4 samples, edge problems (op 11-14) with 8; each problem's first sample
+    is right, the rest wrong (c = 1): ID pass@1 = 1/4, pass@4 = 1; edge pass@1 = 1/8, pass@4 =
+    1 - C(7,4)/C(8,4) = 1/2, pass@8 = 1. The edge band reports k up to 8, the others up to 4."""
+    rows, tok = forward_problems, CharTokenizer()
+    oracle = OracleModel(tok, rows, lambda row, j: gold_completion(row) if j == 0 else wrong_step_value(row))
+    ns = [ev.samples_for_op(r['op'], 4, {'OOD-edge': 8}) for r in rows]
+    samples = ev.sample_mixed(oracle, tok, rows, ns, 0.7, progress=False)
+    assert [len(s) for s in samples] == ns and sorted(g for _, g, _ in oracle.calls) == [4, 8]  # a call per count
+    assert all(s[0] == gold_completion(r) for r, s in zip(rows, samples))
+    agg = ev.aggregate(ev.score(rows, samples), n_boot=50)
+    assert agg['ks'] == [1, 2, 4, 8] and agg['ks_common'] == [1, 2, 4]
+    edge, idb = agg['band']['OOD-edge'], agg['band']['ID']
+    assert edge['ks'] == [1, 2, 4, 8] and idb['ks'] == [1, 2, 4] and agg['all']['ks'] == [1, 2, 4]
+    assert edge['process']['pass@1'] == pytest.approx(1 / 8) and edge['process']['pass@4'] == pytest.approx(0.5)
+    assert edge['process']['pass@8'] == 1.0 and 'pass@8' in edge['ci']['process']
+    assert idb['process']['pass@1'] == pytest.approx(0.25) and idb['process']['pass@4'] == 1.0
+    assert 'pass@8' not in idb['process']
+    flat = ev.flat_metrics(agg)
+    assert flat['OOD-edge/pass@8'] == 1.0 and 'ID/pass@8' not in flat and 'all/pass@8' not in flat
+    recs = ev.score(rows, samples)
+    runs = {'m': {'ckpt': 'x', 'step': 1, 'records': recs, 'aggregate': agg}}
+    ev.write_reports(str(tmp_path), runs, {'n_problems': len(rows), 'n_samples': 4, 'temperature': 0.7,
+                                           'source': 'test', 'ops': '2-18', 'bootstrap': 50})
+    md = (tmp_path / 'summary.md').read_text()
+    assert '4 samples each (ops 11, 13: 8 samples)' in md
+    edge_row = next(line for line in md.splitlines() if line.startswith('| m | OOD-edge |'))
+    assert edge_row.count('[') == 4 * 2 and '100.0 [100.0, 100.0] / 100.0' in edge_row.split('|')[-2]
+    id_row = next(line for line in md.splitlines() if line.startswith('| m | ID |'))
+    assert id_row.rstrip(' |').endswith('-')            # no pass@8 for 4 samples
+    assert '## By op: pass@1, pass@4, pass@8' in md
+    with open(tmp_path / 'results.csv') as f:
+        table = {(t['grouping'], t['key']): t for t in csv.DictReader(f)}
+    assert table[('band', 'ID')]['process_pass@8'] == '' and float(table[('band', 'OOD-edge')]['process_pass@8']) == 1.0
+
+
+def test_command_samples_some_ops_more_and_keeps_the_first_samples(random_runs, tmp_path):
+    """--n_samples_by_op: op 12 gets 4 samples, the others 2; op 12's first 2 are the samples a plain
+    n_samples=2 run draws (a sample depends on seed, prompt and index only)."""
+    run0 = random_runs['runs'][0]
+    common = ['tiny_eval', *ANY_EVAL, f'--ckpts={run0}', '--labels=g', '--n_samples=2', '--temperature=1.0',
+              '--max_new_tokens=12', '--progress=False', '--bootstrap=20']
+    ev.main(common + [f'--out_dir={tmp_path / "plain"}'])
+    ev.main(common + [f'--out_dir={tmp_path / "more"}', "--n_samples_by_op={12: 4}"])
+    read = lambda d: {(g['id'], g['sample']): (g['op'], g['text']) for g in map(json.loads, open(tmp_path / d / 'generations_g.jsonl'))}
+    plain, more = read('plain'), read('more')
+    assert len(plain) == 9 * 2 and len(more) == 6 * 2 + 3 * 4
+    assert all(more[key] == v for key, v in plain.items())            # the first 2 samples are the same
+    assert {op for (_, j), (op, _) in more.items() if j >= 2} == {12}
+    res = json.loads((tmp_path / 'more' / 'results.json').read_text())['runs']['g']['aggregate']
+    assert res['ks'] == [1, 2, 4] and res['op']['12']['ks'] == [1, 2, 4] and res['op']['2']['ks'] == [1, 2]
+    # re-scoring reads the mixed counts back
+    ev.main(['tiny_eval', *ANY_EVAL, '--labels=g', f'--out_dir={tmp_path / "more"}', '--rescore=True', '--progress=False',
+             '--bootstrap=20'])
+    again = json.loads((tmp_path / 'more' / 'results.json').read_text())['runs']['g']['aggregate']
+    assert again == res
+    with pytest.raises(SystemExit, match='n_samples_by_op'):
+        ev.main(common + [f'--out_dir={tmp_path / "bad"}', "--n_samples_by_op={'edge': 4}"])

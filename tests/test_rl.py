@@ -80,6 +80,81 @@ def test_advantages_hand_computed():
     torch.testing.assert_close(rl.compute_advantages(r, 4, norm='batch', batch_std=2.0), none / (2 + 1e-6))
 
 
+def test_pods_max_variance_subset_hand_computed():
+    f = rl.max_variance_subset
+    # binary rewards: as balanced as the group allows (ceil(m/2) successes on a tie), earlier samples first
+    assert f([1, 0, 0, 0, 1, 0, 0, 0], 4) == [0, 1, 2, 4]   # 2 successes + the first 2 failures
+    assert f([0, 0, 0, 1], 3) == [0, 1, 3]                   # the only success + 2 failures
+    assert f([1, 1, 1, 0, 1], 3) == [0, 1, 3]                # the only failure + 2 successes
+    assert f([0, 1, 0, 1], 3) == [0, 1, 3]                   # m odd: ceil(3/2) = 2 successes, 1 failure
+    assert f([0, 0, 0, 0], 2) == [0, 1] and f([1, 1, 1], 2) == [0, 1]   # no signal: the first m
+    assert f([0, 1, 0], 3) == [0, 1, 2] and f([0, 1], 5) == [0, 1]      # m >= n: all of them
+    # real rewards: the i highest and m - i lowest for the best i. m 2: {0.9, 0.1}; m 3: {0.9, 0.1, 0.2}
+    # (variance .1267) beats {0.9, 0.7, 0.1} (.1156), {0.9, 0.7, 0.5} and {0.1, 0.2, 0.5}
+    r = [0.2, 0.9, 0.5, 0.1, 0.7]
+    assert f(r, 2) == [1, 3] and f(r, 3) == [0, 1, 3]
+    assert f(torch.tensor(r), 3) == [0, 1, 3]
+
+
+def test_pods_keeps_whole_group_advantages():
+    """Advantages come from all group_size rewards (PODS); the update batch keeps update_size per group."""
+    rew = torch.tensor([1., 0., 0., 0., 0., 1., 1., 0.])
+    ro = {'reward': rew, 'row': [f'g{i // 4}s{i % 4}' for i in range(8)], 'train_mask': torch.ones(8, dtype=torch.bool)}
+    ro['adv'] = rl.compute_advantages(rew, 4)
+    kept = rl.downsample(ro, 4, 2)
+    assert kept['row'] == ['g0s0', 'g0s1', 'g1s0', 'g1s1']       # one success and one failure per group
+    # group 0 [1,0,0,0]: mean .25, unbiased std .5 -> +1.5 / -0.5; group 1 [0,1,1,0]: mean .5, std sqrt(1/3)
+    s1 = math.sqrt(1 / 3) + 1e-6
+    torch.testing.assert_close(kept['adv'], torch.tensor([.75 / (.5 + 1e-6), -.25 / (.5 + 1e-6), -.5 / s1, .5 / s1]))
+    assert torch.equal(kept['reward'], torch.tensor([1., 0., 0., 1.])) and len(kept['train_mask']) == 4
+    assert rl.downsample(ro, 4, 0) is ro and rl.downsample(ro, 4, 4) is ro   # the default: the whole group
+    # the step's metrics count the solved groups and the successes drawn / kept
+    ro['success'] = rew >= 1
+    sums = rl.rollout_sums(dict(ro, verdict=[types.SimpleNamespace(outcome=1, process_acc=1, perfect=1)] * 8,
+                                response=[[1]] * 8, finished=[True] * 8, prompt=[[1]] * 8), 4)
+    assert (sums['solved'], sums['successes']) == (2, 3)
+    assert int(rl.successes(rl.downsample(ro, 4, 2)).sum()) == 2
+
+
+def test_passk_advantages_hand_computed():
+    s = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    a = rl.passk_advantages(s, 4, 2)
+    # [1,0,0,0], k 2: R = 1 - C(3,2)/C(4,2) = 1/2, sigma 1/2; A+ = (1/2)/(1/2) = 1,
+    # A- = (1 - 1/2 - C(2,1)/C(3,1)) / (1/2) = -1/3
+    torch.testing.assert_close(a[:4], torch.tensor([1., -1 / 3, -1 / 3, -1 / 3]), atol=1e-5, rtol=1e-5)
+    # [1,1,0,0]: R = 1 - 1/6 = 5/6, sigma = sqrt(5)/6; A+ = (1/6)/sigma = 1/sqrt(5), A- = (1/6 - 1/3)/sigma
+    v = 1 / math.sqrt(5)
+    torch.testing.assert_close(a[4:8], torch.tensor([v, v, -v, -v]), atol=1e-5, rtol=1e-5)
+    # [1,1,1,0]: fewer failures than k: every 2-subset passes (R = 1), no signal; [0,0,0,0], [1,1,1,1]: none
+    assert torch.equal(a[8:], torch.zeros(12))
+    # without the / sigma: [1,0,0,0] -> 1/2 and 1/2 - 2/3; sums to 0 over each group
+    torch.testing.assert_close(rl.passk_advantages(s, 4, 2, 'none')[:4], torch.tensor([.5, -1 / 6, -1 / 6, -1 / 6]))
+    big = rl.passk_advantages(torch.tensor([1] + [0] * 7, dtype=torch.bool), 8, 4)
+    # 1 success in 8, k 4: R = 1 - C(7,4)/C(8,4) = 1/2; A+ = 1, A- = (1/2 - C(6,3)/C(7,3)) / (1/2) = -1/7
+    torch.testing.assert_close(big, torch.tensor([1.] + [-1 / 7] * 7), atol=1e-5, rtol=1e-5)
+    assert abs(float(big.sum())) < 1e-5
+    # k = 1 is GRPO's r - mean (with the population std under 'group')
+    r = s.float()
+    torch.testing.assert_close(rl.passk_advantages(s, 4, 1, 'none'), rl.compute_advantages(r, 4, norm='none'))
+    # PODS on top: the success and the first failure carry the whole group's pass@4 advantages
+    ro = {'reward': torch.tensor([0.] * 5 + [1.] + [0.] * 2)}
+    ro['adv'] = rl.passk_advantages(ro['reward'] >= 1, 8, 4)
+    kept = rl.downsample(ro, 8, 2)
+    torch.testing.assert_close(kept['adv'], torch.tensor([-1 / 7, 1.]), atol=1e-5, rtol=1e-5)
+
+
+def test_pods_and_passk_keys_default_off_and_checked():
+    c = rl.config()
+    assert (c.update_size, c.adv_estimator) == (0, 'grpo')   # today's recipe: train on every sample, GRPO
+    for kw, words in (({'update_size': 7}, 'update_size'), ({'adv_estimator': 'passk', 'passk_k': 9}, 'passk_k'),
+                      ({'adv_estimator': 'passk', 'passk_k': 4, 'adv_norm': 'batch'}, 'adv_norm'),
+                      ({'adv_estimator': 'pass'}, 'adv_estimator')):
+        with pytest.raises(SystemExit) as e:
+            rl.config(**kw)
+        assert words in str(e.value)
+    assert rl.config(group_size=64, update_size=8, adv_estimator='passk', passk_k=8).update_size == 8
+
+
 def test_overlong_penalty_hand_computed():
     # budget 10, buffer 4: no penalty up to 6 tokens, then linear to -penalty at 10
     p = rl.overlong_penalty([3, 6, 7, 8, 10], max_len=10, buffer=4, penalty=0.5)
@@ -732,6 +807,20 @@ def test_variants_run_end_to_end(tiny_base, tmp_path, one_thread, monkeypatch):
     ck = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ck['config']['clip_eps_high'] == 0.28 and ck['extra']['stream']['next'] == 4 * sum(
         r['drawn'] // 4 for r in log)
+
+
+def test_pods_and_passk_run_end_to_end(tiny_base, tmp_path, one_thread):
+    """G 6 rollouts per prompt, an update on 2 of each (PODS) with pass@2 advantages: the step trains on
+    4 x 2 samples and logs what it kept."""
+    out = tmp_path / 'pods'
+    rl.main(SMALL + [f"--init_from={tiny_base['out_dir']}", '--max_steps=2', f'--out_dir={out}', '--group_size=6',
+                     '--update_size=2', '--adv_estimator=passk', '--passk_k=2', '--reward=outcome'])
+    log = _read_jsonl(out / 'log.jsonl')
+    assert [r['step'] for r in log] == [1, 2]
+    for r in log:
+        assert r['kept'] == 4 * 2 and r['drawn'] == 4
+        assert 0 <= r['solved_groups'] <= 4 and r['kept_successes'] <= min(r['successes'], 4)
+        assert r['solved_groups'] <= r['successes'] <= 24
 
 
 def test_two_process_run_gloo(tiny_base, tmp_path):
