@@ -78,13 +78,15 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict):
+    """Put back rng_state()'s values. The states are byte tensors read on the CPU whatever device a
+    checkpoint was loaded for (torch.set_rng_state and numpy take CPU bytes only)."""
     v, inner, gauss = state['python']
     random.setstate((v, tuple(inner), gauss))
     n = state['numpy']
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state['torch'])
+    np.random.set_state((n[0], n[1].cpu().numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
 
 
 def save_checkpoint(path, model, run_config: dict, tokenizer_identity: str, step: int, optimizer=None,
@@ -151,7 +153,9 @@ def load_checkpoint(path, device='cpu', expect_tokenizer: str | None = None,
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = _read(path, device=device)
+    # read on the CPU whatever `device` is: only the model moves there (the optimizer state follows its
+    # parameters in load_state_dict), and the RNG states must stay CPU tensors (set_rng_state)
+    ckpt = _read(path, device='cpu')
     mcfg = ModelConfig.from_dict(ckpt['model_config'])
     if expect_tokenizer is not None:
         check_identity(expect_tokenizer, ckpt['tokenizer_identity'], f"checkpoint {path}")

@@ -49,6 +49,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -164,6 +165,7 @@ BUCKET = 64        # CUDA: key lengths attended are rounded up to this (one grap
 PARK_AGE, PARK_FACTOR = 64, 2.0  # while prompts wait, park a slot older than both PARK_AGE steps
                                  # and PARK_FACTOR x the median occupied slot's age (Engine._park_old)
 GROW = 8           # elsewhere: the generated-key cache grows by this many positions at a time
+graph_fallbacks = 0  # generate() calls whose CUDA graph capture failed and that went on eagerly (logged by rl.py)
 ONEDNN_LINEAR = True  # CPU fp32: the engine's matmuls through oneDNN's packed GEMM (EngineWeights)
 
 
@@ -364,6 +366,11 @@ class Engine:
         self.w = EngineWeights(model, self.dtype, self.S * G)
         self.graphs = {} if graphs else None
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        # one side stream per engine, on the engine's device, for every warm-up and capture: a stream
+        # per captured shape would cost a cuBLAS workspace each (~33 MiB), and warm-up on one stream with
+        # capture on another can allocate that workspace inside the graphs' pool (the next capture then
+        # fails with `use_count > 0` on torch builds of before 2026)
+        self.capture_stream = torch.cuda.Stream(dev) if graphs else None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -423,8 +430,9 @@ class Engine:
         self.slot_job = [self.slot_job[s] for s in slots]
         self.slot_age = [self.slot_age[s] for s in slots]
         self.S, self.C = len(slots), c2
-        if self.graphs is not None:
-            self.graphs = {}  # new tensors, new shapes
+        if self.graphs is not None:  # new tensors, new shapes: new graphs, in a fresh pool
+            self.graphs = {}
+            self.pool = torch.cuda.graph_pool_handle()
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -534,20 +542,42 @@ class Engine:
         g = self.graphs.get(key)
         if g is not None:
             return g.replay()
-        # first time at this shape: run it eagerly on a side stream (a real step, and the warm-up
-        # that graph capture needs), then capture it for the next steps
-        s = torch.cuda.Stream(self.dev)
-        s.wait_stream(torch.cuda.current_stream(self.dev))
+        # first time at this shape: one real step, eagerly, on the capture stream (the warm-up that
+        # capture needs), then capture the step for the next ones. A failed capture is not fatal: the
+        # warm-up already advanced the state, so decoding goes on eagerly (_graphs_failed)
+        self._warm_up()
+        try:
+            self.graphs[key] = self._capture()
+        except Exception as e:  # noqa: BLE001 (any capture error: cudaErrorStreamCaptureInvalidated, OOM, ...)
+            self._graphs_failed(e)
+
+    def _warm_up(self):
+        s, cur = self.capture_stream, torch.cuda.current_stream(self.dev)
+        s.wait_stream(cur)
         with torch.cuda.stream(s):
             self._step()
-        torch.cuda.current_stream(self.dev).wait_stream(s)
+        cur.wait_stream(s)
+
+    def _capture(self):
         g = torch.cuda.CUDAGraph()
         ac = torch.is_autocast_enabled('cuda')
-        # autocast's cache of cast weights must not live across captures
-        with torch.autocast('cuda', dtype=self.dtype, enabled=ac, cache_enabled=False), \
-                torch.cuda.graph(g, pool=self.pool):  # one memory pool for all of this call's graphs
+        # autocast's cache of cast weights must not live across captures; torch.cuda.device: the capture
+        # belongs to the engine's device even when another one is current (--device=cuda:1)
+        with torch.cuda.device(self.dev), \
+                torch.autocast('cuda', dtype=self.dtype, enabled=ac, cache_enabled=False), \
+                torch.cuda.graph(g, pool=self.pool, stream=self.capture_stream):
             self._step()
-        self.graphs[key] = g
+        return g
+
+    def _graphs_failed(self, err):
+        """Decode eagerly from now on in this call; warn once per process and count it (graph_fallbacks)."""
+        global graph_fallbacks
+        graph_fallbacks += 1
+        self.graphs = None
+        if graph_fallbacks == 1:
+            warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {str(err)[:200]}); decoding eagerly "
+                          f"instead (slower, same samples). engine.graph_fallbacks counts the calls it happened in",
+                          RuntimeWarning, stacklevel=2)
 
     # -- the loop ------------------------------------------------------------------------------
 

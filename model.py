@@ -135,10 +135,18 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin.to(x.dtype)
 
 
-def sdpa(q, k, v, mask=None, is_causal=False):
-    # enable_gqa lets SDPA read the shared KV heads without materialising copies (torch >= 2.5)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          enable_gqa=k.size(1) != q.size(1))
+def sdpa(q, k, v, mask=None, is_causal=False, repeat_kv=None):
+    """Attention of q [B, H, T, D] over k, v [B, H_kv, T, D]. Grouped KV heads are read in place
+    (enable_gqa, torch >= 2.5), except with a mask on CUDA (repeat_kv=None: auto), where SDPA's GQA path
+    can fall to the math kernel (fp32 B x H x T^2 scores, 2-3x slower): there K/V are repeated to the
+    query heads, which the memory-efficient kernel takes with a mask. Both give the same numbers."""
+    gqa = k.size(1) != q.size(1)
+    if repeat_kv is None:
+        repeat_kv = gqa and mask is not None and q.is_cuda
+    if gqa and repeat_kv:
+        r = q.size(1) // k.size(1)   # query head h reads KV head h // r, as enable_gqa does
+        k, v, gqa = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 
 
 

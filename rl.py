@@ -809,7 +809,10 @@ def setup(C):
     if os.path.exists(S.ckpt_path):
         resume(S, C)
 
-    S.train_model = torch.compile(policy, dynamic=True) if C.compile else policy
+    # one module computes the old log-probs and the new ones (the compiled one with compile=True): a
+    # compiled and an eager forward round differently, and the first ratio of a step must be exactly 1
+    S.logprob_model = torch.compile(policy, dynamic=True) if C.compile else policy
+    S.train_model = S.logprob_model
     if dist.ddp:
         S.train_model = torch.nn.parallel.DistributedDataParallel(
             S.train_model, device_ids=[dist.local_rank] if 'cuda' in str(device) else None)
@@ -920,7 +923,7 @@ def rollout_logprobs(S, C, ro):
     """'Old' log-probs of the current policy (None with a single update: old = current) and the
     reference model's (None without KL), no grad."""
     args = (ro['prompt'], ro['response'], C.micro_batch_tokens, C.temperature, S.device)
-    old = None if single_update(C) else batch_logprobs(S.policy, *args)
+    old = None if single_update(C) else batch_logprobs(S.logprob_model, *args)
     ref = None if S.ref is None else batch_logprobs(S.ref, *args)
     return old, ref
 
@@ -960,7 +963,9 @@ def step_metrics(S, C, ro, sums, info, st, old_lp, t_gen, t_step):
             # cost
             'gen_tok_per_s': tot['resp_tokens'] / (tot['t_gen'] / W),  # generated tokens / rollout time
             'tok_per_s': tot['seq_tokens'] / (tot['t_step'] / W),       # prompt + response tokens / step time
-            'step_s': tot['t_step'] / W, 'flops': S.flops['total'], 'step_flops': step_flops}
+            'step_s': tot['t_step'] / W, 'flops': S.flops['total'], 'step_flops': step_flops,
+            # generate() calls so far whose CUDA graph capture failed and that decoded eagerly instead
+            'graph_fallbacks': engine.graph_fallbacks}
 
 
 def log_step(S, C, m, ro):

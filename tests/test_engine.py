@@ -352,3 +352,36 @@ def test_reference_sampler_gives_the_engines_greedy_tokens():
     g = E.generate(m, prompts, 12, temperature=0, stop_ids=stop)
     for p, toks in zip(prompts, g.tokens):
         assert M.sample(m, p, 12, stop_ids=stop) == toks
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_decoding(monkeypatch):
+    """The CUDA-graph control flow, driven on the CPU: the first step at each shape is a real warm-up
+    step and then a capture. A capture that fails leaves the call decoding eagerly from the state the
+    warm-up left -- no step lost or repeated, so the samples are those of a call without graphs --,
+    warns once and is counted in engine.graph_fallbacks."""
+    m = make_model(peaky=True)
+    prompts = varied_prompts(9, seed=3)
+    kw = dict(temperature=1.0, num_samples=3, max_rows=6, logprobs=False)
+    want = E.generate(m, prompts, 12, generator=torch.Generator().manual_seed(4), **kw)
+    calls = {'warm': 0, 'capture': 0}
+    real_init = E.Engine.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        self.graphs = {}  # pretend graphs are on: _run_step takes the capture path at every new shape
+
+    def warm_up(self):
+        calls['warm'] += 1
+        self._step()
+
+    def capture(self):
+        calls['capture'] += 1
+        raise RuntimeError('operation not permitted when stream is capturing')
+    monkeypatch.setattr(E.Engine, '__init__', init)
+    monkeypatch.setattr(E.Engine, '_warm_up', warm_up)
+    monkeypatch.setattr(E.Engine, '_capture', capture)
+    monkeypatch.setattr(E, 'graph_fallbacks', 0)
+    with pytest.warns(RuntimeWarning, match='decoding eagerly'):
+        got = E.generate(m, prompts, 12, generator=torch.Generator().manual_seed(4), **kw)
+    assert got.tokens == want.tokens and got.finished == want.finished
+    assert calls == {'warm': 1, 'capture': 1} and E.graph_fallbacks == 1  # then eager to the end of the call

@@ -675,3 +675,42 @@ def test_cuda_bf16_generation_matches_forward():
             ls = torch.log_softmax(logits[0], -1)
             ref = torch.stack([ls[len(p) - 1 + j, x] for j, x in enumerate(t)]).cpu()
             torch.testing.assert_close(torch.tensor(a.logprobs[i]), ref, rtol=0, atol=2e-2)  # bf16
+
+
+@pytest.mark.fast
+def test_sdpa_repeated_kv_equals_grouped_kv_with_a_document_mask():
+    """model.sdpa's CUDA path for a mask with grouped KV heads (K/V repeated to the query heads) gives
+    what the grouped path gives (forced here on the CPU), for causal document masks as pre-training builds."""
+    torch.manual_seed(0)
+    B, H, Hkv, T, D = 2, 6, 2, 24, 8
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    doc = torch.tensor([[0] * 10 + [1] * 14, [0] * 3 + [1] * 11 + [2] * 10])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+    grouped = M.sdpa(q, k, v, mask=mask, repeat_kv=False)
+    repeated = M.sdpa(q, k, v, mask=mask, repeat_kv=True)
+    torch.testing.assert_close(repeated, grouped, rtol=1e-5, atol=1e-6)
+    # and both are attention per document: the first document's rows ignore the rest
+    alone = M.sdpa(q[:1, :, :10], k[:1, :, :10], v[:1, :, :10], is_causal=True)
+    torch.testing.assert_close(grouped[:1, :, :10], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.fast
+def test_rng_state_restores_from_a_checkpoint_loaded_for_another_device(tmp_path):
+    """rl.py and pretrain.py load a run's checkpoint for the run's device (cuda on a GPU); the RNG
+    states inside must still come back as CPU bytes, or set_rng_state fails on .numpy() and every
+    resume on a GPU crashes. Loaded for the meta device here (no data at all): the model goes there,
+    the RNG states stay on the CPU and restore exactly."""
+    m = M.Qwen2(M.ModelConfig(**SMALL))
+    torch.manual_seed(11)
+    np.random.seed(12)
+    state = checkpoint.rng_state()
+    want = (torch.rand(3), np.random.rand(2), random.random())
+    path = tmp_path / 'ckpt.pt'
+    checkpoint.save_checkpoint(path, m, {'x': 1}, 'tok-id', step=5, extra={'rng': [state]})
+    ck = checkpoint.load_checkpoint(path, device='meta')
+    assert next(ck['model'].parameters()).device.type == 'meta'
+    torch.manual_seed(0)
+    checkpoint.set_rng_state(ck['extra']['rng'][0])
+    got = (torch.rand(3), np.random.rand(2), random.random())
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]

@@ -839,3 +839,14 @@ def test_two_process_run_gloo(tiny_base, tmp_path):
     assert ck['extra']['stream']['next'] == sum(r['drawn'] for r in log)  # 4 prompts per round over 2 ranks
     p = run_pretrain(cmd, script='rl.py', nproc=2)
     assert 'finished' in p.stdout and len(_read_jsonl(out / 'log.jsonl')) == 2
+
+
+def test_old_logprobs_come_from_the_module_that_trains(monkeypatch):
+    """With compile=True the update runs the compiled policy; the old log-probs must come from that
+    same module (a compiled and an eager forward round differently, so the first ratio would not be 1)."""
+    seen = []
+    S = types.SimpleNamespace(logprob_model='compiled policy', policy='eager policy', ref=None, device='cpu')
+    C = rl.config(prompts_per_step=4, minibatch_prompts=2)  # two updates a step: old log-probs are needed
+    monkeypatch.setattr(rl, 'batch_logprobs', lambda model, *a: seen.append(model) or 'lp')
+    old, ref = rl.rollout_logprobs(S, C, {'prompt': [[1]], 'response': [[2]]})
+    assert (old, ref) == ('lp', None) and seen == ['compiled policy']
