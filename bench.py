@@ -619,10 +619,10 @@ def bench_generate(seconds=3) -> float:
 def bench_verify(rows, seconds=3) -> float:
     """Verifications per second on one core (CPU time): each row's gold solution, written as a model
     would (solution + " </solution> <answer> N </answer>"), verified against its gold graph."""
-    import data
+    import verifier
     pairs = []
     for row in rows:
-        gold = row.get('graph') or data.parse_solution(row['solution'], row.get('mode'))
+        gold = row.get('graph') or verifier.parse_solution(row['solution'], row.get('mode'))
         pred = row.get('prediction')
         if pred is None:
             sol = row['solution']
@@ -634,7 +634,7 @@ def bench_verify(rows, seconds=3) -> float:
     count, t0 = 0, time.process_time()
     while True:
         for pred, gold in pairs:
-            data.verify(pred, gold)
+            verifier.verify(pred, gold)
         count += len(pairs)
         dt = time.process_time() - t0
         if dt >= seconds:

@@ -67,9 +67,10 @@ import torch
 import common
 import data
 import engine
+import verifier
 from checkpoint import checkpoint_step, load_run
 from common import UsageError, autocast_ctx, cleanup_distributed, configure, progress_bar, setup_distributed, unwrap
-from data import verify
+from verifier import verify
 
 # -----------------------------------------------------------------------------------------------
 # default config (paper values in config/paper_eval.py, CPU-sized ones in config/tiny_eval.py)
@@ -119,7 +120,7 @@ BANDS = defaults['bands']
 # the groupings every aggregate reports; a key joins the row's values with '/' ("ID/forwardreverse")
 GROUPS = (('all',), ('op',), ('band',), ('template',), ('mode',),
           ('op', 'mode'), ('band', 'mode'), ('band', 'template'), ('op', 'template'), ('op', 'given'))
-STEP_ERROR_KINDS = data.ERROR_KINDS + ('closing',)   # what a wrong step can have (Verdict.error_counts)
+STEP_ERROR_KINDS = verifier.ERROR_KINDS + ('closing',)   # what a wrong step can have (Verdict.error_counts)
 MODE_NOTE = "reverse-mode answers are always 1..4, so outcome pass@k is flattered there"
 
 
@@ -180,7 +181,7 @@ def _verify_pair(args):
 
 
 def verify_all(rows, samples, workers=1, progress=False):
-    """data.verify for every sample: verdicts[row][sample]."""
+    """verifier.verify for every sample: verdicts[row][sample]."""
     pairs = [(s, r['graph']) for r, ss in zip(rows, samples) for s in ss]
     if workers > 1 and len(pairs) > 1000:
         import multiprocessing
@@ -209,7 +210,7 @@ def problem_record(row, verdicts):
     (strict, STUDY.md §2), c_lenient correct as the original's scorer judges (parents and final values),
     c_hacked right answer with a wrong process, c_false_arith lenient-perfect but strict-wrong ("right
     values, false arithmetic"), no_answer without a parsable answer, mean ProcessAcc (strict and lenient),
-    step_errors: {error kind: wrong gold steps of that kind over the samples} (data.ERROR_KINDS, 'closing');
+    step_errors: {error kind: wrong gold steps of that kind over the samples} (verifier.ERROR_KINDS, 'closing');
     first_outcome / first_process / first_lenient: the 1-based rank of the first right / perfect / lenient-
     perfect sample (0 = none)."""
     n = len(verdicts)
@@ -298,11 +299,11 @@ PASS_KINDS = (('process', 'process', 'unbiased'), ('outcome', 'outcome', 'unbias
 def pass_matrix(records, ks):
     """{kind: array (problems, len(ks))} of per-problem pass@k for every PASS_KINDS entry."""
     out = {}
-    for kind, verifier, est in PASS_KINDS:
+    for kind, check, est in PASS_KINDS:
         if est == 'unbiased':
-            out[kind] = np.array([[pass_at_k(r['n'], r[f'c_{verifier}'], k) for k in ks] for r in records])
+            out[kind] = np.array([[pass_at_k(r['n'], r[f'c_{check}'], k) for k in ks] for r in records])
         else:
-            out[kind] = np.array([[ordered_pass_at_k(r[f'first_{verifier}'], k) for k in ks] for r in records])
+            out[kind] = np.array([[ordered_pass_at_k(r[f'first_{check}'], k) for k in ks] for r in records])
     return out
 
 
@@ -607,7 +608,7 @@ def write_summary(runs, meta, path):
                      f"{_pct(st['hack_rate'])} | {_pct(st['hack_share'])} | {_pct(st['false_arith_rate'])} | "
                      f"{_pct(st['false_arith_share'])} | {_pct(st['no_answer_rate'])} |")
     L += ['', '## Wrong steps by kind, per 100 samples, by band', '',
-          'A wrong step can have several kinds (data.ERROR_KINDS): missing, wrong parents, wrong value, unreadable '
+          'A wrong step can have several kinds (verifier.ERROR_KINDS): missing, wrong parents, wrong value, unreadable '
           'value; and, seen only by the strict check, false arithmetic in its chain, a false scratch clause, a letter '
           'used before it has a value; closing = a wrong reverse closing (one per sample).', '',
           '| label | band | ' + ' | '.join(STEP_ERROR_KINDS) + ' |', '|---|---|' + '---|' * len(STEP_ERROR_KINDS)]

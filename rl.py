@@ -5,7 +5,7 @@ One step of `main`, each phase a function a fork can replace:
   take prompts     PromptStream.take(): generated on the fly (op range, template weights, reverse
                    share) or read from a JSONL (ours or the released format)
   rollout          rollout(): one engine.complete(all of this rank's prompts, num_samples=G) call
-  rewards          compute_rewards(): data.verify(text, gold graph) -> data.reward(verdict, kind),
+  rewards          compute_rewards(): verifier.verify(text, gold graph) -> verifier.reward(verdict, kind),
                    plus DAPO's soft overlong penalty if asked; with dynamic sampling, groups whose
                    rewards are all equal are dropped and more prompts drawn (collect_rollouts())
   advantages       compute_advantages(): (r - group mean) / group std (or none, or the batch std), or
@@ -82,6 +82,7 @@ Choices, and where we differ from verl (the paper's code):
 
 import copy
 import dataclasses
+import math
 import os
 import random
 import time
@@ -95,6 +96,7 @@ import common
 import data
 import engine
 import evaluate
+import verifier
 from checkpoint import load_run, resolve_ckpt, restore_training_state, resume_checkpoint, rng_state, save_checkpoint
 from common import all_reduce, global_std
 
@@ -129,7 +131,7 @@ defaults = dict(
     max_prompt_len=1024,        # longer prompts are skipped
     max_response_len=1024,      # generation budget; unfinished responses are "truncated"
     temperature=1.0,            # sampling temperature (also divides the logits of the loss, as verl)
-    reward='outcome',           # outcome | blend_0.2_0.8 | blend_0.5_0.5 | strict (data.REWARDS)
+    reward='outcome',           # outcome | blend_0.2_0.8 | blend_0.5_0.5 | strict (verifier.REWARDS)
     # GRPO loss: loss_type sets the three keys marked (L) unless they are given
     loss_type='paper',          # paper | grpo | dr_grpo | dapo (LOSS_TYPES; 'paper' = the study's recipe)
     loss_agg='',                # (L) token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)
@@ -209,7 +211,7 @@ def resolve(cfg: dict) -> common.Config:
     for k, v in LOSS_TYPES[cfg['loss_type']].items():
         if not cfg[k]:
             cfg[k] = v
-    for key, allowed in (('reward', data.REWARDS), ('loss_agg', LOSS_AGGS), ('adv_norm', ('group', 'none', 'batch')),
+    for key, allowed in (('reward', verifier.REWARDS), ('loss_agg', LOSS_AGGS), ('adv_norm', ('group', 'none', 'batch')),
                          ('ratio_level', ('token', 'sequence')), ('adv_estimator', ('grpo', 'passk'))):
         if cfg[key] not in allowed:
             raise common.UsageError(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
@@ -344,8 +346,8 @@ def rollout(model, tok, rows, cfg, generator=None, sampler=None):
 
 def compute_rewards(texts, golds, kind):
     """Verify each response against its gold graph; -> (rewards [N] float tensor, verdicts)."""
-    verdicts = [data.verify(t, g) for t, g in zip(texts, golds)]
-    return torch.tensor([data.reward(v, kind) for v in verdicts], dtype=torch.float32), verdicts
+    verdicts = [verifier.verify(t, g) for t, g in zip(texts, golds)]
+    return torch.tensor([verifier.reward(v, kind) for v in verdicts], dtype=torch.float32), verdicts
 
 
 def overlong_penalty(lengths, max_len, buffer, penalty=1.0):

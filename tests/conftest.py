@@ -85,7 +85,7 @@ def _cached(kind, build):
     import shutil
     import tempfile
     h = hashlib.sha1(repr((TINY_BASE_MIXTURE, TINY_BASE_TOKENS, TINY_BASE_ARGS)).encode())
-    for f in ('data.py', 'model.py', 'pretrain.py', 'config/tiny_pretrain.py', 'tests/conftest.py'):
+    for f in ('data.py', 'verifier.py', 'model.py', 'pretrain.py', 'config/tiny_pretrain.py', 'tests/conftest.py'):
         with open(os.path.join(ROOT, f), 'rb') as fh:
             h.update(fh.read())
     final = os.path.join(os.environ['TINY_BASE_CACHE'], f'{kind}-{h.hexdigest()[:16]}')

@@ -1,4 +1,4 @@
-"""Tests of the task-world generator, mixtures and datasets (data.py sections 1-2 and 4-5, STUDY.md §1).
+"""Tests of the task-world generator, mixtures and datasets (data.py sections 1-5, STUDY.md §1).
 
 The central check is an independent TEXT solver (below): it reads only the problem and question
 strings (regexes over the statement grammar; a total is the sum of every stated instance parameter of

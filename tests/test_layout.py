@@ -3,7 +3,7 @@ file may import which. The library is one way up, with no cycle and no function-
 one:
 
     common.py   <- model.py <- engine.py          (common and model import no project file)
-    common.py   <- tokenizer.py <- data.py
+    common.py   <- tokenizer.py <- data.py -> verifier.py   (verifier imports no project file)
     checkpoint.py imports common, model, tokenizer
     stages (pretrain, midtrain, rl, evaluate, interop) import the library; of each other only
     midtrain -> pretrain (its training loop), rl -> evaluate (its held-out evaluation), rl / evaluate ->
@@ -27,7 +27,8 @@ LIBRARY = {
     'model': set(),
     'engine': {'common', 'model'},
     'tokenizer': {'common'},
-    'data': {'common', 'tokenizer'},
+    'verifier': set(),
+    'data': {'common', 'tokenizer', 'verifier'},
     'checkpoint': {'common', 'model', 'tokenizer'},
 }
 STAGES = {

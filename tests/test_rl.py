@@ -18,7 +18,7 @@ import common
 import data
 import model as M
 import rl
-from data import REWARDS
+from verifier import REWARDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench import bench_verify  # noqa: E402
-from data import (REWARDS, Verdict, _linear_form, parse_solution, reward, verify, verify_main,  # noqa: E402
-                  verify_rows)
+from data import verify_main  # noqa: E402
+from verifier import REWARDS, Verdict, _linear_form, parse_solution, reward, verify, verify_rows  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, 'reference', 'official_generator_samples.jsonl')
 ROWS = [json.loads(line) for line in open(FIXTURE)]
