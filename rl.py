@@ -836,7 +836,9 @@ def resume(S, C):
     if ck['tokenizer_identity'] != S.tok.identity:
         raise M.UsageError(f"{S.ckpt_path} uses tokenizer {ck['tokenizer_identity']}, init_from uses "
                            f"{S.tok.identity}")
-    diff = {k: v for k, v in pretrain.config_diff(ck['config'], S.run_config).items() if k not in RESUME_SAFE_KEYS}
+    # a key the checkpoint's config lacks was added later, with a default that keeps the old behaviour
+    old = {**{k: v for k, v in defaults.items() if k not in ck['config']}, **ck['config']}
+    diff = {k: v for k, v in pretrain.config_diff(old, S.run_config).items() if k not in RESUME_SAFE_KEYS}
     if diff:
         lines = '; '.join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         if not C.resume_override:
