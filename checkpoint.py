@@ -241,18 +241,23 @@ def config_diff(old: dict, new: dict, safe_keys=()) -> dict:
     return {k: (old.get(k, '<missing>'), new.get(k, '<missing>')) for k in sorted(keys) if old.get(k) != new.get(k)}
 
 
-def resume_checkpoint(path, config: dict, safe_keys, tokenizer_identity: str, say=print, device='cpu'):
+def resume_checkpoint(path, config: dict, safe_keys, tokenizer_identity: str, say=print, device='cpu',
+                      defaults=None):
     """The checkpoint of a run to continue (load_checkpoint's dict), or None when `path` does not exist
     (a new run). Its tokenizer must be `tokenizer_identity`, and its run config `config` but for the
-    stage's safe_keys: a changed key is a UsageError naming it, unless config['resume_override'] (then
-    a console line says what changed)."""
+    stage's safe_keys (a key the checkpoint lacks counts as its value in `defaults`, the stage's
+    defaults): a changed key is a UsageError naming it, unless config['resume_override'] (then a
+    console line says what changed)."""
     if not os.path.exists(path):
         return None
     try:
         ck = load_checkpoint(path, device=device, expect_tokenizer=tokenizer_identity)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    diff = config_diff(ck['config'], config, safe_keys)
+    # a key the checkpoint's config lacks was added to the stage later: it counts as its default (the
+    # value that keeps the old behaviour), so a run written before the key existed still resumes
+    old = {**{k: v for k, v in (defaults or {}).items() if k not in ck['config']}, **ck['config']}
+    diff = config_diff(old, config, safe_keys)
     lines = '; '.join(f"{k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
     if diff and not config.get('resume_override'):
         raise UsageError(f"{path} was written by a different config ({lines}); use the checkpoint's values, "

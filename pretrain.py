@@ -199,7 +199,7 @@ def load_model(cfg, tok, ckpt_path, say):
     {out_dir}/ckpt.pt if it exists (checkpoint.resume_checkpoint: same tokenizer, same config but for
     RESUME_SAFE_KEYS), else the weights of init_from, else a fresh init. The tokenizer identity of
     either checkpoint must be the data's."""
-    ck = resume_checkpoint(ckpt_path, cfg, RESUME_SAFE_KEYS, tok.identity, say)
+    ck = resume_checkpoint(ckpt_path, cfg, RESUME_SAFE_KEYS, tok.identity, say, defaults=defaults)
     if ck is not None:
         return ck['model'], ck
     if cfg['init_from'] != 'scratch':

@@ -844,7 +844,8 @@ def resume(S, C):
     """Continue out_dir/ckpt.pt (checkpoint.resume_checkpoint: same tokenizer, same config but for
     RESUME_SAFE_KEYS, unless --resume_override=True): weights, optimizer, this rank's RNG state, step,
     FLOPs and prompt stream."""
-    ck = resume_checkpoint(S.ckpt_path, S.run_config, RESUME_SAFE_KEYS, S.tok.identity, S.say, device=S.device)
+    ck = resume_checkpoint(S.ckpt_path, S.run_config, RESUME_SAFE_KEYS, S.tok.identity, S.say, device=S.device,
+                           defaults=defaults)
     S.policy.load_state_dict(ck['model'].state_dict())
     S.step = restore_training_state(ck, S.optimizer, S.rank, S.W, S.say)  # (another world size: not bitwise exact)
     S.flops, S.history = dict(ck['extra']['flops']), list(ck['extra'].get('step_flops', []))
