@@ -256,7 +256,7 @@ def resume_checkpoint(path, config: dict, safe_keys, tokenizer_identity: str, sa
         raise UsageError(str(e)) from None
     # a key the checkpoint's config lacks was added to the stage later: it counts as its default (the
     # value that keeps the old behaviour), so a run written before the key existed still resumes
-    old = {**{k: v for k, v in (defaults or {}).items() if k not in ck['config']}, **ck['config']}
+    old = {**{k: v for k, v in (defaults or {}).items() if k in config and k not in ck['config']}, **ck['config']}
     diff = config_diff(old, config, safe_keys)
     lines = '; '.join(f"{k}: checkpoint {a!r} != now {b!r}" for k, (a, b) in diff.items())
     if diff and not config.get('resume_override'):
