@@ -66,7 +66,6 @@ process reward and makes the sample not perfect; the outcome reward still reads 
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import re
@@ -193,63 +192,69 @@ def _eval_tokens(toks, var, vals=None):
     return sa + ta, sb + tb
 
 
-def _chain(parts, var, vals):
+def _chain(parts, var, vals, lettered=False):
     """The strict reading of a clause's right side "e0 = e1 = ... = ek" (parts: the texts e0..ek), letters
-    standing for their values in vals. -> (the _Part of ek, None if it is unreadable; what is wrong: None,
-    'arithmetic' (two neighbours differ, an operand substituted with a wrong value, an unreadable part) or
-    'unassigned' (a letter without a value))."""
+    standing for their values in vals (lettered: e0 is known to have letters, so it is not read without). -> (the value of ek or None, its form read without letters or None
+    (the lenient value), what is wrong: None, 'arithmetic' (two neighbours differ, an operand substituted
+    with a wrong value, an unreadable part) or 'unassigned' (a letter without a value; it wins))."""
     prev = bad = None
     for text in parts:
-        part = _part(text, var)
-        if part.letters and not part.letters <= vals.keys():
-            bad, prev = bad or 'unassigned', None
-        elif part.form is None and not part.letters:
-            bad, prev = bad or 'arithmetic', None           # unreadable
+        form = None if lettered else _linear_form(text, var)     # cached; None for a part with letters
+        lettered = False
+        if form is not None:
+            cur = (form, None)
         else:
-            if prev is not None and not bad and not _equal(prev, part, var, vals):
-                bad = 'arithmetic'
-            prev = part
-    return prev, bad
+            toks = _EXPR_TOKEN_RE.findall(text) if len(text) <= _LIN_MAX_CHARS else []
+            letters = [t for t in toks if t.isalpha() and t != var]
+            if not letters or not all(t in vals for t in letters):
+                bad, prev = ('unassigned' if letters else bad or 'arithmetic'), None
+                continue
+            cur = (None, toks)                         # its value is read when needed (_form)
+        if prev is not None and not bad and not _equal(prev, cur, text, var, vals):
+            bad = 'arithmetic'
+        prev = cur
+    if prev is None:
+        return None, None, bad
+    return _form(prev, var, vals), prev[0], bad
 
 
-class _Part(collections.namedtuple('_Part', 'form toks split spans letters')):
-    """An expression text, read once: its linear form when it has no letters (else None), its tokens, their
-    _top_split, its letters other than the unknown, and (no letters) spans: {(i, j): the form of its top-level
-    operands i..j with the operators between them}, filled by _span as they are asked for."""
+def _form(part, var, vals):
+    """The value of a part (form, tokens) of _chain: its form, or its tokens read with the letters' values."""
+    return part[0] if part[0] is not None else _eval_tokens(part[1], var, vals)
 
 
-def _read_part(s, var):
-    toks = tuple(_EXPR_TOKEN_RE.findall(s)) if len(s) <= _LIN_MAX_CHARS else ()
-    split, form = _top_split(toks), _eval_tokens(toks, var)
-    letters = frozenset(t for t in toks if t.isalpha() and t != var)
-    spans = {(i, i): _eval_tokens(o, var) for i, o in enumerate(split[0])} if split and not letters else None
-    return _Part(form, toks, split, spans, letters)
+def _equal(a, b, b_text, var, vals):
+    """Is "a = b" true, letters standing for their values in vals, with each operand of a replaced by its
+    value where b rewrites a operand by operand? a, b: parts of _chain (b's text b_text)."""
+    if a[1] is None:                                   # no letters in a: "3 + 2 = 5"
+        return a[0] == _form(b, var, vals)
+    ta = a[1]
+    tb = b[1] if b[1] is not None else _EXPR_TOKEN_RE.findall(b_text)
+    if len(ta) == len(tb):                             # the usual "3 + l = 3 + 2": token for token
+        same = _token_for_token(ta, tb, var, vals)
+        if same is not None:
+            return same
+    fa = _form(a, var, vals)
+    return fa is not None and fa == _form(b, var, vals) and _substitutes(ta, tb, var, vals)
 
 
-_short_part = functools.lru_cache(maxsize=65536)(_read_part)      # "3 + l", "3 + 2" recur in every solution
-
-
-def _part(s, var):
-    return _short_part(s, var) if len(s) <= 40 else _read_part(s, var)
-
-
-def _part_value(part, var, vals):
-    return part.form if part.form is not None or not part.letters else _eval_tokens(part.toks, var, vals)
-
-
-def _equal(a, b, var, vals):
-    """Is "a = b" true, letters standing for their values in vals, with each operand of a substituted by
-    its value where b rewrites a operand by operand? a, b: _Parts whose letters all have values."""
-    if not a.letters:                  # "3 + 2 = 5"
-        return a.form == (b.form if b.form is not None else _eval_tokens(b.toks, var, vals))
-    if a.split and b.split and a.split[1] == b.split[1]:
-        # b has a's operators: the usual "3 + l = 3 + 2". Equal operands make equal values.
-        spans = b.spans or {}
-        for i, o in enumerate(a.split[0]):
-            if _eval_tokens(o, var, vals) != _span(b, spans, i, i, var, vals):
-                return False
-        return True
-    return _part_value(a, var, vals) == _part_value(b, var, vals) and _substitutes(a, b, var, vals)
+def _token_for_token(ta, tb, var, vals):
+    """b (tokens tb) is a (tokens ta) with each letter replaced by one number, letter or the unknown: is every
+    letter replaced by its value (then a = b holds)? None if b is not such a copy of a."""
+    ok = True
+    for x, y in zip(ta, tb):
+        if x == y:
+            continue
+        if x not in vals:                               # a number, an operator or the unknown: must be as in a
+            return None
+        if y[0] in '0123456789':
+            v = (0, int(y)) if len(y) <= _LIN_MAX_DIGITS else None
+        else:
+            v = (1, 0) if y == var else vals.get(y)
+        if v is None:
+            return None
+        ok = ok and v == vals[x]
+    return ok
 
 
 _BINARY = frozenset('+-*')
@@ -278,38 +283,35 @@ def _top_split(toks):
     return tuple(operands), tuple(ops)
 
 
-def _span(part, spans, i, j, var, vals):
-    """The form of a _Part's top-level operands i..j with the operators between them, kept in spans (the
-    part's own for a part without letters, whose spans do not depend on vals)."""
-    if (i, j) not in spans:
-        operands, ops = part.split
-        toks = list(operands[i])
-        for k in range(i, j):
-            toks += (ops[k],) + operands[k + 1]
-        spans[i, j] = _eval_tokens(toks, var, vals)
-    return spans[i, j]
-
-
 _SUBST_MAX_EXTRA = 3          # _substitutes reads operands of b with up to this many operators of their own
 
 
-def _substitutes(a, b, var, vals):
-    """Where b has more top-level operators than a, can b be cut into a's operands, each written as an
-    expression of its value ("x + D" -> "x + x + 2" with D = x + 2; "3 + m" -> "3 + x + 2")? The cuts are at
-    operators of b equal to a's, in order. True also when no cut gives a's shape at all ("l + m = 5"): then
-    only the values, compared by the caller, count. a, b: _Parts; a's letters all have values."""
-    if a.split is None or b.split is None:
+def _substitutes(ta, tb, var, vals):
+    """Can b be cut into a's operands, each written as an expression of its value ("x + D" -> "x + x + 2" with
+    D = x + 2; "3 * m" -> "(3) * (x + 1)")? The cuts are at top-level operators of b equal to a's, in order.
+    True also when no cut gives a's shape at all ("l + m = 5"): then only the values, compared by the
+    caller, count. ta, tb: the tokens of a and b; a's letters all have values."""
+    sa, sb = _top_split(ta), _top_split(tb)
+    if sa is None or sb is None:
         return True
-    (a_operands, a_ops), (_, b_ops) = a.split, b.split
-    if not a_ops or not 0 < len(b_ops) - len(a_ops) <= _SUBST_MAX_EXTRA or len(a_ops) > 6:
-        return True             # a is one operand (b has its value), or b is no rewriting of a
+    (a_operands, a_ops), (b_operands, b_ops) = sa, sb
+    if not 0 <= len(b_ops) - len(a_ops) <= _SUBST_MAX_EXTRA or len(a_ops) > 6:
+        return True             # b is no rewriting of a
     want = [_eval_tokens(o, var, vals) for o in a_operands]
-    spans = b.spans if b.spans is not None else {}
+    spans = {}
+
+    def span(i, j):             # b's operands i..j with the operators between them
+        if (i, j) not in spans:
+            toks = list(b_operands[i])
+            for k in range(i, j):
+                toks += (b_ops[k],) + b_operands[k + 1]
+            spans[i, j] = _eval_tokens(toks, var, vals)
+        return spans[i, j]
     shaped = False
     for cuts in itertools.combinations(range(len(b_ops)), len(a_ops)):
         if any(b_ops[c] != op for c, op in zip(cuts, a_ops)):
             continue
-        got = [_span(b, spans, i, j, var, vals) for i, j in zip((0,) + tuple(c + 1 for c in cuts), cuts + (len(b_ops),))]
+        got = [span(i, j) for i, j in zip((0,) + tuple(c + 1 for c in cuts), cuts + (len(b_ops),))]
         if None not in got:
             if got == want:
                 return True
@@ -386,17 +388,17 @@ def _parse_text(text, mode=None):
                 lhs = lhs[3:].strip()
             if not lhs.isalpha():
                 continue
-            plist = []
+            plist, lettered = [], False
             for tok in _LETTER_RUN_RE.findall(parts[1]):
+                lettered = lettered or tok != var
                 ref = table.get(tok)
                 plist.extend(('?' + tok,) if ref is None else ref)
                 if len(plist) > _PARENTS_MAX:
                     plist = ['?too many parents']
                     break
-            last, bad = _chain(parts[1:], var, vals)
-            got = None if last is None else _part_value(last, var, vals)
+            got, plain, bad = _chain(parts[1:], var, vals, lettered)
             if lhs == letter:                # its value: the last expression, read without letters (lenient)
-                parents, value = tuple(sorted(plist)), None if last is None else last.form
+                parents, value = tuple(sorted(plist)), plain
             else:
                 table[lhs] = tuple(plist)
                 bad = 'scratch' if bad == 'arithmetic' else bad
