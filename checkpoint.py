@@ -126,12 +126,12 @@ def save_checkpoint(path, model, run_config: dict, tokenizer_identity: str, step
         pass
 
 
-def _read(path, mmap=False, device='cpu') -> dict:
+def _read(path, mmap=False) -> dict:
     """The dict a checkpoint file holds (torch.load with weights_only=True). A file that is not one --
     truncated by a full disk, corrupt, or not written by save_checkpoint -- is one UsageError, naming
     the file and the fix, whichever command reads it."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except Exception as e:  # (torch raises RuntimeError, UnpicklingError, EOFError, ... with long messages)
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__} from torch.load: truncated or "
                          f"corrupt); train that run again or point at another ckpt.pt") from None
@@ -155,7 +155,7 @@ def load_checkpoint(path, device='cpu', expect_tokenizer: str | None = None,
         raise FileNotFoundError(f"no checkpoint at {path}")
     # read on the CPU whatever `device` is: only the model moves there (the optimizer state follows its
     # parameters in load_state_dict), and the RNG states must stay CPU tensors (set_rng_state)
-    ckpt = _read(path, device='cpu')
+    ckpt = _read(path)
     mcfg = ModelConfig.from_dict(ckpt['model_config'])
     if expect_tokenizer is not None:
         check_identity(expect_tokenizer, ckpt['tokenizer_identity'], f"checkpoint {path}")

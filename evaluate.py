@@ -68,6 +68,7 @@ import common
 import data
 import engine
 import verifier
+import vllm_sampler
 from checkpoint import checkpoint_step, load_run
 from common import UsageError, autocast_ctx, cleanup_distributed, configure, progress_bar, setup_distributed, unwrap
 from verifier import verify
@@ -786,11 +787,7 @@ def check_config(cfg):
             data.parse_ops(spec)
         except ValueError as e:
             raise UsageError(f"weighted_bands[{band!r}]: {e}") from None
-    if cfg['sampler'] != 'engine':
-        import vllm_sampler
-        vllm_sampler.check_sampler(cfg['sampler'])
-        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-            raise UsageError(f"--sampler={cfg['sampler']} runs in one process; drop torchrun")
+    vllm_sampler.check_sampler(cfg['sampler'])   # (imports vllm only when it samples)
     check_samples_by_op(cfg['n_samples_by_op'], cfg['bands'])
     labels, ckpts = run_labels(cfg)
     return n, temperature, labels, ckpts
@@ -847,7 +844,6 @@ def sample_runs(cfg, labels, ckpts, n, temperature, dist, device, say):
         m, step = ck['model'].eval(), ck['step']
         sampler = None
         if cfg['sampler'] == 'vllm':  # a vLLM engine holding this checkpoint's weights
-            import vllm_sampler
             sampler = vllm_sampler.VLLMSampler(m, max_rows=cfg['batch_size'] or None)
         samples = sample_mixed(m, tok, mine, ns, temperature, max_new_tokens=cfg['max_new_tokens'],
                                batch_size=cfg['batch_size'], top_k=cfg['top_k'], seed=cfg['seed'],

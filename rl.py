@@ -97,6 +97,7 @@ import data
 import engine
 import evaluate
 import verifier
+import vllm_sampler
 from checkpoint import load_run, resolve_ckpt, restore_training_state, resume_checkpoint, rng_state, save_checkpoint
 from common import all_reduce, global_std
 
@@ -223,11 +224,7 @@ def resolve(cfg: dict) -> common.Config:
                                 f"[0, max_response_len={cfg['max_response_len']})")
     if cfg['max_rollouts'] < 1:
         raise common.UsageError(f"max_rollouts={cfg['max_rollouts']} must be >= 1")
-    if cfg['sampler'] != 'engine':
-        import vllm_sampler
-        vllm_sampler.check_sampler(cfg['sampler'])
-        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-            raise common.UsageError(f"--sampler={cfg['sampler']} runs in one process; drop torchrun")
+    vllm_sampler.check_sampler(cfg['sampler'])   # (imports vllm only when it samples)
     if not 0 <= cfg['update_size'] <= cfg['group_size']:
         raise common.UsageError(f"update_size={cfg['update_size']} must be in [0, group_size={cfg['group_size']}] "
                            f"(0 = train on the whole group)")
@@ -820,7 +817,6 @@ def setup(C):
             S.train_model, device_ids=[dist.local_rank] if 'cuda' in str(device) else None)
     S.sampler = None
     if C.sampler == 'vllm':  # after resume: vLLM starts from the weights the run continues with
-        import vllm_sampler
         S.sampler = vllm_sampler.VLLMSampler(policy)
     if not S.resumed:
         S.log.clear()  # logs of an earlier attempt that never reached a checkpoint

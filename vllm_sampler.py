@@ -66,11 +66,14 @@ def available() -> bool:
 
 def check_sampler(sampler: str, flag: str = '--sampler=vllm'):
     """The config check every command runs before any work: a one-line UsageError for an unknown
-    sampler, or for 'vllm' where the package is not installed (flag: how the command asked for it)."""
+    sampler, or for 'vllm' where the package is not installed or under torchrun (flag: how the command asked
+    for it)."""
     if sampler not in SAMPLERS:
         raise common.UsageError(f"unknown --sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if sampler == 'vllm' and not available():
         raise common.UsageError(f"{flag} needs the vllm package, which is not installed: {INSTALL_HINT}")
+    if sampler == 'vllm' and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        raise common.UsageError(f"{flag} runs in one process (one vLLM engine); drop torchrun")
 
 
 def _request_seed(base: int, prompt, copy: int, G: int) -> int:
