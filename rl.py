@@ -452,11 +452,12 @@ def max_variance_subset(rewards, m):
     if m >= n:
         return list(range(n))
     high = sorted(range(n), key=lambda j: (-r[j], j))   # highest first, earlier first among equals
+    low = sorted(range(n), key=lambda j: (r[j], j))     # lowest first, earlier first among equals
     best, best_var = None, -1.0
     for i in range(m, -1, -1):
         hi = high[:i]
         taken = set(hi)
-        lo = [j for j in sorted(range(n), key=lambda j: (r[j], j)) if j not in taken][:m - i]
+        lo = [j for j in low if j not in taken][:m - i]
         vals = [r[j] for j in hi + lo]
         mean = sum(vals) / m
         var = sum((x - mean) ** 2 for x in vals) / m
