@@ -457,6 +457,12 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """The process group's size: what a function handed a model (not a Dist) asks; 1 outside torchrun."""
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def all_gather(obj, world_size):
     """Every rank's obj (any picklable value), as a list indexed by rank ([obj] in one process)."""
     if world_size == 1:

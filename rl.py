@@ -90,7 +90,6 @@ import types
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as tdist
 
 import common
 import data
@@ -690,7 +689,7 @@ def update_policy(model, optimizer, batch, cfg):
     n_mb = cfg.prompts_per_step // cfg.minibatch_prompts
     assert N % n_mb == 0, f"{N} samples do not split into {n_mb} mini-batches"
     size = N // n_mb
-    W = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    W = common.world_size()
     device = next(model.parameters()).device
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     lengths = [len(p) + len(r) for p, r in zip(batch['prompt'], batch['response'])]
