@@ -818,6 +818,9 @@ MIXTURES = {
     # the same base with minimal exposure to the edge (STUDY.md §5.2's idea applied to op): 5% op 5-6
     'tiny_pretrain_exposure': mixture([(0.95, range(2, 5)), (0.05, range(5, 7))], modes=['normalforward'],
                                       world=WORLDS['tiny']),
+    # a wider tiny base (issue #28): 1-, 2- and 3-statement problems in distribution (op 2-6), 5% op 7-8
+    'tiny_pretrain_wide': mixture([(0.95, range(2, 7)), (0.05, range(7, 9))], modes=['normalforward'],
+                                  world=WORLDS['tiny']),
 }
 # STUDY.md §5.2, contextual generalization. The release's main-text setting (its context_pretrain_2
 # checkpoints): zoo at op 2-20 and school only at op 2 (the primitives), school at 10 / 1 / 0.1% of the problems.
