@@ -261,26 +261,25 @@ _BINARY = frozenset('+-*')
 
 
 def _top_split(toks):
-    """Tokens split at their top-level binary operators -> (operands, operators), or None when the
-    parentheses do not balance. An operator right after another one (or first) is a unary sign."""
-    operands, ops, cur, depth = [], [], [], 0
-    for t in toks:
+    """Tokens split at their top-level binary operators -> (operands as (start, end) slices of toks, operators),
+    or None when the parentheses do not balance. An operator right after another one (or first) is a unary sign.
+    Slices, not copies: a run of operands with the operators between them is then one slice of toks."""
+    bounds, ops, start, depth = [], [], 0, 0
+    for i, t in enumerate(toks):
         if t == '(':
             depth += 1
         elif t == ')':
             depth -= 1
             if depth < 0:
                 return None
-        elif depth == 0 and t in _BINARY and cur and cur[-1] not in _BINARY:
-            operands.append(tuple(cur))
+        elif depth == 0 and t in _BINARY and i > start and toks[i - 1] not in _BINARY:
+            bounds.append((start, i))
             ops.append(t)
-            cur = []
-            continue
-        cur.append(t)
-    if depth or not cur:
+            start = i + 1
+    if depth or start == len(toks):
         return None
-    operands.append(tuple(cur))
-    return tuple(operands), tuple(ops)
+    bounds.append((start, len(toks)))
+    return bounds, ops
 
 
 _SUBST_MAX_EXTRA = 3          # _substitutes reads operands of b with up to this many operators of their own
@@ -294,18 +293,15 @@ def _substitutes(ta, tb, var, vals):
     sa, sb = _top_split(ta), _top_split(tb)
     if sa is None or sb is None:
         return True
-    (a_operands, a_ops), (b_operands, b_ops) = sa, sb
+    (a_bounds, a_ops), (b_bounds, b_ops) = sa, sb
     if not 0 <= len(b_ops) - len(a_ops) <= _SUBST_MAX_EXTRA or len(a_ops) > 6:
         return True             # b is no rewriting of a
-    want = [_eval_tokens(o, var, vals) for o in a_operands]
+    want = [_eval_tokens(ta[i:j], var, vals) for i, j in a_bounds]
     spans = {}
 
     def span(i, j):             # b's operands i..j with the operators between them
         if (i, j) not in spans:
-            toks = list(b_operands[i])
-            for k in range(i, j):
-                toks += (b_ops[k],) + b_operands[k + 1]
-            spans[i, j] = _eval_tokens(toks, var, vals)
+            spans[i, j] = _eval_tokens(tb[b_bounds[i][0]:b_bounds[j][1]], var, vals)
         return spans[i, j]
     shaped = False
     for cuts in itertools.combinations(range(len(b_ops)), len(a_ops)):
