@@ -178,22 +178,25 @@ def plan_rl(cfg, models):
 def plan_eval(cfg, models):
     import evaluate
     ckpts = evaluate.split_list(cfg['ckpts'])
-    n_samples = 1 if cfg['greedy'] else cfg['n_samples']
+    def n_samples(op):   # n_samples, or more for the ops n_samples_by_op names (e.g. the edge band)
+        return 1 if cfg['greedy'] else evaluate.samples_for_op(op, cfg['n_samples'], cfg['n_samples_by_op'],
+                                                                cfg['bands'])
     per_op = cfg['eval_per_op_template'] * len(evaluate.split_list(cfg['eval_templates']) or data.TEMPLATES)
     problems = len(cfg['eval_ops']) * per_op
-    flops, tokens, longest = 0.0, 0, 0.0
+    flops, tokens, longest, seqs = 0.0, 0, 0.0, 0
     for op in cfg['eval_ops']:
         prompt, resp = mean_lengths([op])
-        tokens += per_op * n_samples * (prompt + min(resp, cfg['max_new_tokens']))
+        tokens += per_op * n_samples(op) * (prompt + min(resp, cfg['max_new_tokens']))
         longest = max(longest, resp)
+        seqs += per_op * n_samples(op) / NGPU     # per rank; batch_size > 0 splits them into calls
     for c in ckpts:
         n, _ = params_of(models.get(os.path.normpath(c)) or default_model())
         flops += 2 * n * tokens
-    seqs = problems * n_samples / NGPU     # per rank; batch_size > 0 splits them into calls
     calls = -(-seqs // cfg['batch_size']) if cfg['batch_size'] else 1
     h = max(hours(flops, MFU_SAMPLE), len(ckpts) * decode_hours(calls, longest, cfg['max_new_tokens']))
     return {'params': None, 'tokens': int(tokens * len(ckpts)), 'flops': flops, 'hours': h,
-            'detail': f"{len(ckpts)} checkpoints x {problems} problems x {n_samples} samples"}
+            'detail': f"{len(ckpts)} checkpoints x {problems} problems x " + '-'.join(
+                str(k) for k in sorted({n_samples(op) for op in cfg['eval_ops']})) + " samples"}
 
 
 def plan(lines):

@@ -84,6 +84,13 @@ def test_plan_resolves_configs_as_the_stages_do():
     assert rl['config']['op_min'] == 17 and rl['config']['lr'] == 1e-6 and '3 steps x 1024 prompts x 6' in rl['detail']
     assert rl['params'] == pre['params']                               # init_from=out/base: the planned base
     assert '1 checkpoints x 402 problems x 4 samples' in ev['detail']  # 2 ops x 67 x 3 templates
+    # more samples for one op (evaluate.py's n_samples_by_op): that op's tokens scale, the rest do not
+    (ev2,) = plan.plan(['evaluate.py paper_eval --ckpts=out/base --eval_ops=[2,3] --n_samples=4 '
+                        '"--n_samples_by_op={3: 16}"'])
+    assert '4-16 samples' in ev2['detail']
+    t2, t3 = (plan.plan([f'evaluate.py paper_eval --ckpts=out/base --eval_ops=[{o}] --n_samples=4'])[0]['tokens']
+              for o in (2, 3))
+    assert ev['tokens'] == pytest.approx(t2 + t3, abs=2) and ev2['tokens'] == pytest.approx(t2 + 4 * t3, abs=2)
     with pytest.raises(plan.PlanError, match='config error'):
         plan.plan(['pretrain.py paper_pretrain --no_such_key=1'])
 
