@@ -9,7 +9,7 @@ One step of `main`, each phase a function a fork can replace:
                    plus DAPO's soft overlong penalty if asked; with dynamic sampling, groups whose
                    rewards are all equal are dropped and more prompts drawn (collect_rollouts())
   advantages       compute_advantages(): (r - group mean) / group std (or none, or the batch std), or
-                   passk_advantages(); then downsample() keeps update_size per group (PODS; 0 = all)
+                   passk_advantages() or wreinforce_advantages(); then downsample() keeps update_size per group (PODS; 0 = all)
   old / reference  rollout_logprobs(): "old" log-probs of the current policy and the reference's
   update           update_policy(model, optimizer, batch, cfg): prompts_per_step / minibatch_prompts
                    optimizer steps of policy_loss() (PPO clip + dual clip, k3 KL, entropy bonus)
@@ -42,7 +42,8 @@ no overlong shaping, token-level ratio. The variants people ablate, each a key (
   update_size        PODS (Xu et al. 2025): roll out group_size per prompt (e.g. 64), train on the
                      update_size of each group with the largest reward variance (as balanced a set of
                      successes and failures as the group allows), advantages from the whole group
-  adv_estimator      'passk': pass@k training's analytic advantage (Chen et al. 2025; k = passk_k)
+  adv_estimator      'passk': pass@k training's analytic advantage (Chen et al. 2025; k = passk_k);
+                     'wreinforce': +psr_weight for a success, -1 for a failure, no baseline (Zhu et al. 2025)
 
 Choices, and where we differ from verl (the paper's code):
 - Old log-probs are recomputed by a forward pass of the current policy before the updates (as verl
@@ -126,7 +127,9 @@ defaults = dict(
                                 # the largest reward variance (advantages still from all G); 0 = all G
     adv_estimator='grpo',       # grpo: r - group mean (over adv_norm) | passk: pass@k training's analytic
                                 # advantage (Chen et al. 2025) of binary success (reward >= 1), k = passk_k
+                                # | wreinforce: W-REINFORCE (Zhu et al. 2025), +psr_weight / -1 for a success / failure
     passk_k=8,                  # k of adv_estimator='passk' (1 <= k <= group_size; k = 1 is plain GRPO)
+    psr_weight=0.1,             # adv_estimator='wreinforce': the weight of a success (the paper's 0.1; 0 = NSR only)
     prompts_per_step=1024,      # prompts per step (groups trained on), over all ranks
     max_prompt_len=1024,        # longer prompts are skipped
     max_response_len=1024,      # generation budget; unfinished responses are "truncated"
@@ -212,7 +215,7 @@ def resolve(cfg: dict) -> common.Config:
         if not cfg[k]:
             cfg[k] = v
     for key, allowed in (('reward', verifier.REWARDS), ('loss_agg', LOSS_AGGS), ('adv_norm', ('group', 'none', 'batch')),
-                         ('ratio_level', ('token', 'sequence')), ('adv_estimator', ('grpo', 'passk'))):
+                         ('ratio_level', ('token', 'sequence')), ('adv_estimator', ('grpo', 'passk', 'wreinforce'))):
         if cfg[key] not in allowed:
             raise common.UsageError(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
     if cfg['prompts_per_step'] % cfg['minibatch_prompts']:
@@ -229,6 +232,8 @@ def resolve(cfg: dict) -> common.Config:
                            f"(0 = train on the whole group)")
     if cfg['adv_estimator'] == 'passk' and not 1 <= cfg['passk_k'] <= cfg['group_size']:
         raise common.UsageError(f"passk_k={cfg['passk_k']} must be in [1, group_size={cfg['group_size']}]")
+    if cfg['psr_weight'] < 0:
+        raise common.UsageError(f"psr_weight={cfg['psr_weight']} must be >= 0 (0 = penalise failures only)")
     if cfg['adv_estimator'] == 'passk' and cfg['adv_norm'] == 'batch':
         raise common.UsageError("adv_estimator=passk normalises by its own group std (adv_norm=group) or not at all "
                            "(adv_norm=none); adv_norm=batch is not supported")
@@ -500,6 +505,17 @@ def passk_advantages(success, group_size, k, norm='group', eps=1e-6):
             raise ValueError(f"passk advantages take adv_norm 'group' or 'none', not {norm!r}")
         out[g] = torch.where(s[g], torch.tensor(a_pos), torch.tensor(a_neg))
     return out.reshape(-1)
+
+
+def wreinforce_advantages(success, psr_weight=0.1):
+    """Weighted REINFORCE (Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM
+    Reasoning"): reward +1 / -1 for a success / failure, no baseline, the positive term down-weighted,
+    so A = psr_weight for a success and -1 for a failure. Penalising failures moves probability to the
+    other answers the model already considers (they report pass@k kept or raised at every k), while
+    rewarding successes concentrates it (pass@1 up, large-k pass@k down). Unlike GRPO a group whose
+    samples all fail still trains (it is pushed away from them). success [N] bool -> [N] float."""
+    s = success.reshape(-1).bool()
+    return torch.where(s, torch.tensor(float(psr_weight)), torch.tensor(-1.0))
 
 
 def compute_advantages(rewards, group_size, norm='group', eps=1e-6, batch_std=None):
@@ -827,7 +843,9 @@ def setup(C):
         S.say(f"held-out: {len(eval_rows)} problems from {eval_source}; {len(excluded)} ids excluded from RL prompts")
         S.say(f"rl: {S.N / 1e6:.2f}M params | world {S.W} | {C.prompts_per_step} prompts x G={C.group_size} per step"
               + (f" (update on {C.update_size} per group, max variance)" if C.update_size else '')
-              + (f" | pass@{C.passk_k} advantages" if C.adv_estimator == 'passk' else '') + ", "
+              + (f" | pass@{C.passk_k} advantages" if C.adv_estimator == 'passk' else '')
+              + (f" | W-REINFORCE (success {C.psr_weight:g}, failure -1)" if C.adv_estimator == 'wreinforce' else '')
+              + ", "
               f"{C.prompts_per_step // C.minibatch_prompts} updates | reward {C.reward} | loss {C.loss_type} "
               f"({C.loss_agg}, adv {C.adv_norm}, clip {C.clip_eps_low}/{C.clip_eps_high}, ratio {C.ratio_level})"
               f"{' | dynamic sampling' if C.dynamic_sampling else ''} | prompts "
@@ -914,6 +932,8 @@ def advantages(S, C, ro):
     """Per-sample advantages over whole groups (group_size samples each, before any down-sampling)."""
     if C.adv_estimator == 'passk':
         return passk_advantages(successes(ro), C.group_size, C.passk_k, C.adv_norm)
+    if C.adv_estimator == 'wreinforce':
+        return wreinforce_advantages(successes(ro), C.psr_weight)
     std = global_std(ro['reward'], S.W, S.device) if C.adv_norm == 'batch' else None
     return compute_advantages(ro['reward'], C.group_size, C.adv_norm, batch_std=std)
 

@@ -155,6 +155,29 @@ def test_pods_and_passk_keys_default_off_and_checked():
     assert rl.config(group_size=64, update_size=8, adv_estimator='passk', passk_k=8).update_size == 8
 
 
+def test_wreinforce_advantages_and_an_all_failure_group_trains():
+    """W-REINFORCE: +psr_weight per success, -1 per failure, no baseline. A group of failures only has no
+    GRPO signal (skipped), but W-REINFORCE trains on it and lowers those failures' log-probs."""
+    s = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0], dtype=torch.bool)
+    torch.testing.assert_close(rl.wreinforce_advantages(s, 0.1), torch.tensor([.1, -1, -1, .1, -1, -1, -1, -1]))
+    assert torch.equal(rl.wreinforce_advantages(s, 0.0), -(~s).float())       # NSR only
+    with pytest.raises(SystemExit, match='psr_weight'):
+        rl.config(adv_estimator='wreinforce', psr_weight=-1)
+    prompts, responses = _toy_batch(4)
+    fail = torch.zeros(4, dtype=torch.bool)                                   # one group of 4, all wrong
+    before = rl.batch_logprobs(_tiny_model(), prompts, responses, 1000, 1.0, 'cpu')
+    for adv, moves in ((rl.compute_advantages(fail.float(), 4), False), (rl.wreinforce_advantages(fail), True)):
+        m = _tiny_model()
+        cfg = rl.config(prompts_per_step=1, minibatch_prompts=1, kl_coef=0.0, micro_batch_tokens=1000,
+                        skip_no_signal=True)
+        batch = {'prompt': prompts, 'response': responses, 'adv': adv, 'old_logp': None, 'ref_logp': None}
+        st = rl.update_policy(m, torch.optim.SGD(m.parameters(), lr=0.1), batch, cfg)
+        after = rl.batch_logprobs(m, prompts, responses, 1000, 1.0, 'cpu')
+        assert st['updates'] == int(moves)
+        drop = [float(b.sum() - a.sum()) for a, b in zip(after, before)]
+        assert all(d > 0 for d in drop) if moves else all(d == 0 for d in drop)
+
+
 def test_overlong_penalty_hand_computed():
     # budget 10, buffer 4: no penalty up to 6 tokens, then linear to -penalty at 10
     p = rl.overlong_penalty([3, 6, 7, 8, 10], max_len=10, buffer=4, penalty=0.5)
