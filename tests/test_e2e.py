@@ -1,6 +1,7 @@
 """The tiny study end to end (runs/tiny.sh with SMOKE=1): data -> pretrain -> midtrain -> RL (edge with a
 process-aware and an outcome reward, ID, too hard, after mid-training) -> evaluate, a few steps each, and
-the report it must leave behind; then the same command again, which finds every stage finished."""
+the report it must leave behind; then the same command again, which finds every stage finished; then
+runs/tiny_long.sh's smoke on the same base (the long RL arm and its report)."""
 import json
 import os
 import subprocess
@@ -32,3 +33,11 @@ def test_tiny_study_smoke_runs_every_stage(tmp_path):
     p = subprocess.run(['bash', 'runs/tiny.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert all((out / run / 'ckpt.pt').stat().st_mtime == t for run, t in before.items())
+    # runs/tiny_long.sh on the same outputs: the base is finished (not retrained), the long arm runs
+    p = subprocess.run(['bash', 'runs/tiny_long.sh'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (out / 'base' / 'ckpt.pt').stat().st_mtime == before['base']
+    log = [json.loads(line) for line in open(out / 'rl_edge_long' / 'log.jsonl')]
+    assert [r['step'] for r in log] == [1, 2] and all(r['kept'] == 4 * 8 for r in log)  # 4 prompts x G 8, all kept
+    with open(out / 'report_long' / 'results.json') as f:
+        assert set(json.load(f)['runs']) == {'base', 'rl_edge_long'}
