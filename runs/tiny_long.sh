@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The tiny study's RL on the edge at about 20x the RL sampling of runs/tiny.sh's arm, with the levers of
-# issue #28 (RESEARCH.md): 64 samples per prompt, an update on the 8 of each group with the largest
-# reward variance (PODS), pass@4 advantages (pass@k training), the strict reward, 200 steps. It starts
+# The tiny study's RL on the edge at far more volume than runs/tiny.sh's arm (80x the samples drawn,
+# 10x those trained on), with the levers of issue #28 (RESEARCH.md): 64 samples per prompt, an update
+# on the 8 of each group with the largest reward variance (PODS), pass@4 advantages (pass@k training),
+# the strict reward, 300 steps of 16 prompts. It starts
 # from runs/tiny.sh's base (pre-trained here if missing) and reports it beside the base on the same
 # held-out problems (the edge sampled 64 times). Timings: README.
 #
@@ -24,9 +25,9 @@ echo "== tiny study, long RL on the edge: outputs in $OUT (SMOKE=$SMOKE) =="
 stage() { echo "== $1 ($(date +%H:%M:%S))"; }
 stage "1. the base (runs/tiny.sh's: pre-training on op 2-4 + 5% op 5-6; skipped when finished)"
 python pretrain.py tiny_pretrain --out_dir=$OUT/base --data_dir=$OUT/data_base $PRE
-stage "2. RL on the edge (op 5-6), strict reward: G 64, update on 8 per group, pass@4 advantages, 200 steps"
+stage "2. RL on the edge (op 5-6), strict reward: G 64, update on 8 per group, pass@4 advantages, 300 steps"
 python rl.py tiny_rl --init_from=$OUT/base --out_dir=$OUT/rl_edge_long --op_min=5 --op_max=6 --reward=strict \
-  --group_size=64 --update_size=8 --adv_estimator=passk --passk_k=4 --max_steps=200 $RL
+  --group_size=64 --update_size=8 --adv_estimator=passk --passk_k=4 --max_steps=300 $RL
 stage "3. evaluation of the base and the long run on the held-out problems, and the report"
 python evaluate.py tiny_eval --data_dir=$OUT/data_base --out_dir=$OUT/report_long $EVAL \
   --ckpts=$OUT/base,$OUT/rl_edge_long --labels=base,rl_edge_long
