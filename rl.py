@@ -9,7 +9,8 @@ One step of `main`, each phase a function a fork can replace:
                    plus DAPO's soft overlong penalty if asked; with dynamic sampling, groups whose
                    rewards are all equal are dropped and more prompts drawn (collect_rollouts())
   advantages       compute_advantages(): (r - group mean) / group std (or none, or the batch std), or
-                   passk_advantages() or wreinforce_advantages(); then downsample() keeps update_size per group (PODS; 0 = all)
+                   passk_advantages() or wreinforce_advantages(); then downsample() keeps update_size
+                   per group (PODS; 0 = all)
   old / reference  rollout_logprobs(): "old" log-probs of the current policy and the reference's
   update           update_policy(model, optimizer, batch, cfg): prompts_per_step / minibatch_prompts
                    optimizer steps of policy_loss() (PPO clip + dual clip, k3 KL, entropy bonus)

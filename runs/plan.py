@@ -178,17 +178,17 @@ def plan_rl(cfg, models):
 def plan_eval(cfg, models):
     import evaluate
     ckpts = evaluate.split_list(cfg['ckpts'])
-    def n_samples(op):   # n_samples, or more for the ops n_samples_by_op names (e.g. the edge band)
-        return 1 if cfg['greedy'] else evaluate.samples_for_op(op, cfg['n_samples'], cfg['n_samples_by_op'],
-                                                                cfg['bands'])
+    # samples per problem of each op: n_samples, or more for the ops n_samples_by_op names (the edge band)
+    n_samples = {op: 1 if cfg['greedy'] else evaluate.samples_for_op(op, cfg['n_samples'], cfg['n_samples_by_op'],
+                                                                       cfg['bands']) for op in cfg['eval_ops']}
     per_op = cfg['eval_per_op_template'] * len(evaluate.split_list(cfg['eval_templates']) or data.TEMPLATES)
     problems = len(cfg['eval_ops']) * per_op
     flops, tokens, longest, seqs = 0.0, 0, 0.0, 0
     for op in cfg['eval_ops']:
         prompt, resp = mean_lengths([op])
-        tokens += per_op * n_samples(op) * (prompt + min(resp, cfg['max_new_tokens']))
+        tokens += per_op * n_samples[op] * (prompt + min(resp, cfg['max_new_tokens']))
         longest = max(longest, resp)
-        seqs += per_op * n_samples(op) / NGPU     # per rank; batch_size > 0 splits them into calls
+        seqs += per_op * n_samples[op] / NGPU     # per rank; batch_size > 0 splits them into calls
     for c in ckpts:
         n, _ = params_of(models.get(os.path.normpath(c)) or default_model())
         flops += 2 * n * tokens
@@ -196,7 +196,7 @@ def plan_eval(cfg, models):
     h = max(hours(flops, MFU_SAMPLE), len(ckpts) * decode_hours(calls, longest, cfg['max_new_tokens']))
     return {'params': None, 'tokens': int(tokens * len(ckpts)), 'flops': flops, 'hours': h,
             'detail': f"{len(ckpts)} checkpoints x {problems} problems x " + '-'.join(
-                str(k) for k in sorted({n_samples(op) for op in cfg['eval_ops']})) + " samples"}
+                str(k) for k in sorted(set(n_samples.values()))) + " samples"}
 
 
 def plan(lines):
